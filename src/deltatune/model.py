@@ -1,0 +1,273 @@
+"""``DeltaModel``: a frozen model plus named adapters, with HF peft's user-facing API.
+
+The wrapper is thin: layer methods live inside the wrapped model (see :mod:`deltatune.inject`),
+input methods in ``input_deltas``; this class routes calls, tracks which adapters are active,
+and reads/writes adapter folders through :mod:`deltatune.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint.state import apply_tensors, check_base, load_adapter, read_adapter, save_adapter
+from .config import DeltaConfig, TargetedConfig
+from .fingerprint import compute_fingerprint
+from .errors import AdapterNotFoundError, ConfigError, MergeError
+from .hooks import InputDelta
+from .inject import head_paths, inject_layers, iter_wrappers, remove_adapter_everywhere, unwrap, wrap_modules_to_save
+from .layer import DeltaLayer
+from .model_interface import head_names
+from .registry import get_method
+
+
+class DeltaModel(nn.Module):
+    """A base model whose weights stay frozen, plus one or more named adapters.
+
+    Args:
+        model: any ``torch.nn.Module`` (a transformers model or a plain one).
+        config: the first adapter's config (``dt.LoraConfig(...)`` etc.).
+        adapter_name: its name (``"default"``).
+    """
+
+    def __init__(self, model: nn.Module, config: DeltaConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = model
+        self.peft_config: dict[str, DeltaConfig] = {}
+        self.input_deltas = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.base_fingerprint_skip: list[str] = []
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+        # Taken once, before any training or merge, and saved with every adapter.
+        self.base_fingerprint = compute_fingerprint(model, self.base_fingerprint_skip)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in {"base_model", "input_deltas"}:
+                raise
+            return getattr(self.base_model, name)
+
+    # -- adapters --------------------------------------------------------------------------------
+    @property
+    def active_adapter(self) -> str:
+        """The first active adapter's name (HF peft's attribute)."""
+        return self.active_adapters[0] if self.active_adapters else ""
+
+    def add_adapter(self, adapter_name: str, config: DeltaConfig) -> None:
+        """Add a new adapter (not active until :meth:`set_adapter`; the first one is)."""
+        if adapter_name in self.peft_config:
+            raise ConfigError(f"An adapter named {adapter_name!r} exists already; delete it or pick another name.")
+        if not adapter_name or "." in adapter_name:
+            raise ConfigError(f"Adapter name {adapter_name!r} must be non-empty and contain no '.'.")
+        spec = get_method(config)
+        config = copy.deepcopy(config)
+        saved = head_paths(self.base_model, config, head_names(config.task_type))
+        config.modules_to_save = saved or None
+        if spec.kind == "layer":
+            assert isinstance(config, TargetedConfig)
+            inject_layers(self.base_model, spec, config, adapter_name, protected=saved)
+        else:
+            if any(get_method(c).kind == "input" for c in self.peft_config.values()):
+                raise ConfigError("Only one input-method adapter (prompt/prefix/P-tuning) per model is supported.")
+            self.input_deltas[adapter_name] = spec.make_input(self.base_model, config, adapter_name)
+        saved_paths = wrap_modules_to_save(self.base_model, saved, adapter_name) if saved else []
+        self.base_fingerprint_skip = sorted(set(self.base_fingerprint_skip) | set(saved_paths))
+        self.peft_config[adapter_name] = config
+        self._refresh_trainable()
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make one adapter (or several, for layer methods) active; only active adapters train."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._check_known(name)
+        if sum(name in self.input_deltas for name in names) > 1:
+            raise ConfigError("At most one input-method adapter can be active at a time.")
+        self.active_adapters = names
+        for _, wrapper in iter_wrappers(self.base_model):
+            wrapper.set_active(names)
+        self._refresh_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter. Refused while it is merged, so the base weights come back exactly."""
+        self._check_known(adapter_name)
+        merged = [p for p, w in iter_wrappers(self.base_model) if adapter_name in getattr(w, "merged_adapters", [])]
+        if merged:
+            raise MergeError(
+                f"Adapter {adapter_name!r} is merged into {len(merged)} layers (e.g. {merged[0]}); "
+                "call unmerge_adapter() first."
+            )
+        remove_adapter_everywhere(self.base_model, adapter_name)
+        if adapter_name in self.input_deltas:
+            del self.input_deltas[adapter_name]
+        del self.peft_config[adapter_name]
+        remaining = [n for n in self.active_adapters if n != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self.set_adapter(remaining) if remaining else None
+
+    def _check_known(self, name: str) -> None:
+        if name not in self.peft_config:
+            raise AdapterNotFoundError(f"No adapter named {name!r}; this model has {list(self.peft_config)}.")
+
+    def _refresh_trainable(self) -> None:
+        """Only the active adapters' tensors (and their modules_to_save copies) train."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for name in self.active_adapters:
+            if self.peft_config[name].inference_mode:
+                continue
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(True)
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """Every trainable tensor of adapter ``adapter_name`` (layers, input delta, modules_to_save)."""
+        params: list[nn.Parameter] = []
+        for _, wrapper in iter_wrappers(self.base_model):
+            params.extend(wrapper.adapter_parameters(adapter_name))
+        if adapter_name in self.input_deltas:
+            params.extend(self.input_deltas[adapter_name].parameters())
+        spec = get_method(self.peft_config[adapter_name])
+        extra = getattr(spec.config_cls, "extra_trainable", None)
+        if extra is not None:
+            params.extend(extra(self.peft_config[adapter_name], self.base_model).values())
+        return list({id(p): p for p in params}.values())
+
+    # -- counting --------------------------------------------------------------------------------
+    def trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; shared tensors count once."""
+        unique = {id(p): p for p in self.parameters()}.values()
+        return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- calling the model ----------------------------------------------------------------------
+    def _active_input_delta(self) -> InputDelta | None:
+        if getattr(self, "_adapters_disabled", False):
+            return None
+        for name in self.active_adapters:
+            if name in self.input_deltas:
+                return self.input_deltas[name]
+        return None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        delta = self._active_input_delta()
+        if delta is None:
+            return self.base_model(*args, **kwargs)
+        return delta.run(self.base_model, args, kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``base_model.generate`` with the active adapters in place at every decoding step."""
+        if args:
+            kwargs["input_ids"] = args[0]
+        delta = self._active_input_delta()
+        if delta is None:
+            return self.base_model.generate(**kwargs)
+        return delta.generate(self.base_model, kwargs)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside, the model computes exactly what the base model computes (merged adapters are unmerged)."""
+        wrappers = [w for _, w in iter_wrappers(self.base_model)]
+        for w in wrappers:
+            w.disabled = True
+        self._adapters_disabled = True
+        try:
+            yield
+        finally:
+            for w in wrappers:
+                w.disabled = False
+            self._adapters_disabled = False
+
+    # -- merging ---------------------------------------------------------------------------------
+    def _check_mergeable(self, names: list[str]) -> None:
+        for name in names:
+            self._check_known(name)
+            spec = get_method(self.peft_config[name])
+            if not spec.mergeable:
+                raise MergeError(
+                    f"Adapter {name!r} uses {spec.name} ({spec.peft_type}), which cannot be merged into the base "
+                    "weights; keep it unmerged (it still works), or use a mergeable method such as LoRA or IA3."
+                )
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights; :meth:`unmerge_adapter` undoes it."""
+        names = list(adapter_names or self.active_adapters)
+        self._check_mergeable(names)
+        for _, wrapper in iter_wrappers(self.base_model):
+            if isinstance(wrapper, DeltaLayer):
+                wrapper.merge([n for n in names if n in wrapper.adapter_names], safe=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Restore the base weights by undoing every merge."""
+        for _, wrapper in iter_wrappers(self.base_model):
+            if isinstance(wrapper, DeltaLayer):
+                wrapper.unmerge()
+
+    def merge_and_unload(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> nn.Module:
+        """Merge, then return the plain base model (trained task heads kept) with no wrappers left."""
+        self.merge_adapter(adapter_names, safe_merge)
+        unwrap(self.base_model, keep_trained_copy=True)
+        return self.base_model
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the original base model."""
+        self.unmerge_adapter()
+        unwrap(self.base_model)
+        return self.base_model
+
+    # -- files -----------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None) -> None:
+        """Write each adapter in HF peft's format (``"default"`` at the top, others in subfolders)."""
+        for name in selected_adapters or list(self.peft_config):
+            self._check_known(name)
+            save_adapter(self, name, Path(save_directory))
+
+    def load_adapter(
+        self,
+        model_id: str | Path,
+        adapter_name: str,
+        is_trainable: bool = False,
+        ignore_base_mismatch: bool = False,
+        allow_pickle: bool = False,
+    ) -> None:
+        """Load an adapter folder as a new adapter ``adapter_name`` (not activated)."""
+        load_adapter(self, Path(model_id), adapter_name, is_trainable, ignore_base_mismatch, allow_pickle)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | Path,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        ignore_base_mismatch: bool = False,
+        allow_pickle: bool = False,
+    ) -> DeltaModel:
+        """Wrap ``model`` with the adapter saved in ``model_id`` (by deltatune or HF peft)."""
+        config, tensors, fingerprint = read_adapter(Path(model_id), allow_pickle)
+        config.inference_mode = not is_trainable
+        check_base(model, fingerprint, str(model_id), ignore_base_mismatch)
+        delta = cls(model, config, adapter_name)
+        apply_tensors(delta, adapter_name, tensors, str(model_id))
+        if not is_trainable:
+            delta.eval()
+        return delta
+
+
+def get_delta_model(model: nn.Module, config: DeltaConfig, adapter_name: str = "default") -> DeltaModel:
+    """Freeze ``model`` and add a trainable adapter described by ``config``; returns a :class:`DeltaModel`."""
+    return DeltaModel(model, config, adapter_name)
+

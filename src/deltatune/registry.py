@@ -1,0 +1,93 @@
+"""The method registry: the one place a method is looked up by name or ``peft_type``.
+
+A method package calls :func:`register` at import time. The core never names a method; it asks
+the registry for the :class:`MethodSpec` that belongs to a config and follows what it says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .config import DeltaConfig
+    from .layer import DeltaLayer
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How the core drives one method.
+
+    Attributes:
+        name: registry and CLI key (``"lora"``).
+        peft_type: value of ``peft_type`` in ``adapter_config.json`` (``"LORA"``).
+        config_cls: the method's config dataclass.
+        kind: ``"layer"`` methods wrap modules; ``"input"`` methods add vectors the model reads.
+        make_layer: ``kind == "layer"``: ``make_layer(module, config, adapter_name, module_path)``
+            returns a new :class:`~deltatune.layer.DeltaLayer` wrapping ``module`` or ``None`` when
+            the method cannot wrap that module type.
+        make_input: ``kind == "input"``: ``make_input(model, config, adapter_name)`` returns an
+            :class:`~deltatune.hooks.InputDelta` for ``model``.
+        default_targets: ``default_targets(model, config)`` returns target names for an
+            architecture when the user gave none (``None`` when the architecture is unknown).
+        mergeable: whether the delta can be folded into the base weights.
+    """
+
+    name: str
+    peft_type: str
+    config_cls: type[DeltaConfig]
+    kind: Literal["layer", "input"]
+    make_layer: Callable[[nn.Module, DeltaConfig, str, str], DeltaLayer | None] | None = None
+    make_input: Callable[..., nn.Module] | None = None
+    default_targets: Callable[[nn.Module, DeltaConfig], list[str] | None] | None = None
+    mergeable: bool = False
+
+
+_BY_NAME: dict[str, MethodSpec] = {}
+_BY_PEFT_TYPE: dict[str, MethodSpec] = {}
+_BY_CONFIG: dict[type, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` to the registry (idempotent for the same spec)."""
+    if spec.kind == "layer" and spec.make_layer is None:
+        raise ValueError(f"layer method {spec.name!r} needs make_layer")
+    if spec.kind == "input" and spec.make_input is None:
+        raise ValueError(f"input method {spec.name!r} needs make_input")
+    _BY_NAME[spec.name] = spec
+    _BY_PEFT_TYPE[spec.peft_type] = spec
+    _BY_CONFIG[spec.config_cls] = spec
+    return spec
+
+
+def _ensure_builtin_methods() -> None:
+    from . import methods  # noqa: F401  (importing registers the built-in methods)
+
+
+def get_method(key: str | DeltaConfig | type) -> MethodSpec:
+    """Look a method up by registry name, ``peft_type``, config instance or config class."""
+    _ensure_builtin_methods()
+    if isinstance(key, str):
+        spec = _BY_NAME.get(key.lower()) or _BY_PEFT_TYPE.get(key.upper())
+        if spec is None:
+            raise ConfigError(
+                f"Unknown method or peft_type {key!r}. Known methods: {sorted(_BY_NAME)} "
+                f"(peft_type values {sorted(_BY_PEFT_TYPE)})."
+            )
+        return spec
+    cls = key if isinstance(key, type) else type(key)
+    for klass in cls.__mro__:
+        if klass in _BY_CONFIG:
+            return _BY_CONFIG[klass]
+    raise ConfigError(f"{cls.__name__} is not the config of a registered method; known: {sorted(_BY_NAME)}.")
+
+
+def all_methods() -> list[MethodSpec]:
+    """Every registered method, sorted by name."""
+    _ensure_builtin_methods()
+    return [_BY_NAME[k] for k in sorted(_BY_NAME)]
