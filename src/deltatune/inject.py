@@ -59,6 +59,8 @@ def resolve_targets(model: nn.Module, spec: MethodSpec, config: TargetedConfig) 
 
 def inject_layers(model: nn.Module, spec: MethodSpec, config: TargetedConfig, name: str, protected: list[str]) -> list[str]:
     """Wrap every target of ``config`` with ``spec``'s layer; returns the wrapped module paths."""
+    if spec.prepare_config is not None:
+        spec.prepare_config(model, config)
     wanted = resolve_targets(model, spec, config)
     targets = find_targets(model, config, wanted, protected=protected)
     plan: list[tuple[object, DeltaLayer | None]] = []

@@ -36,6 +36,8 @@ class MethodSpec:
         default_targets: ``default_targets(model, config)`` returns target names for an
             architecture when the user gave none (``None`` when the architecture is unknown).
         mergeable: whether the delta can be folded into the base weights.
+        prepare_config: ``prepare_config(model, config)`` fills in, before injection, config fields whose
+            defaults depend on the architecture (so ``adapter_config.json`` records them resolved).
     """
 
     name: str
@@ -46,6 +48,7 @@ class MethodSpec:
     make_input: Callable[..., nn.Module] | None = None
     default_targets: Callable[[nn.Module, DeltaConfig], list[str] | None] | None = None
     mergeable: bool = False
+    prepare_config: Callable[[nn.Module, DeltaConfig], None] | None = None
 
 
 _BY_NAME: dict[str, MethodSpec] = {}
