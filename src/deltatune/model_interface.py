@@ -4,7 +4,19 @@ Methods ask for *roles* (``"q"``, ``"v"``, ``"down"``, ...) and get a regular ex
 paths for the model at hand; the core and the methods never spell an architecture's module names
 themselves. Architectures missing here still work when the user names target modules explicitly.
 
-Each role maps to a regex fragment that must match the *end* of a module path (after a dot).
+Each role maps to a regex fragment that must match the *end* of a module path (after a dot):
+
+* ``q`` / ``k`` / ``v``: the attention's query / key / value projections (GPT-2 fuses them in ``c_attn``);
+* ``o``: the attention's output projection (self- and cross-attention);
+* ``up``: the feed-forward block's input projection(s) (gated MLPs: gate and up);
+* ``gate``: the gate projection of a gated MLP;
+* ``down``: the feed-forward block's output projection;
+* ``attn_block``: the attention sub-module;
+* ``ffn_block``: the module computing the whole feed-forward block from its input, ``FFN(x)``
+  (BERT-style ``*Output`` modules are the exception: see :data:`RESIDUAL_INPUT_BLOCKS`).
+
+Where an architecture has no module for a role, :data:`MISSING_ROLES` says why, so a method can
+raise an error that explains it.
 """
 
 from __future__ import annotations
@@ -45,6 +57,22 @@ ROLE_TABLE: dict[str, dict[str, str]] = {
         "attn_block": r"(self_attn|encoder_attn)",
     },
 }
+#: Roles an architecture has no module for, and why (methods quote the reason in their errors).
+MISSING_ROLES: dict[str, dict[str, str]] = {
+    "bart": {
+        "ffn_block": "BART computes its feed-forward block inline in the decoder/encoder layer's forward "
+        "(fc1 -> activation -> fc2), so no single module takes the block's input and returns its output",
+    },
+}
+
+#: Block modules (by class name) whose forward is ``f(h, residual) = LayerNorm(FFN_out(h) + residual)``:
+#: the block's input ``x`` arrives as the positional argument given here (BERT's ``BertOutput(h, x)``
+#: gets the intermediate activation ``h`` and the residual ``x``). Something added "beside" such a
+#: block is added to that argument, which equals adding it to the block's output before the norm.
+RESIDUAL_INPUT_BLOCKS: dict[str, int] = {
+    name: 1 for name in ("BertOutput", "RobertaOutput", "XLMRobertaOutput", "ElectraOutput", "CamembertOutput")
+}
+
 for _alias, _same_as in {
     "roberta": "bert", "xlm-roberta": "bert", "electra": "bert", "camembert": "bert",
     "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama", "gemma2": "llama",
@@ -75,6 +103,24 @@ def role_regex(model: nn.Module, roles: list[str]) -> str | None:
     if not fragments:
         return None
     return r"(.*\.)?(" + "|".join(f"(?:{f})" for f in fragments) + ")"
+
+
+def missing_role_reason(model: nn.Module, role: str) -> str | None:
+    """Why ``model``'s architecture has no module for ``role`` (``None`` if it has one or is unknown)."""
+    return MISSING_ROLES.get(model_type(model) or "", {}).get(role)
+
+
+def residual_input_arg(module: nn.Module) -> int | None:
+    """Positional index of the residual input of a BERT-style output block (see :data:`RESIDUAL_INPUT_BLOCKS`)."""
+    return RESIDUAL_INPUT_BLOCKS.get(type(module).__name__)
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a linear-like module (``Conv1D`` stores its weight ``(in, out)``)."""
+    if not is_linear_like(module):
+        return None
+    rows, cols = module.weight.shape
+    return (cols, rows) if isinstance(module, nn.Linear) else (rows, cols)
 
 
 def is_linear_like(module: nn.Module) -> bool:
