@@ -35,6 +35,8 @@ class DeltaConfig:
     """
 
     PEFT_TYPE: ClassVar[str] = ""
+    #: Fields other tools write that carry no option (version stamps, bookkeeping): dropped silently.
+    METADATA_FIELDS: ClassVar[frozenset[str]] = frozenset({"peft_version", "auto_mapping"})
 
     task_type: str | None = None
     modules_to_save: list[str] | None = None
@@ -65,28 +67,46 @@ class DeltaConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DeltaConfig:
-        """Build a config, ignoring (with one warning) fields this version does not know.
+        """Build a config, ignoring fields this version does not know.
 
         Unknown fields come from newer HF peft versions or other tools; they must not stop a load.
+        Those left at an "off" value (``None``, ``False``, empty) or listed in ``METADATA_FIELDS``
+        change nothing and are dropped silently; any other one is named in a warning, since the
+        adapter may have been trained with an option deltatune does not implement.
         """
         data = dict(data)
         data.pop("peft_type", None)
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(k for k in data if k not in known)
-        if unknown:
+        meaningful = [k for k in unknown if k not in cls.METADATA_FIELDS and data[k] not in (None, False, "", [], {})]
+        if meaningful:
+            shown = {k: data[k] for k in meaningful}
             warnings.warn(
-                f"{cls.__name__}: ignoring fields this deltatune version does not know: {unknown}. "
-                "They are usually options of a newer HF peft release; check the adapter behaves as expected.",
+                f"{cls.__name__}: ignoring fields this deltatune version does not know: "
+                f"{shown}. They are usually options of a newer HF peft release; "
+                "check the adapter behaves as expected.",
                 stacklevel=2,
             )
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    def checkpoint_config(self) -> DeltaConfig:
+        """This config as written to (and read back from) an adapter folder.
+
+        A saved adapter's tensors already hold the result of initialisation, so options that only
+        shape initialisation, and that would redo costly work or change the base weights again when
+        the file is loaded, are switched off here. Methods with such options override this.
+        """
+        return self
+
+    def to_json(self, extra: dict[str, Any] | None = None) -> str:
+        """``adapter_config.json``'s text: :meth:`to_dict` plus ``extra`` keys."""
+        return json.dumps(self.to_dict() | (extra or {}), indent=2, sort_keys=False) + "\n"
 
     def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write ``adapter_config.json`` into ``folder`` atomically (temp file, then rename)."""
         from .checkpoint.atomic import atomic_write_text
 
-        payload = self.to_dict() | (extra or {})
-        atomic_write_text(Path(folder) / CONFIG_NAME, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+        atomic_write_text(Path(folder) / CONFIG_NAME, self.to_json(extra))
 
 
 @dataclass
@@ -145,4 +165,4 @@ def replace(config: DeltaConfig, **changes: Any) -> DeltaConfig:
     return dataclasses.replace(config, **changes)
 
 
-__all__ = ["CONFIG_NAME", "DeltaConfig", "TargetedConfig", "read_config_file", "replace", "field"]
+__all__ = ["CONFIG_NAME", "DeltaConfig", "TargetedConfig", "field", "read_config_file", "replace"]

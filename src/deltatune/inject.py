@@ -16,7 +16,7 @@ from .errors import ConfigError, TargetError
 from .layer import DeltaLayer
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import MethodSpec
-from .targeting import find_targets, name_matches, unwrapped
+from .targeting import ALL_LINEAR, find_targets, name_matches, unwrapped
 
 
 def iter_wrappers(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -57,38 +57,54 @@ def resolve_targets(model: nn.Module, spec: MethodSpec, config: TargetedConfig) 
     return default
 
 
+def _refusals(spec: MethodSpec, config: TargetedConfig, targets: list) -> dict[str, str]:
+    """``{path: reason}`` for targets ``spec`` cannot wrap with ``config`` (asked before anything changes)."""
+    if spec.can_wrap is None:
+        return {}
+    reasons = {t.path: spec.can_wrap(t.module, config, t.path) for t in targets}
+    return {path: reason for path, reason in reasons.items() if reason}
+
+
 def inject_layers(model: nn.Module, spec: MethodSpec, config: TargetedConfig, name: str, protected: list[str]) -> list[str]:
-    """Wrap every target of ``config`` with ``spec``'s layer; returns the wrapped module paths."""
-    if spec.prepare_config is not None:
+    """Wrap every target of ``config`` with ``spec``'s layer; returns the wrapped module paths.
+
+    Every target is checked (``spec.can_wrap``) before the first one is wrapped. If wrapping still
+    fails half-way, the caller (:meth:`DeltaModel.add_adapter`) removes what was added.
+    """
+    if spec.prepare_config is not None:  # architecture-dependent defaults, recorded in the config
         spec.prepare_config(model, config)
     wanted = resolve_targets(model, spec, config)
     targets = find_targets(model, config, wanted, protected=protected)
-    plan: list[tuple[object, DeltaLayer | None]] = []
+    refused = _refusals(spec, config, targets)
+    if refused and wanted != ALL_LINEAR:
+        shown = [f"{path}: {reason}" for path, reason in list(refused.items())[:6]]
+        raise TargetError(
+            f"{spec.name} cannot wrap {len(refused)} of the target modules: {'; '.join(shown)}"
+            f"{' ...' if len(refused) > 6 else ''}. Narrow target_modules, add exclude_modules, or change the option."
+        )
+    wrapped: list[str] = []
     unsupported: list[str] = []
     for target in targets:
         module = target.module
-        if isinstance(module, DeltaLayer) and module.method_name == spec.name:
-            plan.append((target, None))
+        if target.path in refused:
             continue
-        layer = spec.make_layer(module, config, name, target.path)
-        if layer is None:
-            unsupported.append(f"{target.path} ({type(unwrapped(module)).__name__})")
-        plan.append((target, layer))
-    if unsupported and wanted != "all-linear":
+        if isinstance(module, DeltaLayer) and module.method_name == spec.name:
+            module.add(name, config, target.path)
+        else:
+            layer = spec.make_layer(module, config, name, target.path)
+            if layer is None:
+                unsupported.append(f"{target.path} ({type(unwrapped(module)).__name__})")
+                continue
+            setattr(target.parent, target.child_name, layer)
+        wrapped.append(target.path)
+    if unsupported and wanted != ALL_LINEAR:
         raise TargetError(
             f"{spec.name} cannot wrap these target modules: {unsupported[:8]}"
             f"{' ...' if len(unsupported) > 8 else ''}. Choose modules of a supported type "
             "(see the method's documentation) or narrow target_modules / add exclude_modules."
         )
-    wrapped = []
-    for target, layer in plan:
-        if layer is None and isinstance(target.module, DeltaLayer) and target.module.method_name == spec.name:
-            target.module.add(name, config, target.path)
-        elif layer is not None:
-            setattr(target.parent, target.child_name, layer)
-        else:
-            continue
-        wrapped.append(target.path)
+    if not wrapped:
+        raise TargetError(f"{spec.name}: none of the modules selected by target_modules={wanted!r} can be wrapped.")
     return wrapped
 
 
@@ -122,20 +138,30 @@ def remove_adapter_everywhere(model: nn.Module, name: str) -> None:
 def unwrap(model: nn.Module, only_empty: bool = False, keep_trained_copy: bool = False) -> None:
     """Replace wrappers by the module they wrap (all of them, or only those with no adapters left).
 
-    With ``keep_trained_copy``, a modules-to-save wrapper is replaced by its active trained copy.
+    Nested wrappers (one method's layer around another's) are peeled one by one. With
+    ``keep_trained_copy``, a modules-to-save wrapper is replaced by its active trained copy.
     """
     for name, child in list(model.named_children()):
-        if getattr(child, "_delta_base_child", None):
-            if only_empty and child.adapter_names:
-                unwrap(getattr(child, child._delta_base_child), only_empty, keep_trained_copy)
-                continue
-            replacement = getattr(child, child._delta_base_child)
-            if keep_trained_copy and isinstance(child, ModulesToSaveWrapper) and child.active_adapter:
-                replacement = child.modules_to_save[child.active_adapter]
-            setattr(model, name, replacement)
-            unwrap(model, only_empty, keep_trained_copy)  # the replacement may itself be a wrapper
-            return
-        unwrap(child, only_empty, keep_trained_copy)
+        stripped = _strip(child, only_empty, keep_trained_copy)
+        if stripped is not child:
+            setattr(model, name, stripped)
+
+
+def _strip(module: nn.Module, only_empty: bool, keep_trained_copy: bool) -> nn.Module:
+    """``module`` with its (empty) wrappers peeled off; wrappers below a kept one are handled too."""
+    while getattr(module, "_delta_base_child", None):
+        inner = getattr(module, module._delta_base_child)
+        if only_empty and module.adapter_names:
+            stripped = _strip(inner, only_empty, keep_trained_copy)
+            if stripped is not inner:
+                setattr(module, module._delta_base_child, stripped)
+            return module
+        if keep_trained_copy and isinstance(module, ModulesToSaveWrapper) and module.active_adapter:
+            module = module.modules_to_save[module.active_adapter]
+        else:
+            module = inner
+    unwrap(module, only_empty, keep_trained_copy)
+    return module
 
 
 def head_paths(model: nn.Module, config: DeltaConfig, head_names: list[str]) -> list[str]:

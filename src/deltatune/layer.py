@@ -58,7 +58,7 @@ class DeltaLayer(nn.Module):
     def adapter_names(self) -> list[str]:
         names: list[str] = []
         for attr in self.adapter_attr_names:
-            for key in getattr(self, attr).keys():
+            for key in getattr(self, attr):
                 if key not in names:
                     names.append(key)
         return names
@@ -118,6 +118,16 @@ class DeltaLayer(nn.Module):
         """The innermost original module (layers of different methods may be nested)."""
         base = self.base_layer
         return base.get_base_layer() if isinstance(base, DeltaLayer) else base
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped module's weight: model code that reads ``module.weight`` (T5 reads ``wo.weight.dtype``) keeps working."""
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The wrapped module's bias (``None`` when it has none)."""
+        return getattr(self.get_base_layer(), "bias", None)
 
     # -- merging ---------------------------------------------------------------------------------
     def merge_one(self, name: str) -> None:

@@ -13,15 +13,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .checkpoint.state import apply_tensors, check_base, load_adapter, read_adapter, save_adapter
 from .config import DeltaConfig, TargetedConfig
-from .fingerprint import compute_fingerprint
 from .errors import AdapterNotFoundError, ConfigError, MergeError
+from .fingerprint import compute_fingerprint
 from .hooks import InputDelta
-from .inject import head_paths, inject_layers, iter_wrappers, remove_adapter_everywhere, unwrap, wrap_modules_to_save
+from .inject import (
+    head_paths,
+    inject_layers,
+    iter_wrappers,
+    remove_adapter_everywhere,
+    unwrap,
+    wrap_modules_to_save,
+)
 from .layer import DeltaLayer
 from .model_interface import head_names
 from .registry import get_method
@@ -65,7 +71,11 @@ class DeltaModel(nn.Module):
         return self.active_adapters[0] if self.active_adapters else ""
 
     def add_adapter(self, adapter_name: str, config: DeltaConfig) -> None:
-        """Add a new adapter (not active until :meth:`set_adapter`; the first one is)."""
+        """Add a new adapter (not active until :meth:`set_adapter`; the first one is).
+
+        All or nothing: if any part fails (a target the method cannot wrap, say), whatever was
+        already added for this adapter is removed again and the error is raised.
+        """
         if adapter_name in self.peft_config:
             raise ConfigError(f"An adapter named {adapter_name!r} exists already; delete it or pick another name.")
         if not adapter_name or "." in adapter_name:
@@ -74,14 +84,20 @@ class DeltaModel(nn.Module):
         config = copy.deepcopy(config)
         saved = head_paths(self.base_model, config, head_names(config.task_type))
         config.modules_to_save = saved or None
-        if spec.kind == "layer":
-            assert isinstance(config, TargetedConfig)
-            inject_layers(self.base_model, spec, config, adapter_name, protected=saved)
-        else:
-            if any(get_method(c).kind == "input" for c in self.peft_config.values()):
-                raise ConfigError("Only one input-method adapter (prompt/prefix/P-tuning) per model is supported.")
-            self.input_deltas[adapter_name] = spec.make_input(self.base_model, config, adapter_name)
-        saved_paths = wrap_modules_to_save(self.base_model, saved, adapter_name) if saved else []
+        if spec.kind == "input" and any(get_method(c).kind == "input" for c in self.peft_config.values()):
+            raise ConfigError("Only one input-method adapter (prompt/prefix/P-tuning) per model is supported.")
+        try:
+            if spec.kind == "layer":
+                assert isinstance(config, TargetedConfig)
+                inject_layers(self.base_model, spec, config, adapter_name, protected=saved)
+            else:
+                self.input_deltas[adapter_name] = spec.make_input(self.base_model, config, adapter_name)
+            saved_paths = wrap_modules_to_save(self.base_model, saved, adapter_name) if saved else []
+        except BaseException:
+            remove_adapter_everywhere(self.base_model, adapter_name)
+            if adapter_name in self.input_deltas:
+                del self.input_deltas[adapter_name]
+            raise
         self.base_fingerprint_skip = sorted(set(self.base_fingerprint_skip) | set(saved_paths))
         self.peft_config[adapter_name] = config
         self._refresh_trainable()
@@ -179,8 +195,15 @@ class DeltaModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Inside, the model computes exactly what the base model computes (merged adapters are unmerged)."""
+        """Inside, the model computes exactly what the base model computes.
+
+        Merged adapters are unmerged on entry and merged again on exit. (Base tensors an adapter
+        trains in place, such as biases with ``bias="all"``, cannot be switched off.)
+        """
         wrappers = [w for _, w in iter_wrappers(self.base_model)]
+        merged = [(w, list(w.merged_adapters)) for w in wrappers if isinstance(w, DeltaLayer) and w.merged_adapters]
+        for w, _ in merged:
+            w.unmerge()
         for w in wrappers:
             w.disabled = True
         self._adapters_disabled = True
@@ -190,6 +213,8 @@ class DeltaModel(nn.Module):
             for w in wrappers:
                 w.disabled = False
             self._adapters_disabled = False
+            for w, names in merged:
+                w.merge(names)
 
     # -- merging ---------------------------------------------------------------------------------
     def _check_mergeable(self, names: list[str]) -> None:
@@ -260,8 +285,15 @@ class DeltaModel(nn.Module):
         config, tensors, fingerprint = read_adapter(Path(model_id), allow_pickle)
         config.inference_mode = not is_trainable
         check_base(model, fingerprint, str(model_id), ignore_base_mismatch)
+        requires_grad = {id(p): p.requires_grad for p in model.parameters()}
         delta = cls(model, config, adapter_name)
-        apply_tensors(delta, adapter_name, tensors, str(model_id))
+        try:
+            apply_tensors(delta, adapter_name, tensors, str(model_id))
+        except BaseException:
+            unwrap(model)  # hand the caller's model back as it was
+            for p in model.parameters():
+                p.requires_grad_(requires_grad.get(id(p), p.requires_grad))
+            raise
         if not is_trainable:
             delta.eval()
         return delta

@@ -36,6 +36,9 @@ class MethodSpec:
         default_targets: ``default_targets(model, config)`` returns target names for an
             architecture when the user gave none (``None`` when the architecture is unknown).
         mergeable: whether the delta can be folded into the base weights.
+        can_wrap: ``can_wrap(module, config, module_path)`` returns ``None`` when ``make_layer`` can wrap
+            ``module`` with ``config``, else the reason it cannot. The core asks it for every target
+            *before* wrapping anything, so a config that fails on one target leaves the model untouched.
         prepare_config: ``prepare_config(model, config)`` fills in, before injection, config fields whose
             defaults depend on the architecture (so ``adapter_config.json`` records them resolved).
     """
@@ -48,6 +51,7 @@ class MethodSpec:
     make_input: Callable[..., nn.Module] | None = None
     default_targets: Callable[[nn.Module, DeltaConfig], list[str] | None] | None = None
     mergeable: bool = False
+    can_wrap: Callable[[nn.Module, DeltaConfig, str], str | None] | None = None
     prepare_config: Callable[[nn.Module, DeltaConfig], None] | None = None
 
 

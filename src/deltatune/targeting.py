@@ -18,6 +18,7 @@ from torch import nn
 from .config import TargetedConfig
 from .errors import TargetError
 from .model_interface import is_linear_like, layer_index, output_head_paths
+from .modules_to_save import ModulesToSaveWrapper
 
 ALL_LINEAR = "all-linear"
 
@@ -73,18 +74,20 @@ def find_targets(
         model: the (possibly already wrapped) model.
         config: supplies ``exclude_modules``, ``layers_to_transform`` and ``layers_pattern``.
         target_modules: resolved target spec (the config's, or the method's default).
-        protected: paths never targeted (task heads trained in full, for instance).
+        protected: names (matched like ``target_modules`` lists: exact path or suffix) of modules never
+            targeted, nor anything inside them (task heads trained in full, for instance).
 
     Raises:
         TargetError: when nothing matches; the message lists the closest existing module names.
     """
-    delta_paths = [n for n, m in model.named_modules() if getattr(m, "_delta_base_child", None)]
-    skip = set(protected or [])
+    modules = dict(model.named_modules())
+    delta_paths = [n for n, m in modules.items() if getattr(m, "_delta_base_child", None)]
+    # Modules trained in full (task heads) are never wrapped, nor is anything inside them.
+    skip = {p for p, m in modules.items() if p and (name_matches(p, protected) or isinstance(m, ModulesToSaveWrapper))}
     all_linear = target_modules == ALL_LINEAR
     if all_linear:
         skip |= output_head_paths(model)
     targets: list[Target] = []
-    modules = dict(model.named_modules())
     for path, module in modules.items():
         if not path or _is_inside_delta(path, delta_paths) or any(path == s or path.startswith(s + ".") for s in skip):
             continue

@@ -9,11 +9,12 @@ in to a pickled ``adapter_model.bin``, which is then read with ``torch.load(weig
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+import safetensors.torch as st
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
 from .atomic import atomic_write
@@ -28,11 +29,17 @@ def adapter_folder(root: str | Path, adapter_name: str) -> Path:
     return Path(root) if adapter_name == "default" else Path(root) / adapter_name
 
 
+def tensor_writer(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Callable[[str], None]:
+    """A function writing ``tensors`` as a safetensors file to the path it is given."""
+    # safetensors refuses tensors sharing memory; each saved tensor gets its own copy on the CPU.
+    own = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    return lambda path: st.save_file(own, path, metadata={"format": "pt", **(metadata or {})})
+
+
 def save_tensors(folder: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
     """Atomically write ``tensors`` as ``adapter_model.safetensors``; returns the file size in bytes."""
-    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     path = Path(folder) / WEIGHTS_NAME
-    atomic_write(path, lambda tmp: save_file(contiguous, tmp, metadata={"format": "pt", **(metadata or {})}))
+    atomic_write(path, tensor_writer(tensors, metadata))
     return os.path.getsize(path)
 
 
@@ -42,7 +49,7 @@ def load_tensors(folder: str | Path, allow_pickle: bool = False) -> dict[str, to
     path = folder / WEIGHTS_NAME
     if path.is_file():
         try:
-            return load_file(str(path))
+            return st.load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(
                 f"{path} cannot be read ({exc}). The file is truncated or corrupt: re-save the adapter, "
@@ -58,7 +65,7 @@ def load_tensors(folder: str | Path, allow_pickle: bool = False) -> dict[str, to
             )
         try:
             return torch.load(pickled, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+        except Exception as exc:
             raise CheckpointError(f"{pickled} cannot be read safely ({exc}).") from exc
     raise CheckpointError(
         f"No {WEIGHTS_NAME} in {folder}. Point to the folder save_pretrained() wrote "

@@ -14,14 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import read_config_file
-from ..errors import CheckpointError
+from ..config import CONFIG_NAME, read_config_file
+from ..errors import CheckpointError, ConfigError
 from ..fingerprint import FINGERPRINT_KEY, check_fingerprint, compute_fingerprint, target_shapes
 from ..hooks import InputDelta
 from ..inject import iter_wrappers
 from ..layer import DeltaLayer
 from ..registry import get_method
-from .io import KEY_PREFIX, adapter_folder, load_tensors, save_tensors
+from .atomic import atomic_write_many
+from .io import KEY_PREFIX, WEIGHTS_NAME, adapter_folder, load_tensors, tensor_writer
 
 if TYPE_CHECKING:
     from ..config import DeltaConfig
@@ -54,16 +55,23 @@ def get_adapter_state_dict(model: DeltaModel, name: str) -> dict[str, torch.Tens
 
 
 def save_adapter(model: DeltaModel, name: str, root: Path) -> Path:
-    """Write adapter ``name`` under ``root``: tensors first, then the config (each file atomically)."""
+    """Write adapter ``name`` under ``root``: both files go to temporary names first, then are renamed.
+
+    An error anywhere (or a crash before the renames) leaves an adapter saved earlier in that
+    folder intact.
+    """
     folder = adapter_folder(root, name)
-    config = model.peft_config[name]
+    config = model.peft_config[name].checkpoint_config()
     layer_paths = [p for p, w in iter_wrappers(model.base_model) if isinstance(w, DeltaLayer) and name in w.adapter_names]
     fingerprint = dict(model.base_fingerprint, target_shapes=target_shapes(model.base_model, layer_paths))
-    save_tensors(folder, get_adapter_state_dict(model, name))
-    saved = config.to_dict()
-    saved["inference_mode"] = True  # HF peft's convention: a saved adapter loads for inference by default
+    saved = config.to_dict() | {"inference_mode": True}  # HF peft's convention: saved adapters load for inference
     type(config).from_dict(saved)  # the file we write must load back
-    config.save(folder, extra={"inference_mode": True, FINGERPRINT_KEY: fingerprint})
+    text = config.to_json(extra={"inference_mode": True, FINGERPRINT_KEY: fingerprint})
+    writes = {
+        folder / WEIGHTS_NAME: tensor_writer(get_adapter_state_dict(model, name)),
+        folder / CONFIG_NAME: lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
+    }
+    atomic_write_many(writes)
     return folder
 
 
@@ -71,25 +79,53 @@ def read_adapter(folder: Path, allow_pickle: bool = False) -> tuple[DeltaConfig,
     """(config, tensors, fingerprint or None) of the adapter saved in ``folder``."""
     data = read_config_file(folder)
     fingerprint = data.pop(FINGERPRINT_KEY, None)
-    spec = get_method(str(data["peft_type"]))
-    config = spec.config_cls.from_dict(data)
+    try:
+        spec = get_method(str(data["peft_type"]))
+        config = spec.config_cls.from_dict(data).checkpoint_config()
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"{Path(folder) / CONFIG_NAME}: {exc}") from exc
     tensors = load_tensors(folder, allow_pickle)
     return config, tensors, fingerprint
 
 
-def check_base(model: torch.nn.Module, fingerprint: dict | None, folder: str, ignore: bool) -> None:
-    """Refuse to load onto a base model other than the one the adapter was trained on."""
+def check_base(
+    model: torch.nn.Module, fingerprint: dict | None, folder: str, ignore: bool, known: dict | None = None
+) -> None:
+    """Refuse to load onto a base model other than the one the adapter was trained on.
+
+    ``known`` is the fingerprint a :class:`DeltaModel` took of its base when it was created (before
+    any merge or training); it is used when it covers the same modules as the saved one.
+    """
     if fingerprint is None or ignore:
         return
-    current = compute_fingerprint(model, fingerprint.get("excluded", []))
+    excluded = sorted(fingerprint.get("excluded", []))
+    if known is not None and sorted(known.get("excluded", [])) == excluded:
+        current = dict(known)
+    else:
+        current = compute_fingerprint(model, excluded)
     current["target_shapes"] = target_shapes(model, list(fingerprint.get("target_shapes") or {}))
     check_fingerprint(fingerprint, current, folder)
+
+
+def _base_layer_entries(model: DeltaModel) -> dict[str, torch.Tensor]:
+    """Base weights of wrapped modules by file key. HF peft saves these next to the adapter when it
+    trains or resizes an embedding layer (``save_embedding_layers``); loading puts them back."""
+    out: dict[str, torch.Tensor] = {}
+    for path, wrapper in iter_wrappers(model.base_model):
+        if isinstance(wrapper, DeltaLayer):
+            for key, param in wrapper.get_base_layer().named_parameters():
+                out[f"{KEY_PREFIX}{path}.{wrapper._delta_base_child}.{key}"] = param
+    return out
 
 
 def apply_tensors(model: DeltaModel, name: str, tensors: dict[str, torch.Tensor], folder: str) -> None:
     """Copy saved ``tensors`` into adapter ``name``, after checking keys and shapes."""
     entries = adapter_entries(model, name)
-    missing = sorted(set(entries) - set(tensors))
+    base_entries = _base_layer_entries(model)
+    for key in set(tensors) - set(entries):
+        if key in base_entries:
+            entries[key] = (None, key, base_entries[key])
+    missing = sorted(k for k in set(entries) - set(tensors) if k not in base_entries)
     unexpected = sorted(set(tensors) - set(entries))
     mismatched = [
         f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(entries[k][2].shape)}"
@@ -110,6 +146,8 @@ def apply_tensors(model: DeltaModel, name: str, tensors: dict[str, torch.Tensor]
         )
     by_owner: dict[int, tuple[Owner, dict[str, torch.Tensor]]] = {}
     for key, (owner, rel, current) in entries.items():
+        if key not in tensors:
+            continue
         if owner is None:
             with torch.no_grad():
                 current.copy_(tensors[key].to(current.dtype))
@@ -128,10 +166,10 @@ def load_adapter(
     """Add the adapter saved in ``folder`` to ``model`` as ``name``."""
     config, tensors, fingerprint = read_adapter(folder, allow_pickle)
     config.inference_mode = not is_trainable
-    check_base(model.base_model, fingerprint, str(folder), ignore_base_mismatch)
+    check_base(model.base_model, fingerprint, str(folder), ignore_base_mismatch, known=model.base_fingerprint)
     model.add_adapter(name, config)
     try:
         apply_tensors(model, name, tensors, str(folder))
-    except CheckpointError:
+    except BaseException:
         model.delete_adapter(name)  # leave the model as it was
         raise

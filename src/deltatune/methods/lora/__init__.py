@@ -13,7 +13,7 @@ from torch import nn
 from ...model_interface import role_regex
 from ...registry import MethodSpec, register
 from .config import LoraConfig
-from .layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, make_lora_layer
+from .layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, can_wrap, make_lora_layer
 
 
 def default_targets(model: nn.Module, config: LoraConfig) -> str | None:
@@ -30,7 +30,8 @@ SPEC = register(
         make_layer=make_lora_layer,
         default_targets=default_targets,
         mergeable=True,
+        can_wrap=can_wrap,
     )
 )
 
-__all__ = ["LoraConfig", "LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear", "SPEC"]
+__all__ = ["SPEC", "LoraConfig", "LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear"]

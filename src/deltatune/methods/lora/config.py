@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from torch import nn
@@ -38,6 +38,7 @@ class LoraConfig(TargetedConfig):
     """
 
     PEFT_TYPE: ClassVar[str] = "LORA"
+    METADATA_FIELDS: ClassVar[frozenset[str]] = TargetedConfig.METADATA_FIELDS | {"megatron_core", "qalora_group_size"}
 
     r: int = 8
     lora_alpha: float = 8
@@ -61,6 +62,12 @@ class LoraConfig(TargetedConfig):
             raise ConfigError(f"bias={self.bias!r} is not one of {BIAS_CHOICES}.")
         if self.init_lora_weights not in INIT_CHOICES:
             raise ConfigError(f"init_lora_weights={self.init_lora_weights!r} is not one of {INIT_CHOICES}.")
+
+    def checkpoint_config(self) -> LoraConfig:
+        """Saved PiSSA adapters read back as plain LoRA: their ``A``/``B`` are in the file, and the base
+        they fit is the residual one, so a load must neither redo the SVD nor change the base again
+        (HF peft's own advice is to save PiSSA adapters with ``init_lora_weights=True``)."""
+        return replace(self, init_lora_weights=True) if self.init_lora_weights == "pissa" else self
 
     def extra_trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """Base biases trained (and saved) with the adapter, keyed by their path in the wrapped model."""

@@ -143,7 +143,8 @@ class LoraConv(LoraLayer):
         base = self.get_base_layer()
         conv = type(base)
         kw = {"device": base.weight.device, "bias": False}
-        self.lora_A[name] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, **kw)
+        self.lora_A[name] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
+                                 padding_mode=base.padding_mode, **kw)
         self.lora_B[name] = conv(r, base.out_channels, 1, **kw)
         init_lora(self, name, config.init_lora_weights)
         self.set_active(self.active_adapters)
@@ -159,16 +160,34 @@ class LoraConv(LoraLayer):
         return result + (self.lora_B[name](self.lora_A[name](x_in)) * self.scaling[name]).to(result.dtype)
 
 
-def make_lora_layer(module: nn.Module, config: LoraConfig, name: str, path: str) -> LoraLayer | None:
-    """Wrap ``module`` with the LoRA layer for its type, or ``None`` when LoRA cannot wrap it."""
+def _layer_class(module: nn.Module) -> type[LoraLayer] | None:
     base = unwrapped(module)
     if is_linear_like(base):
-        cls: type[LoraLayer] = LoraLinear
-    elif isinstance(base, nn.Embedding):
-        cls = LoraEmbedding
-    elif isinstance(base, (nn.Conv1d, nn.Conv2d)) and base.groups == 1:
-        cls = LoraConv
-    else:
+        return LoraLinear
+    if isinstance(base, nn.Embedding):
+        return LoraEmbedding
+    if isinstance(base, (nn.Conv1d, nn.Conv2d)) and base.groups == 1:
+        return LoraConv
+    return None
+
+
+def can_wrap(module: nn.Module, config: LoraConfig, path: str) -> str | None:
+    """Why LoRA with ``config`` cannot wrap ``module`` (``None`` when it can)."""
+    cls = _layer_class(module)
+    kind = type(unwrapped(module)).__name__
+    if cls is None:
+        return f"{kind} is not supported (LoRA wraps nn.Linear, Conv1D, nn.Embedding, nn.Conv1d/2d with groups=1)"
+    if cls is not LoraLinear and config.use_dora:
+        return f"use_dora supports linear layers only, this is an {kind}; exclude it or drop use_dora"
+    if cls is not LoraLinear and config.init_lora_weights == "pissa":
+        return f"init_lora_weights='pissa' supports linear layers only, this is an {kind}"
+    return None
+
+
+def make_lora_layer(module: nn.Module, config: LoraConfig, name: str, path: str) -> LoraLayer | None:
+    """Wrap ``module`` with the LoRA layer for its type, or ``None`` when LoRA cannot wrap it."""
+    cls = _layer_class(module)
+    if cls is None:
         return None
     layer = cls(module)
     layer.add(name, config, path)
