@@ -17,6 +17,8 @@ from .errors import (
     MergeError,
     TargetError,
 )
+from .methods.adapter import BottleneckConfig
+from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .model import DeltaModel, get_delta_model
 from .registry import MethodSpec, all_methods, get_method, register
@@ -26,7 +28,8 @@ get_peft_model = get_delta_model  # the name users coming from HF peft type firs
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterNotFoundError", "BaseModelMismatchError", "CheckpointError", "ConfigError", "DeltaConfig",
-    "DeltaError", "DeltaModel", "LoraConfig", "MergeError", "MethodSpec", "TargetError", "TargetedConfig",
+    "AdapterNotFoundError", "BaseModelMismatchError", "BottleneckConfig", "CheckpointError", "ConfigError",
+    "DeltaConfig", "DeltaError", "DeltaModel", "IA3Config", "LoraConfig", "MergeError", "MethodSpec", "TargetError",
+    "TargetedConfig",
     "all_methods", "get_delta_model", "get_method", "get_peft_model", "register",
 ]

@@ -1,0 +1,168 @@
+"""Bottleneck adapter layers: one wrapper type for the sequential and the parallel placement.
+
+With ``a(h) = s * W_up f(W_down dropout(h))``, ``W_down: (b, d_in)``, ``W_up: (d_out, b)``:
+
+    sequential (Houlsby, Pfeiffer):  y = M(x) + a(M(x))          # after module M
+    parallel (He et al.):            y = M(x) + a(x)             # beside module M, reading its input
+
+``M`` is a linear layer (the attention output or feed-forward output projection) or a whole block
+(a feed-forward block module). BERT-style output blocks ``M(h, r) = LayerNorm(dense(h) + r)`` get the
+block input as the residual ``r`` (see :data:`deltatune.model_interface.RESIDUAL_INPUT_BLOCKS`); there the
+parallel adapter is added to ``r``, which equals adding it to the block's output before the norm.
+Several active adapters on one module: parallel ones are summed, sequential ones applied in turn.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import TargetError
+from ...layer import DeltaLayer
+from ...model_interface import is_linear_like, linear_dims, residual_input_arg
+from ...targeting import unwrapped
+from .config import BottleneckConfig
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu, "gelu": F.gelu, "swish": F.silu, "silu": F.silu, "tanh": torch.tanh,
+}
+
+
+def base_linears(module: nn.Module) -> list[nn.Module]:
+    """Linear-like modules of the original model inside ``module``, in registration order.
+
+    Adapter tensors of deltatune wrappers below ``module`` are skipped; their wrapped modules count.
+    """
+    module = unwrapped(module)
+    if is_linear_like(module):
+        return [module]
+    found: list[nn.Module] = []
+    for child in module.children():
+        found.extend(base_linears(child))
+    return found
+
+
+def adapter_dims(module: nn.Module, parallel: bool) -> tuple[int, int] | None:
+    """``(d_in, d_out)`` of an adapter on ``module`` (``None`` when they cannot be told)."""
+    base = unwrapped(module)
+    linears = base_linears(base)
+    if not linears:
+        return None
+    d_out = linear_dims(linears[-1])[1]
+    if not parallel or residual_input_arg(base) is not None:
+        return d_out, d_out  # reads the module's output, or the residual of a BERT-style block
+    return linear_dims(linears[0])[0], d_out
+
+
+class BottleneckLayer(DeltaLayer):
+    """Bottleneck adapters after (sequential) or beside (parallel) one module of the model."""
+
+    adapter_attr_names = ("adapter_down", "adapter_up")
+    method_name = "bottleneck"
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.adapter_down = nn.ModuleDict()
+        self.adapter_up = nn.ModuleDict()
+        self.parallel: dict[str, bool] = {}
+        self.scaling: dict[str, float] = {}
+        self.non_linearity: dict[str, str] = {}
+        self.dropout_p: dict[str, float] = {}
+        self.residual_arg = residual_input_arg(self.get_base_layer())
+
+    def add(self, name: str, config: BottleneckConfig, path: str = "") -> None:
+        parallel = config.variant == "parallel"
+        dims = adapter_dims(self.base_layer, parallel)
+        if dims is None:
+            raise TargetError(f"bottleneck: cannot tell the feature size of {path} ({type(self.get_base_layer()).__name__}).")
+        d_in, d_out = dims
+        size = config.size_for(d_in)
+        device = next(self.get_base_layer().parameters()).device
+        self.adapter_down[name] = nn.Linear(d_in, size, device=device, dtype=torch.float32)  # (b, d_in)
+        self.adapter_up[name] = nn.Linear(size, d_out, device=device, dtype=torch.float32)  # (d_out, b)
+        up = self.adapter_up[name]
+        with torch.no_grad():
+            if config.init_weights:  # near-identity: the adapter adds exactly zero at the start
+                nn.init.zeros_(up.weight)
+                nn.init.zeros_(up.bias)
+            else:
+                nn.init.kaiming_uniform_(up.weight, a=math.sqrt(5))
+                nn.init.uniform_(up.bias, -0.1, 0.1)
+        self.parallel[name] = parallel
+        self.scaling[name] = float(config.scaling)
+        self.non_linearity[name] = config.non_linearity
+        self.dropout_p[name] = config.adapter_dropout
+        self.set_active(self.active_adapters)
+
+    def delete(self, name: str) -> None:
+        super().delete(name)
+        for table in (self.parallel, self.scaling, self.non_linearity, self.dropout_p):
+            table.pop(name, None)
+
+    def adapt(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        """``s * W_up f(W_down dropout(h))``: ``(..., d_in) -> (..., d_out)``, in ``h``'s dtype."""
+        down, up = self.adapter_down[name], self.adapter_up[name]
+        x = h.to(down.weight.dtype)
+        p = self.dropout_p[name]
+        if p > 0 and self.training:
+            x = F.dropout(x, p, training=True)
+        act = ACTIVATIONS[self.non_linearity[name]]
+        return (up(act(down(x))) * self.scaling[name]).to(h.dtype)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        live = [] if self.disabled else self.active_adapters
+        parallel = [n for n in live if self.parallel[n]]
+        if parallel:
+            args, out = self._run_parallel(parallel, args, kwargs)
+        else:
+            out = self.base_layer(*args, **kwargs)
+        if live and not isinstance(out, torch.Tensor):
+            raise TargetError(
+                f"bottleneck adapters need modules that return one tensor; {type(self.get_base_layer()).__name__} "
+                f"returns {type(out).__name__}. Target its output projection instead."
+            )
+        for name in live:
+            if not self.parallel[name]:
+                out = out + self.adapt(name, out)  # (..., d_out)
+        return out
+
+    def _run_parallel(self, names: list[str], args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, Any]:
+        """Call the wrapped module with the parallel adapters' sum added beside it."""
+        k = self.residual_arg if self.residual_arg is not None else 0
+        if len(args) > k:
+            x = args[k]
+        elif k == 0 and kwargs:
+            x = next(iter(kwargs.values()))
+        else:
+            raise TargetError(f"bottleneck: {type(self.get_base_layer()).__name__} was called without its input.")
+        extra = sum(self.adapt(name, x) for name in names)  # (..., d_out)
+        if self.residual_arg is not None:  # BERT-style block: add to the residual it adds before its norm
+            args = (*args[:k], x + extra, *args[k + 1 :])
+            return args, self.base_layer(*args, **kwargs)
+        out = self.base_layer(*args, **kwargs)
+        return args, out + extra if isinstance(out, torch.Tensor) else out
+
+
+def can_wrap(module: nn.Module, config: BottleneckConfig, path: str) -> str | None:
+    """``None`` when a bottleneck adapter can sit after/beside ``module``, else why not."""
+    if adapter_dims(module, config.variant == "parallel") is None:
+        return (f"{type(unwrapped(module)).__name__} holds no linear layer to take the adapter's feature size from; "
+                "target a linear layer or a block that contains one")
+    return None
+
+
+def make_bottleneck_layer(module: nn.Module, config: BottleneckConfig, name: str, path: str) -> BottleneckLayer | None:
+    """Wrap ``module`` with a bottleneck layer, or ``None`` when it cannot be wrapped (see :func:`can_wrap`)."""
+    if can_wrap(module, config, path) is not None:
+        return None
+    layer = BottleneckLayer(module)
+    layer.add(name, config, path)
+    return layer
+
+
+__all__ = ["ACTIVATIONS", "BottleneckLayer", "adapter_dims", "base_linears", "can_wrap", "make_bottleneck_layer"]

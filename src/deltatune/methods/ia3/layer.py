@@ -1,0 +1,171 @@
+"""(IA)^3 layers for linear (incl. transposed ``Conv1D``) and convolution modules.
+
+For a frozen layer ``h = W x + b`` and a learned vector ``l`` the layer computes
+
+    h = l * (W x + b)        (keys, values: the output is rescaled; ``l: (out,)``)
+    h = W (l * x) + b        (feed-forward modules: the input is rescaled; ``l: (in,)``)
+
+Merging is multiplicative: ``W <- W * l`` along the output rows (and ``b <- b * l``), or along the
+input columns for feed-forward modules. Unmerging divides again, which restores the weights to
+within one rounding step; where an entry of ``l`` is (near) zero the division cannot, so the
+affected weights are kept aside at merge time and put back exactly.
+
+Vectors are stored as HF peft stores them: ``(out, 1)`` or ``(1, in)`` for linear layers,
+``(1, C, 1, ...)`` for convolutions.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import MergeError
+from ...layer import DeltaLayer
+from ...model_interface import is_linear_like, linear_dims
+from ...targeting import unwrapped
+from .config import IA3Config
+
+_TINY = 1e-12  # |l| below this cannot be divided out again: keep the original weights instead
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_feedforward(path: str, feedforward_modules: list[str] | str | None) -> bool:
+    """HF peft's rule: a string is a regex matching the whole path; a list entry matches a path ending with it."""
+    if not feedforward_modules:
+        return False
+    if isinstance(feedforward_modules, str):
+        return re.fullmatch(feedforward_modules, path) is not None
+    return any(path.endswith(name) for name in feedforward_modules)
+
+
+class IA3Layer(DeltaLayer):
+    """(IA)^3 on a linear-like or (ungrouped) convolution module; several adapters multiply."""
+
+    adapter_attr_names = ("ia3_l",)
+    method_name = "ia3"
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        base = self.get_base_layer()
+        self.is_conv = isinstance(base, _CONVS)
+        self.transposed = not self.is_conv and not isinstance(base, nn.Linear)  # Conv1D: weight (in, out)
+        if self.is_conv:
+            self.in_features, self.out_features = base.in_channels, base.out_channels
+        else:
+            self.in_features, self.out_features = linear_dims(base)
+        self.ia3_l = nn.ParameterDict()
+        self.feedforward: dict[str, bool] = {}
+        self._stash: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def add(self, name: str, config: IA3Config, path: str = "") -> None:
+        ff = is_feedforward(path, config.feedforward_modules)
+        n = self.in_features if ff else self.out_features
+        weight = self.get_base_layer().weight
+        if self.is_conv:
+            shape: tuple[int, ...] = (1, n) + (1,) * (weight.dim() - 2)  # (1, C, 1, ...)
+        else:
+            shape = (1, n) if ff else (n, 1)
+        init = torch.ones if config.init_ia3_weights else torch.randn
+        self.ia3_l[name] = nn.Parameter(init(shape, device=weight.device, dtype=torch.float32))
+        self.feedforward[name] = ff
+        self.set_active(self.active_adapters)
+
+    def delete(self, name: str) -> None:
+        super().delete(name)
+        self.feedforward.pop(name, None)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _scale(self, names: list[str]) -> torch.Tensor | None:
+        """Product of the vectors of ``names``, shaped to broadcast over activations: ``(C,)`` or ``(1, C, 1, ...)``."""
+        scale = None
+        for name in names:
+            vec = self.ia3_l[name] if self.is_conv else self.ia3_l[name].flatten()
+            scale = vec if scale is None else scale * vec
+        return scale
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled and self.merged_adapters:
+            self.unmerge()
+        live = [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
+        in_scale = self._scale([n for n in live if self.feedforward[n]])
+        out_scale = self._scale([n for n in live if not self.feedforward[n]])
+        if in_scale is not None:
+            x = (x.to(in_scale.dtype) * in_scale).to(x.dtype)  # (..., in)
+        result = self.base_layer(x, *args, **kwargs)
+        if out_scale is not None:
+            result = (result.to(out_scale.dtype) * out_scale).to(result.dtype)  # (..., out)
+        return result
+
+    # -- merging ---------------------------------------------------------------------------------
+    def _weight_scale(self, name: str) -> torch.Tensor:
+        """Adapter ``name``'s vector shaped to broadcast over the base weight."""
+        vec = self.ia3_l[name].detach().flatten().float()
+        weight = self.get_base_layer().weight
+        ff = self.feedforward[name]
+        if self.is_conv:  # (out, in, *k)
+            shape = [1] * weight.dim()
+            shape[1 if ff else 0] = -1
+        elif self.transposed:  # (in, out)
+            shape = [-1, 1] if ff else [1, -1]
+        else:  # (out, in)
+            shape = [1, -1] if ff else [-1, 1]
+        return vec.view(shape)
+
+    def merge_one(self, name: str) -> None:
+        """``W <- W * l`` (and ``b <- b * l`` for output scaling); refuses to write NaN/inf."""
+        base = self.get_base_layer()
+        weight, bias = base.weight, getattr(base, "bias", None)
+        scale = self._weight_scale(name)
+        new_weight = (weight.float() * scale).to(weight.dtype)
+        scales_bias = bias is not None and not self.feedforward[name]
+        new_bias = (bias.float() * scale.flatten()).to(bias.dtype) if scales_bias else None
+        if not torch.isfinite(new_weight).all() or (new_bias is not None and not torch.isfinite(new_bias).all()):
+            raise MergeError(f"Merging ia3 adapter {name!r} gives NaN/inf weights; base left unchanged.")
+        if (scale.abs() < _TINY).any():  # cannot be divided out again: keep the originals
+            self._stash[name] = (weight.detach().clone(), None if bias is None else bias.detach().clone())
+        with torch.no_grad():
+            weight.copy_(new_weight)
+            if new_bias is not None:
+                bias.copy_(new_bias)
+
+    def unmerge_one(self, name: str) -> None:
+        """``W <- W / l`` (or the weights kept aside at merge time)."""
+        base = self.get_base_layer()
+        weight, bias = base.weight, getattr(base, "bias", None)
+        with torch.no_grad():
+            if name in self._stash:
+                old_weight, old_bias = self._stash.pop(name)
+                weight.copy_(old_weight)
+                if old_bias is not None:
+                    bias.copy_(old_bias)
+                return
+            scale = self._weight_scale(name)
+            weight.copy_((weight.float() / scale).to(weight.dtype))
+            if bias is not None and not self.feedforward[name]:
+                bias.copy_((bias.float() / scale.flatten()).to(bias.dtype))
+
+
+def can_wrap(module: nn.Module, config: IA3Config, path: str) -> str | None:
+    """``None`` when (IA)^3 can wrap ``module``, else why not."""
+    base = unwrapped(module)
+    if isinstance(base, _CONVS):
+        return None if base.groups == 1 else f"grouped convolution (groups={base.groups}) is not supported"
+    if is_linear_like(base):
+        return None
+    return (f"{type(base).__name__} is not a linear or convolution layer; (IA)^3 rescales the features of "
+            "nn.Linear, Conv1D or ungrouped nn.Conv1d/2d/3d")
+
+
+def make_ia3_layer(module: nn.Module, config: IA3Config, name: str, path: str) -> IA3Layer | None:
+    """Wrap ``module`` with an (IA)^3 layer, or ``None`` when (IA)^3 cannot wrap its type."""
+    if can_wrap(module, config, path) is not None:
+        return None
+    layer = IA3Layer(module)
+    layer.add(name, config, path)
+    return layer
+
+
+__all__ = ["IA3Layer", "can_wrap", "is_feedforward", "make_ia3_layer"]
