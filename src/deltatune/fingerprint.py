@@ -86,7 +86,7 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], folder: st
             problems.append(f"{key}: adapter was trained on {saved.get(key)!r}, this model has {current.get(key)!r}")
     for path, shape in (saved.get("target_shapes") or {}).items():
         now = current.get("target_shapes", {}).get(path)
-        if list(now or []) != list(shape):
+        if list(now or []) != list(shape or []):  # None: a wrapped block without its own weight
             problems.append(f"{path}: weight shape {shape} at training, {now or 'no such module'} now")
     if not problems and saved.get("sha256") != current.get("sha256"):
         problems.append("same architecture and shapes but different weights (sha256 of sampled weights differs)")
