@@ -20,6 +20,9 @@ from .errors import (
 from .methods.adapter import BottleneckConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
+from .methods.p_tuning import PTuningConfig
+from .methods.prefix_tuning import PrefixTuningConfig
+from .methods.prompt_tuning import PromptTuningConfig
 from .model import DeltaModel, get_delta_model
 from .registry import MethodSpec, all_methods, get_method, register
 
@@ -29,7 +32,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterNotFoundError", "BaseModelMismatchError", "BottleneckConfig", "CheckpointError", "ConfigError",
-    "DeltaConfig", "DeltaError", "DeltaModel", "IA3Config", "LoraConfig", "MergeError", "MethodSpec", "TargetError",
+    "DeltaConfig", "DeltaError", "DeltaModel", "IA3Config", "LoraConfig", "MergeError", "MethodSpec", "PTuningConfig",
+    "PrefixTuningConfig", "PromptTuningConfig", "TargetError",
     "TargetedConfig",
     "all_methods", "get_delta_model", "get_method", "get_peft_model", "register",
 ]

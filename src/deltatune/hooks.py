@@ -8,16 +8,27 @@ the frozen model. The core knows nothing more about what the method does.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 
 class InputDelta(nn.Module):
-    """Base class of the trainable part of an input method (one instance per adapter)."""
+    """Base class of the trainable part of an input method (one instance per adapter).
+
+    Attributes:
+        method_name: the method's registry name, for error messages.
+        file_key_prefix: prefix of the ``modules_to_save`` keys (a task head) in the adapter file.
+            HF peft keeps the model of an input method directly under ``base_model.``
+            (``base_model.classifier.weight``), not under ``base_model.model.`` as for layer methods.
+    """
 
     method_name: ClassVar[str] = "this method"
+    file_key_prefix: ClassVar[str] = "base_model."
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Call ``model(*args, **kwargs)`` with this delta's vectors in place."""
@@ -36,3 +47,26 @@ class InputDelta(nn.Module):
         with torch.no_grad():
             for key, tensor in state.items():
                 own[key].copy_(tensor.to(own[key].dtype))
+
+
+def bind_call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``model(*args, **kwargs)`` as keyword arguments only, named after ``model.forward``'s parameters.
+
+    Input methods rewrite inputs by name (``input_ids``, ``attention_mask`` ...), so positional
+    arguments are first given the names they bind to.
+    """
+    call = dict(kwargs)
+    if not args:
+        return call
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [n for n, p in inspect.signature(model.forward).parameters.items() if p.kind in kinds]
+    if len(args) > len(names):
+        raise ConfigError(
+            f"{type(model).__name__}.forward takes {len(names)} positional arguments but got {len(args)}; "
+            "pass the inputs by keyword (input_ids=..., attention_mask=...)."
+        )
+    for name, value in zip(names, args):
+        if name in call:
+            raise ConfigError(f"{name!r} was given both positionally and by keyword; pass it once.")
+        call[name] = value
+    return call

@@ -34,9 +34,11 @@ Owner = Any  # a wrapper, an input delta, or None for a plain tensor
 def adapter_entries(model: DeltaModel, name: str) -> dict[str, tuple[Owner, str, torch.Tensor]]:
     """``{file key: (owner, key relative to owner, current tensor)}`` for adapter ``name``."""
     entries: dict[str, tuple[Owner, str, torch.Tensor]] = {}
+    # HF peft keeps an input method's model (and so its modules_to_save) under "base_model." directly.
+    prefix = model.input_deltas[name].file_key_prefix if name in model.input_deltas else KEY_PREFIX
     for path, wrapper in iter_wrappers(model.base_model):
         for rel, tensor in wrapper.adapter_state(name).items():
-            entries[f"{KEY_PREFIX}{path}.{rel}"] = (wrapper, rel, tensor)
+            entries[f"{prefix}{path}.{rel}"] = (wrapper, rel, tensor)
     if name in model.input_deltas:
         delta = model.input_deltas[name]
         for key, tensor in delta.adapter_state().items():
@@ -118,13 +120,28 @@ def _base_layer_entries(model: DeltaModel) -> dict[str, torch.Tensor]:
     return out
 
 
+def _head_internal_prefixes(model: DeltaModel) -> tuple[str, ...]:
+    """Key prefixes inside modules-to-save wrappers. HF peft's ``bias="all"`` writes the head's bias
+    again under ``<head>.original_module.bias`` and ``<head>.modules_to_save.bias``; the trained copy
+    is loaded from the head's own keys, so these duplicates are skipped."""
+    return tuple(
+        f"{KEY_PREFIX}{path}.{part}."
+        for path, wrapper in iter_wrappers(model.base_model)
+        if not isinstance(wrapper, DeltaLayer)
+        for part in ("original_module", "modules_to_save")
+    )
+
+
 def apply_tensors(model: DeltaModel, name: str, tensors: dict[str, torch.Tensor], folder: str) -> None:
     """Copy saved ``tensors`` into adapter ``name``, after checking keys and shapes."""
     entries = adapter_entries(model, name)
     base_entries = _base_layer_entries(model)
+    heads = _head_internal_prefixes(model)
     for key in set(tensors) - set(entries):
         if key in base_entries:
             entries[key] = (None, key, base_entries[key])
+        elif key.startswith(heads):
+            tensors = {k: v for k, v in tensors.items() if k != key}  # a duplicate of the head's own keys
     missing = sorted(k for k in set(entries) - set(tensors) if k not in base_entries)
     unexpected = sorted(set(tensors) - set(entries))
     mismatched = [

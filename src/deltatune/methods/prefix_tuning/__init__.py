@@ -1,0 +1,181 @@
+"""Prefix tuning (Li & Liang, arXiv 2101.00190): trainable keys and values in front of every attention layer.
+
+    head_l(x) = softmax(q [P_k^l ; W_k h]^T / sqrt(d)) [P_v^l ; W_v h],   P_k^l, P_v^l in R^{P x d} trainable
+
+Trains the prefixes (``P x L*2*D`` numbers, with ``D = kv_heads * head_dim``: grouped-query models get
+prefixes as wide as their key/value heads), optionally through an MLP (``prefix_projection``), plus
+``modules_to_save``. The prefixes travel in the model's own key/value cache (see :mod:`.cache`), so
+``generate()`` keeps them at every step. Encoder-only models (BERT, RoBERTa) work when their attention
+reads a cache (transformers 5 does); models whose attention reads none (DistilBERT) get a clear error.
+Encoder-decoder models: prefixes in every decoder self-attention layer (HF peft's layout).
+
+Saved in HF peft's format: ``prompt_embeddings`` of shape ``(P, L*2*D)`` (the MLP output when
+projecting). Encoder-decoder models: HF peft (0.21, transformers 5) runs decoder prefixes only with
+``num_transformer_submodules=2`` and then feeds decoder layer ``l`` the stored block ``2l mod L``
+(for even ``L`` pairs of layers share a block and half the blocks stay unused). deltatune does the
+same by default so files load in either library with equal outputs; ``num_transformer_submodules=1``
+gives every decoder layer its own prefix (a file peft cannot run with an attention mask).
+Cannot be merged.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ...errors import ConfigError
+from ...hooks import InputDelta, bind_call
+from ...registry import MethodSpec, register
+from .._virtual_tokens import ReparamTable, fill_from_model
+from .cache import KVLayout, build_cache, probe_layout
+from .config import PrefixTuningConfig
+
+if TYPE_CHECKING:
+    from transformers import Cache
+
+
+def _batch(call: dict[str, Any]) -> int:
+    for key in ("input_ids", "inputs_embeds"):
+        if call.get(key) is not None:
+            return int(call[key].shape[0])
+    raise ConfigError("Prefix tuning needs the model input: pass input_ids or inputs_embeds.")
+
+
+def _expand_size(model: nn.Module, kwargs: dict[str, Any]) -> int:
+    """How many rows ``generate`` makes of each input (beams / returned sequences)."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+    returned = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
+    return max(int(beams), int(returned))
+
+
+def _ones_before(mask: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.cat([torch.ones(mask.shape[0], n, dtype=mask.dtype, device=mask.device), mask], dim=1)
+
+
+class PrefixTuningDelta(InputDelta):
+    """The key/value prefixes of one prefix-tuning adapter."""
+
+    method_name = "prefix_tuning"
+
+    def __init__(self, table: ReparamTable, layout: KVLayout, num_virtual_tokens: int, blocks: list[int]) -> None:
+        super().__init__()
+        self.table = table
+        self.layout = layout
+        self.num_virtual_tokens = num_virtual_tokens
+        self.blocks = blocks
+
+    def cache(self, batch: int, dtype: torch.dtype) -> Cache:
+        """A fresh cache holding the prefixes for ``batch`` sequences."""
+        return build_cache(self.table().to(dtype), self.layout, batch, self.blocks)
+
+    def _mask_key(self) -> str:
+        return "decoder_attention_mask" if self.layout.encoder_decoder else "attention_mask"
+
+    def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        call = bind_call(model, args, kwargs)
+        kw = self.layout.cache_kwarg
+        if any(call.get(name) is not None for name in ("cache", "past_key_values")):
+            raise ConfigError(
+                "Prefix tuning puts its prefixes into the key/value cache itself; do not pass a cache to "
+                "forward(). For step-by-step decoding use generate()."
+            )
+        call.pop("past_key_values", None)
+        call.pop("cache", None)
+        mask = call.get(self._mask_key())
+        if mask is not None:
+            call[self._mask_key()] = _ones_before(mask, self.num_virtual_tokens)
+        call[kw] = self.cache(_batch(call), model_dtype(model))
+        return model(**call)
+
+    def generate(self, model: nn.Module, kwargs: dict[str, Any]) -> Any:
+        kwargs = dict(kwargs)
+        batch = _batch(kwargs)
+        if not self.layout.encoder_decoder:
+            mask = kwargs.get("attention_mask")
+            if mask is None:
+                source = kwargs.get("input_ids")
+                seq = source.shape[1] if source is not None else kwargs["inputs_embeds"].shape[1]
+                device = (source if source is not None else kwargs["inputs_embeds"]).device
+                mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+            kwargs["attention_mask"] = _ones_before(mask, self.num_virtual_tokens)
+        kwargs[self.layout.cache_kwarg] = self.cache(batch * _expand_size(model, kwargs), model_dtype(model))
+        return model.generate(**kwargs)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": self.table.saved()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.table.load_saved(state["prompt_embeddings"])
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _check_layout(config: PrefixTuningConfig, layout: KVLayout, model: nn.Module) -> None:
+    """Fill the layout fields, or refuse a config made for another layout."""
+    width = layout.num_heads * layout.head_dim
+    given = (config.num_layers, config.num_attention_heads, config.token_dim)
+    if config.num_layers is None:
+        config.num_layers = layout.num_layers
+    if config.num_attention_heads is None:
+        config.num_attention_heads = layout.num_heads
+    if config.token_dim is None:
+        config.token_dim = width
+    if (config.num_layers, config.num_attention_heads, config.token_dim) != (layout.num_layers, layout.num_heads, width):
+        raise ConfigError(
+            f"The prefix layout (num_layers, num_attention_heads, token_dim)={given} does not fit "
+            f"{type(model).__name__}, whose attention caches hold {layout.num_layers} layers of {layout.num_heads} "
+            f"key/value heads x {layout.head_dim} (token_dim {width}). The adapter belongs to another model, "
+            "or leave these fields unset."
+        )
+
+
+def _blocks(config: PrefixTuningConfig, layout: KVLayout) -> list[int]:
+    """Which stored block feeds each model layer: block ``l``, or HF peft's ``2l mod L`` (see the module doc)."""
+    layers = layout.num_layers
+    if layout.encoder_decoder and config.num_transformer_submodules == 2:
+        return [(2 * layer) % layers for layer in range(layers)]
+    return list(range(layers))
+
+
+def make_prefix_tuning(model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> PrefixTuningDelta:
+    """Read the model's cache layout, fill the config, build the prefix table (and MLP when projecting)."""
+    layout = probe_layout(model)
+    _check_layout(config, layout, model)
+    if config.num_transformer_submodules is None:  # HF peft can read encoder-decoder prefixes only with 2
+        config.num_transformer_submodules = 2 if layout.encoder_decoder else 1
+    fill_from_model(config, model)
+    config.num_layers = layout.num_layers  # fill_from_model never overrides; keep the probed value
+    if config.encoder_hidden_size is None:
+        config.encoder_hidden_size = config.token_dim
+    dim, flat = int(config.token_dim or 0), 2 * layout.num_layers * int(config.token_dim or 0)
+    if config.prefix_projection and not config.inference_mode:
+        head = nn.Sequential(nn.Linear(dim, config.encoder_hidden_size), nn.Tanh(),
+                             nn.Linear(config.encoder_hidden_size, flat))
+        table = ReparamTable(config.num_virtual_tokens, dim, head)
+        if config.init_weights == "zero":
+            nn.init.zeros_(head[-1].weight)
+            nn.init.zeros_(head[-1].bias)
+    else:
+        table = ReparamTable(config.num_virtual_tokens, flat)
+        if config.init_weights == "zero":
+            nn.init.zeros_(table.embedding.weight)
+    table = table.to(next(model.parameters()).device)
+    return PrefixTuningDelta(table, layout, config.num_virtual_tokens, _blocks(config, layout))
+
+
+SPEC = register(
+    MethodSpec(
+        name="prefix_tuning",
+        peft_type=PrefixTuningConfig.PEFT_TYPE,
+        config_cls=PrefixTuningConfig,
+        kind="input",
+        make_input=make_prefix_tuning,
+    )
+)
+
+__all__ = ["SPEC", "KVLayout", "PrefixTuningConfig", "PrefixTuningDelta", "make_prefix_tuning", "probe_layout"]
