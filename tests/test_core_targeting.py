@@ -165,3 +165,12 @@ def test_plain_cnn_all_layer_types(make_model, output_of) -> None:
     # all-linear on a plain module: only the Linear layer (a plain module has no output-head lookup).
     model = dt.get_delta_model(make_model("cnn"), dt.LoraConfig(r=2, target_modules="all-linear"))
     assert wrapped_paths(model) == {"fc"}
+
+
+def test_second_adapter_never_wraps_a_trained_head(make_model) -> None:
+    """The first adapter's modules_to_save head stays a head: "all-linear" for a second adapter skips it."""
+    model = dt.get_delta_model(make_model("bert_seq_cls"), dt.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    model.add_adapter("b", dt.LoraConfig(r=2, target_modules="all-linear"))
+    assert isinstance(model.base_model.classifier, ModulesToSaveWrapper)
+    assert not any(p.startswith("classifier") for p in wrapped_paths(model))
+    assert "bert.pooler.dense" in wrapped_paths(model)

@@ -70,13 +70,19 @@ class LoraConfig(TargetedConfig):
         return replace(self, init_lora_weights=True) if self.init_lora_weights == "pissa" else self
 
     def extra_trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        """Base biases trained (and saved) with the adapter, keyed by their path in the wrapped model."""
+        """Base biases trained (and saved) with the adapter, keyed by their path in the wrapped model.
+
+        Heads in ``modules_to_save`` are left out: their trained copy (bias included) is saved anyway.
+        """
         if self.bias == "none":
             return {}
+        from ...modules_to_save import ModulesToSaveWrapper
         from .layer import LoraLayer
 
         if self.bias == "all":
-            return {n: p for n, p in model.named_parameters() if n.endswith("bias") and ".modules_to_save." not in n}
+            heads = tuple(f"{p}." for p, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper))
+            return {n: p for n, p in model.named_parameters()
+                    if (n == "bias" or n.endswith(".bias")) and not n.startswith(heads)}
         out = {}
         for path, module in model.named_modules():
             bias = getattr(module.get_base_layer(), "bias", None) if isinstance(module, LoraLayer) else None
