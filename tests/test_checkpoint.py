@@ -38,6 +38,9 @@ def test_fingerprint_is_saved_and_checked(make_model, tmp_path) -> None:
     assert saved["target_shapes"]["encoder.layer.0.attention.self.query"] == [32, 32]
     loaded = dt.DeltaModel.from_pretrained(make_model("bert", seed=0), tmp_path)
     torch.testing.assert_close(make_model.output(loaded, make_model.inputs("bert")), expected, atol=1e-6, rtol=0)
+    assert loaded.trainable_parameters()[0] == 0 and not loaded.training  # is_trainable=False: inference only
+    trainable = dt.DeltaModel.from_pretrained(make_model("bert", seed=0), tmp_path, is_trainable=True)
+    assert trainable.trainable_parameters()[0] == 2 * 2 * (4 * 32 + 32 * 4)
 
 
 def test_other_weights_raise_unless_overridden(make_model, tmp_path) -> None:

@@ -257,3 +257,30 @@ def test_failure_while_wrapping_rolls_back(make_model, monkeypatch) -> None:
         model.add_adapter("b", dt.LoraConfig(r=2, target_modules=["query", "value"]))
     assert calls["n"] == 3 and list(model.peft_config) == ["default"]
     assert [n for n, _ in model.named_modules()] == structure
+
+
+def test_merge_into_tied_weights_is_refused(make_model, output_of) -> None:
+    """GPT-2 ties wte to lm_head: merging an embedding LoRA would change the output head too."""
+    base = make_model("gpt2_lm")
+    assert base.lm_head.weight is base.transformer.wte.weight
+    inputs = make_model.inputs("gpt2_lm")
+    model = dt.get_delta_model(base, dt.LoraConfig(r=2, target_modules=["wte", "c_attn"], init_lora_weights=False))
+    expected = output_of(model, inputs)
+    weight = base.lm_head.weight.detach().clone()
+    with pytest.raises(dt.MergeError, match=r"transformer\.wte is shared with \['lm_head.weight'\]"):
+        model.merge_adapter()
+    assert torch.equal(base.lm_head.weight, weight)
+    assert not any(w.merged_adapters for w in model.modules() if isinstance(w, DeltaLayer))
+    torch.testing.assert_close(output_of(model, inputs), expected, atol=0, rtol=0)
+
+
+def test_safe_merge_failure_leaves_every_layer_unmerged(make_model) -> None:
+    model = dt.get_delta_model(make_model("bert"), dt.LoraConfig(r=2, target_modules=["query"], init_lora_weights=False))
+    layers = [m for m in model.modules() if isinstance(m, DeltaLayer)]
+    weights = [m.base_layer.weight.detach().clone() for m in layers]
+    with torch.no_grad():
+        layers[-1].lora_B["default"].weight[0, 0] = float("inf")  # only the last layer goes bad
+    with pytest.raises(dt.MergeError, match="NaN/inf"):
+        model.merge_adapter(safe_merge=True)
+    assert all(not m.merged_adapters for m in layers)
+    assert max((m.base_layer.weight - w).abs().max().item() for m, w in zip(layers, weights)) <= 1e-6

@@ -30,7 +30,7 @@ from .inject import (
 )
 from .layer import DeltaLayer
 from .model_interface import head_names
-from .registry import get_method
+from .registry import all_methods, get_method
 
 
 class DeltaModel(nn.Module):
@@ -222,18 +222,50 @@ class DeltaModel(nn.Module):
             self._check_known(name)
             spec = get_method(self.peft_config[name])
             if not spec.mergeable:
+                mergeable = [s.name for s in all_methods() if s.mergeable]
                 raise MergeError(
                     f"Adapter {name!r} uses {spec.name} ({spec.peft_type}), which cannot be merged into the base "
-                    "weights; keep it unmerged (it still works), or use a mergeable method such as LoRA or IA3."
+                    f"weights; keep it unmerged (it still works), or use a mergeable method ({', '.join(mergeable)})."
+                )
+
+    def _check_untied(self, names: list[str]) -> None:
+        """Refuse to merge into a weight another module shares (tied input/output embeddings, say):
+        the merge would change that module too, and the merged model would compute something else."""
+        owners: dict[int, list[str]] = {}
+        for path, param in self.base_model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(param), []).append(path)
+        for path, wrapper in iter_wrappers(self.base_model):
+            if not isinstance(wrapper, DeltaLayer) or not any(n in wrapper.adapter_names for n in names):
+                continue
+            weight = getattr(wrapper.get_base_layer(), "weight", None)
+            sharing = [p for p in owners.get(id(weight), []) if not p.startswith(path + ".")]
+            if sharing:
+                raise MergeError(
+                    f"The weight of {path} is shared with {sharing} (tied weights); merging would change "
+                    f"{'them' if len(sharing) > 1 else 'it'} too. Keep the adapter unmerged, or untie the weights "
+                    "before adding the adapter (e.g. tie_word_embeddings=False)."
                 )
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold adapters (default: the active ones) into the base weights; :meth:`unmerge_adapter` undoes it."""
+        """Fold adapters (default: the active ones) into the base weights; :meth:`unmerge_adapter` undoes it.
+
+        All or nothing: if a layer fails (``safe_merge`` found NaN/inf, say), the layers merged by this
+        call are unmerged again before the error is raised.
+        """
         names = list(adapter_names or self.active_adapters)
         self._check_mergeable(names)
-        for _, wrapper in iter_wrappers(self.base_model):
-            if isinstance(wrapper, DeltaLayer):
-                wrapper.merge([n for n in names if n in wrapper.adapter_names], safe=safe_merge)
+        self._check_untied(names)
+        done: list[tuple[DeltaLayer, int]] = []
+        try:
+            for _, wrapper in iter_wrappers(self.base_model):
+                if isinstance(wrapper, DeltaLayer):
+                    done.append((wrapper, len(wrapper.merged_adapters)))
+                    wrapper.merge([n for n in names if n in wrapper.adapter_names], safe=safe_merge)
+        except BaseException:
+            for wrapper, before in reversed(done):
+                while len(wrapper.merged_adapters) > before:
+                    wrapper.unmerge_one(wrapper.merged_adapters.pop())
+            raise
 
     def unmerge_adapter(self) -> None:
         """Restore the base weights by undoing every merge."""
