@@ -284,3 +284,30 @@ def test_safe_merge_failure_leaves_every_layer_unmerged(make_model) -> None:
         model.merge_adapter(safe_merge=True)
     assert all(not m.merged_adapters for m in layers)
     assert max((m.base_layer.weight - w).abs().max().item() for m, w in zip(layers, weights)) <= 1e-6
+
+
+def test_switching_away_from_a_merged_adapter_unmerges_it(make_model, output_of) -> None:
+    base = make_model("mlp")
+    inputs = make_model.inputs("mlp")
+    model = dt.get_delta_model(base, dt.LoraConfig(r=2, target_modules=["fc1"], init_lora_weights=False))
+    model.add_adapter("b", dt.LoraConfig(r=2, target_modules=["fc1"], init_lora_weights=False))
+    model.set_adapter("b")
+    only_b = output_of(model, inputs)
+    model.set_adapter("default")
+    model.merge_adapter()
+    with pytest.warns(UserWarning, match="unmerged"):
+        model.set_adapter("b")
+    assert not model.base_model.fc1.merged_adapters
+    torch.testing.assert_close(output_of(model, inputs), only_b, atol=1e-6, rtol=0)
+
+
+def test_bad_target_spec_types_are_refused(make_model) -> None:
+    with pytest.raises(dt.ConfigError, match="target_modules=5"):
+        dt.LoraConfig(target_modules=5)
+    with pytest.raises(dt.ConfigError, match="exclude_modules"):
+        dt.LoraConfig(target_modules=["q"], exclude_modules=[1, 2])
+    base = make_model("bert")
+    flags = [p.requires_grad for p in base.parameters()]
+    with pytest.raises(dt.TargetError):
+        dt.get_delta_model(base, dt.LoraConfig(target_modules=["nothing_here"]))
+    assert [p.requires_grad for p in base.parameters()] == flags  # a failed wrap hands the model back as it was

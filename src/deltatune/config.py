@@ -131,10 +131,16 @@ class TargetedConfig(DeltaConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                value = sorted(value)
+                setattr(self, name, value)
+            if not (value is None or isinstance(value, str) or (isinstance(value, list) and all(
+                    isinstance(v, str) for v in value))):
+                raise ConfigError(
+                    f"{name}={value!r} must be a list of module names, one regular expression string, or None."
+                )
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
         if self.layers_pattern is not None and self.layers_to_transform is None:

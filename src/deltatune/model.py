@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,15 @@ class DeltaModel(nn.Module):
         self.input_deltas = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.base_fingerprint_skip: list[str] = []
-        for p in model.parameters():
+        requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in requires_grad:
             p.requires_grad_(False)
-        self.add_adapter(adapter_name, config)
+        try:
+            self.add_adapter(adapter_name, config)
+        except BaseException:
+            for p, flag in requires_grad:  # hand the caller's model back as it was
+                p.requires_grad_(flag)
+            raise
         self.set_adapter(adapter_name)
         # Taken once, before any training or merge, and saved with every adapter.
         self.base_fingerprint = compute_fingerprint(model, self.base_fingerprint_skip)
@@ -110,8 +117,15 @@ class DeltaModel(nn.Module):
         if sum(name in self.input_deltas for name in names) > 1:
             raise ConfigError("At most one input-method adapter can be active at a time.")
         self.active_adapters = names
+        unmerged = False
         for _, wrapper in iter_wrappers(self.base_model):
+            if isinstance(wrapper, DeltaLayer) and set(wrapper.merged_adapters) - set(names):
+                wrapper.unmerge()  # a merged adapter that is no longer active must stop acting
+                unmerged = True
             wrapper.set_active(names)
+        if unmerged:
+            warnings.warn("set_adapter: adapters merged into the base weights were unmerged, since they are no "
+                          "longer active; call merge_adapter() again to merge the new ones.", stacklevel=2)
         self._refresh_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
