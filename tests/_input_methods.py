@@ -78,16 +78,19 @@ def special_ids(model: nn.Module) -> list[int]:
 def greedy(model: nn.Module, inputs: dict[str, torch.Tensor], new: int = 4, **options: object) -> torch.Tensor:
     """``model.generate`` greedily (with its KV cache), ``new`` tokens, special tokens suppressed."""
     kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    kwargs.update(max_new_tokens=new, do_sample=False, num_beams=1, pad_token_id=0, suppress_tokens=special_ids(model),
+                  forced_eos_token_id=None, forced_bos_token_id=None)
+    kwargs.update(options)
     with torch.no_grad():
-        return model.generate(**kwargs, max_new_tokens=new, do_sample=False, num_beams=1, pad_token_id=0,
-                              suppress_tokens=special_ids(model), forced_eos_token_id=None,
-                              forced_bos_token_id=None, **options)
+        return model.generate(**kwargs)
 
 
-def reference_greedy(model: nn.Module, input_ids: torch.Tensor, encoder_decoder: bool, new: int = 4) -> torch.Tensor:
+def reference_greedy(model: nn.Module, input_ids: torch.Tensor, encoder_decoder: bool, new: int = 4,
+                     suppress: bool = True) -> torch.Tensor:
     """Greedy decoding by hand: the whole sequence through ``model.forward`` at every step, no cache.
 
     Output layout as ``generate``: input + new tokens (decoder-only), decoder start + new tokens (seq2seq).
+    ``suppress`` masks the special tokens as :func:`greedy` does.
     """
     batch = input_ids.shape[0]
     start = model.config.decoder_start_token_id if encoder_decoder else 0
@@ -98,6 +101,7 @@ def reference_greedy(model: nn.Module, input_ids: torch.Tensor, encoder_decoder:
                 logits = model(input_ids=input_ids, decoder_input_ids=seq).logits[:, -1]
             else:
                 logits = model(input_ids=seq).logits[:, -1]
-            logits[:, special_ids(model)] = float("-inf")
+            if suppress:
+                logits[:, special_ids(model)] = float("-inf")
             seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
     return seq
