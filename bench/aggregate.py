@@ -1,0 +1,66 @@
+"""Turn the raw per-process results of a suite into per-configuration numbers (no formatting here)."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+Key = tuple[str, str, str]  # (method, lib, task)
+
+
+def _ok(results: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    return [r for r in results or [] if r.get("ok")]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def accuracy(raw: dict[str, Any], part: str = "accuracy") -> dict[tuple[str, str, str, int], dict[str, Any]]:
+    """``{(method, lib, task, n_train): {"accs": [...], "mean", "std", "trainable", "base_params"}}`` (percent)."""
+    table: dict[tuple[str, str, str, int], dict[str, Any]] = {}
+    for res in _ok(raw.get(part)):
+        job, runs = res["job"], res["runs"]
+        accs = [100 * r["accuracy"] for r in runs if "accuracy" in r]
+        if not accs:
+            continue
+        mean, std = mean_std(accs)
+        table[(job["method"], job["lib"], job["task"], res["n_train"])] = {
+            "accs": accs, "mean": mean, "std": std, "trainable": runs[0]["trainable"],
+            "base_params": runs[0]["base_params"], "steps": runs[0]["steps"], "epochs": runs[0]["epochs"],
+        }
+    return table
+
+
+def cost(raw: dict[str, Any]) -> dict[Key, dict[str, Any]]:
+    """``{(method, lib, task): {"step_s", "peak_mb", "file_bytes", "trainable", "base_params"}}``.
+
+    From the dedicated cost runs when the suite has them, else from the first seed of each accuracy run.
+    """
+    source = raw.get("cost") if raw.get("cost") else raw.get("accuracy")
+    table: dict[Key, dict[str, Any]] = {}
+    for res in _ok(source):
+        job, first = res["job"], res["runs"][0]
+        table[(job["method"], job["lib"], job["task"])] = {
+            k: first.get(k) for k in ("step_s", "peak_mb", "baseline_mb", "file_bytes", "trainable", "base_params", "steps")
+        }
+    return table
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def failures(raw: dict[str, Any]) -> list[str]:
+    """One line per failed process, for the report."""
+    lines = []
+    for part in ("accuracy", "cost", "lowdata", "forgetting"):
+        for res in raw.get(part) or []:
+            if not res.get("ok"):
+                job = res.get("job", {})
+                lines.append(f"{part}: {job.get('method')}/{job.get('lib')}/{job.get('task', '')}: {res.get('error')}")
+    inf = raw.get("inference")
+    if inf and not inf.get("ok"):
+        lines.append(f"inference: {inf.get('error')}")
+    return lines

@@ -1,0 +1,105 @@
+"""A lean training loop, identical for every method and library: same batches, same order, same steps.
+
+The data order of epoch ``e`` under seed ``s`` comes from ``random.Random(s * 1000 + e)``, never from
+the global RNG, so it does not depend on how many random numbers a library draws while it builds its
+adapter. Optimiser: AdamW (weight decay 0), linear warm-up over the first 6% of steps, then linear
+decay to 0; gradients clipped to norm 1. Step time covers forward, backward, clipping, the optimiser
+step and zeroing the gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune.train.encoding import pad_collate
+
+Batch = dict[str, torch.Tensor]
+
+
+def epoch_batches(features: Sequence[dict[str, Any]], *, seed: int, epochs: int, batch_size: int, pad_id: int) -> list[Batch]:
+    """Every training batch in order: each epoch a fresh seeded permutation, the last short batch kept."""
+    batches: list[Batch] = []
+    for epoch in range(epochs):
+        order = list(range(len(features)))
+        random.Random(seed * 1000 + epoch).shuffle(order)
+        for lo in range(0, len(order), batch_size):
+            batches.append(pad_collate([features[i] for i in order[lo : lo + batch_size]], pad_token_id=pad_id))
+    return batches
+
+
+def epochs_for(n_examples: int, batch_size: int, epochs: int, min_steps: int) -> int:
+    """``epochs``, raised until the run has at least ``min_steps`` steps (small data sets)."""
+    per_epoch = max(1, math.ceil(n_examples / batch_size))
+    return max(epochs, math.ceil(min_steps / per_epoch))
+
+
+@dataclass
+class TrainStats:
+    step_times: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def train(model: nn.Module, batches: Sequence[Batch], *, lr: float, warmup_frac: float = 0.06) -> TrainStats:
+    """Train ``model``'s parameters that require grad on ``batches``, one optimiser step per batch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    total = len(batches)
+    warmup = max(1, int(warmup_frac * total))
+
+    def factor(step: int) -> float:  # linear warm-up, then linear decay to 0
+        return (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    stats = TrainStats()
+    model.train()
+    start = time.perf_counter()
+    for batch in batches:
+        t0 = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        stats.step_times.append(time.perf_counter() - t0)
+        stats.losses.append(float(loss.detach()))
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, features: Sequence[dict[str, Any]], *, pad_id: int, batch_size: int = 64) -> float:
+    """Share of ``features`` whose argmax logit equals the label."""
+    model.eval()
+    correct = 0
+    for lo in range(0, len(features), batch_size):
+        batch = pad_collate(features[lo : lo + batch_size], pad_token_id=pad_id)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits  # (B, classes)
+        correct += int((logits.argmax(-1) == labels).sum())
+    return correct / max(1, len(features))
+
+
+@torch.inference_mode()
+def perplexity(model: nn.Module, features: Sequence[dict[str, Any]], *, pad_id: int, batch_size: int = 8) -> float:
+    """``exp`` of the mean token loss over ``features`` (labels -100 are skipped), summed token-wise."""
+    model.eval()
+    nll, tokens = 0.0, 0
+    for lo in range(0, len(features), batch_size):
+        batch = pad_collate(features[lo : lo + batch_size], pad_token_id=pad_id)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits[:, :-1].float()  # (B, T-1, V)
+        target = labels[:, 1:]
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum")
+        nll += float(loss)
+        tokens += int((target != -100).sum())
+    return math.exp(nll / max(1, tokens))

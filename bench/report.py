@@ -1,0 +1,155 @@
+"""Markdown tables for a suite's raw results, plus the targets the issue sets (measured, never adjusted)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench import aggregate as agg
+from bench.methods import METHODS
+
+TASK_NAMES = {"trec": "TREC", "rt": "Rotten Tomatoes", "bbc": "BBC"}
+
+
+def _f(x: float | None, fmt: str = "{:.2f}") -> str:
+    return "n/a" if x is None else fmt.format(x)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
+
+
+def _methods_in(keys: Any, lib: str) -> list[str]:
+    present = {k[0] for k in keys if k[1] == lib}
+    return [m for m in METHODS if m in present]
+
+
+def accuracy_section(raw: dict[str, Any], acc: dict, s: dict[str, Any]) -> list[str]:
+    tasks = [t for t in s["tasks"] if any(k[2] == t for k in acc)]
+    n = s["n_train"]
+    lines = ["## 1. Accuracy vs full fine-tuning", "",
+             (f"Bundled MiniLM (all-MiniLM-L6-v2), {n} training examples per task (BBC has {n} or all it has), "
+             f"{s['epochs']} epochs, batch {s['batch_size']}, seeds {s['seeds']}; test accuracy in %, "
+             "mean ± sample std over seeds; gap = method − full fine-tuning (points)."), ""]
+    header = ["method", "trainable", "% of model"] + [f"{TASK_NAMES[t]} {c}" for t in tasks for c in ("acc", "gap")]
+    rows = []
+    for m in _methods_in(acc, "deltatune"):
+        some = next(v for k, v in acc.items() if k[0] == m and k[1] == "deltatune")
+        row = [METHODS[m].label, f"{some['trainable']:,}", f"{100 * some['trainable'] / some['base_params']:.3f}"]
+        for t in tasks:
+            cell = next((v for k, v in acc.items() if k[:3] == (m, "deltatune", t)), None)
+            full = next((v for k, v in acc.items() if k[:3] == ("full", "deltatune", t)), None)
+            if cell is None:
+                row += ["n/a", "n/a"]
+                continue
+            gap = f"{cell['mean'] - full['mean']:+.2f}" if full and m != "full" else "—"
+            row += [f"{cell['mean']:.2f} ± {cell['std']:.2f}", gap]
+        rows.append(row)
+    return lines + _table(header, rows) + [""]
+
+
+def cost_section(cost: dict, s: dict[str, Any]) -> list[str]:
+    lines = ["## 2. Cost: step time, peak training memory, file size", ""]
+    where = ("dedicated runs of " + str(s["cost_steps"]) + " steps (median after " + str(s["cost_warmup"]) +
+             " warm-up steps), one process each, one at a time, 2 threads") if s["separate_cost"] else \
+        "the accuracy runs (seed 0, one process each, one at a time, 2 threads)"
+    lines += [(f"Measured in {where}. Peak memory = peak RSS above the RSS after the model and method are loaded. "
+              "File = what must be stored for the method (adapter folder incl. the trained head; full model for full FT)."), ""]
+    for task in sorted({k[2] for k in cost}):
+        full = cost.get(("full", "deltatune", task), {})
+        model_bytes = full.get("file_bytes")
+        rows = []
+        for lib in ("deltatune", "peft"):
+            for m in _methods_in([k for k in cost if k[2] == task], lib):
+                c = cost[(m, lib, task)]
+                rows.append([METHODS[m].label, lib, _f(1000 * c["step_s"] if c["step_s"] else None, "{:.1f}"),
+                             _f(agg.ratio(c["step_s"], full.get("step_s"))), _f(c["peak_mb"], "{:.0f}"),
+                             _f(agg.ratio(c["peak_mb"], full.get("peak_mb"))), _size(c["file_bytes"]),
+                             _f(agg.ratio(model_bytes, c["file_bytes"]), "{:.0f}x")])
+        lines += [f"**{TASK_NAMES[task]}**", ""]
+        lines += _table(["method", "library", "step ms", "x full", "peak MB", "x full", "file", "model / file"], rows) + [""]
+    return lines
+
+
+def peft_section(acc: dict, cost: dict) -> list[str]:
+    lines = ["## 3. deltatune vs HF peft (same hyper-parameters, data order and run)", "",
+             ("Ratios are deltatune / peft (below 1 = deltatune cheaper); accuracy difference is deltatune − peft "
+             "in points (mean over seeds), with the larger of the two seed spreads for scale."), ""]
+    rows = []
+    for m in _methods_in(list(cost) + list(acc), "peft"):
+        for task in sorted({k[2] for k in cost if k[0] == m and k[1] == "peft"} | {k[2] for k in acc if k[0] == m and k[1] == "peft"}):
+            d, p = cost.get((m, "deltatune", task), {}), cost.get((m, "peft", task), {})
+            da = next((v for k, v in acc.items() if k[:3] == (m, "deltatune", task)), None)
+            pa = next((v for k, v in acc.items() if k[:3] == (m, "peft", task)), None)
+            diff = f"{da['mean'] - pa['mean']:+.2f} (± {max(da['std'], pa['std']):.2f})" if da and pa else "n/a"
+            rows.append([METHODS[m].label, TASK_NAMES[task], _f(agg.ratio(d.get("step_s"), p.get("step_s"))),
+                         _f(agg.ratio(d.get("peak_mb"), p.get("peak_mb"))), diff,
+                         _f(agg.ratio(d.get("file_bytes"), p.get("file_bytes")))])
+    return lines + _table(["method", "task", "step time", "peak memory", "accuracy diff", "file size"], rows) + [""]
+
+
+def lowdata_section(raw: dict[str, Any], acc: dict, s: dict[str, Any]) -> list[str]:
+    low = agg.accuracy(raw, "lowdata")
+    if not low:
+        return []
+    task, sizes = s["lowdata_task"], sorted({k[3] for k in low})
+    big = {k[0]: v for k, v in acc.items() if k[1] == "deltatune" and k[2] == task}
+    lines = ["## 4. Low-data regime", "",
+             (f"{TASK_NAMES[task]}, first n training examples of the fixed split, at least {s['lowdata_min_steps']} steps "
+             f"(small sets repeat epochs), seeds {s['lowdata_seeds']}; accuracy % mean ± std, (gap to full FT)."), ""]
+    rows = []
+    for m in [m for m in METHODS if any(k[0] == m for k in low)]:
+        row = [METHODS[m].label]
+        for n in sizes + ([s["n_train"]] if big else []):
+            cell = low.get((m, "deltatune", task, n)) or (big.get(m) if n == s["n_train"] else None)
+            full = low.get(("full", "deltatune", task, n)) or (big.get("full") if n == s["n_train"] else None)
+            gap = f" ({cell['mean'] - full['mean']:+.1f})" if cell and full and m != "full" else ""
+            row.append(f"{cell['mean']:.1f} ± {cell['std']:.1f}{gap}" if cell else "n/a")
+        rows.append(row)
+    return lines + _table(["method"] + [f"n={n}" for n in sizes + ([s["n_train"]] if big else [])], rows) + [""]
+
+
+def header_section(raw: dict[str, Any]) -> list[str]:
+    m = raw["machine"]
+    lines = [f"# deltatune benchmarks: suite `{raw['suite']}`", "",
+             (f"Command: `{raw.get('command', 'python -m bench --suite ' + raw['suite'])}` — started {raw['started']}, "
+             f"took {raw.get('wall_seconds', 0) / 60:.1f} min."), "",
+             (f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m['memory_gb']} GB; {m['platform']}. torch threads: 2. "
+             f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, "
+             f"deltatune {m['deltatune']} (commit {m['commit']})."), ""]
+    if raw.get("skipped"):
+        lines += ["Not run: " + "; ".join(f"{k} ({v})" for k, v in raw["skipped"].items()), ""]
+    return lines
+
+
+def write_report(raw: dict[str, Any], folder: Path) -> Path:
+    """Write ``<suite>.md`` and the charts into ``folder``; returns the markdown path."""
+    from bench.charts import write_charts
+    from bench.report_extra import forgetting_section, inference_section, targets_section
+
+    acc, cost, s = agg.accuracy(raw), agg.cost(raw), raw["settings"]
+    charts = write_charts(raw, acc, cost, folder)
+    lines = header_section(raw)
+    lines += targets_section(raw, acc, cost)
+    if acc:
+        lines += accuracy_section(raw, acc, s)
+    if cost:
+        lines += cost_section(cost, s)
+    if any(k[1] == "peft" for k in list(cost) + list(acc)):
+        lines += peft_section(acc, cost)
+    lines += lowdata_section(raw, acc, s) + forgetting_section(raw) + inference_section(raw)
+    lines += [f"![{c.stem}]({c.name})" for c in charts] + [""]
+    failed = agg.failures(raw)
+    if failed:
+        lines += ["## Failed configurations", ""] + [f"- {f}" for f in failed] + [""]
+    path = folder / f"{raw['suite']}.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,58 @@
+"""Run jobs as subprocesses (``python -m bench.worker``), a few at a time, and collect their JSON lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bench.worker import RESULT_PREFIX
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_one(job: dict[str, Any], *, threads: int = 2, timeout: float = 3600) -> dict[str, Any]:
+    """Run ``job`` in a fresh Python process with ``threads`` torch threads; return its result dict."""
+    env = dict(os.environ, BENCH_THREADS=str(threads), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+               OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench.worker", json.dumps(job)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s", "job": job}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX):])
+            break
+    else:
+        result = {"ok": False, "error": f"worker exited {proc.returncode} without a result", "stderr": proc.stderr[-3000:]}
+    result["job"] = job
+    result["process_seconds"] = time.perf_counter() - start
+    return result
+
+
+def run_many(jobs: list[dict[str, Any]], *, workers: int = 1, threads: int = 2,
+             progress: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run ``jobs`` with ``workers`` processes at once (each with ``threads`` threads); results in job order."""
+    def describe(job: dict[str, Any]) -> str:
+        keys = ("kind", "method", "lib", "task", "n_train", "seeds")
+        return " ".join(f"{job[k]}" for k in keys if k in job)
+
+    def one(index: int) -> dict[str, Any]:
+        result = run_one(jobs[index], threads=threads)
+        status = "ok" if result.get("ok") else f"FAILED: {result.get('error')}"
+        progress(f"  [{index + 1}/{len(jobs)}] {describe(jobs[index])}: {result['process_seconds']:.0f} s, {status}")
+        return result
+
+    if workers <= 1:
+        return [one(i) for i in range(len(jobs))]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, range(len(jobs))))
