@@ -183,6 +183,17 @@ def test_merge_and_user_cache_are_refused() -> None:
         model(**tiny_inputs("llama_lm"), past_key_values=DynamicCache())
 
 
+def test_gradient_checkpointing_is_refused_in_training_only() -> None:
+    base = tiny_model("gpt2_lm")
+    model = dt.get_delta_model(base, dt.PrefixTuningConfig(num_virtual_tokens=P))
+    base.gradient_checkpointing_enable()
+    model.train()
+    with pytest.raises(dt.ConfigError, match="gradient_checkpointing_disable"):
+        model(**tiny_inputs("gpt2_lm"))
+    model.eval()
+    assert main_output(model, tiny_inputs("gpt2_lm")).shape == (2, 7, 100)
+
+
 def test_a_config_for_another_layout_is_refused() -> None:
     with pytest.raises(dt.ConfigError, match="does not fit"):
         dt.get_delta_model(tiny_model("llama_lm"), dt.PrefixTuningConfig(num_layers=2, num_attention_heads=4,

@@ -75,6 +75,8 @@ class PrefixTuningDelta(InputDelta):
         return "decoder_attention_mask" if self.layout.encoder_decoder else "attention_mask"
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if model.training:
+            refuse_checkpointing(model)
         call = bind_call(model, args, kwargs)
         kw = self.layout.cache_kwarg
         if any(call.get(name) is not None for name in ("cache", "past_key_values")):
@@ -109,6 +111,16 @@ class PrefixTuningDelta(InputDelta):
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         self.table.load_saved(state["prompt_embeddings"])
+
+
+def refuse_checkpointing(model: nn.Module) -> None:
+    """Gradient checkpointing makes transformers drop the cache in training, and with it the prefixes."""
+    if any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules()):
+        raise ConfigError(
+            "Prefix tuning keeps its prefixes in the key/value cache, which transformers drops while training "
+            "with gradient checkpointing. Call model.gradient_checkpointing_disable(), or use prompt tuning / "
+            "P-tuning, which work with checkpointing."
+        )
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
