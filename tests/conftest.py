@@ -29,6 +29,10 @@ import pytest
 import torch
 from torch import nn
 
+# Tiny models on a shared 2-core CI box: intra-op threads only add contention (a tiny BART forward
+# takes ~300 ms with 2 threads on a busy machine, ~5 ms with one).
+torch.set_num_threads(1)
+
 VOCAB = 100
 HIDDEN = 32
 
