@@ -8,6 +8,8 @@ column in :data:`FAMILIES`. Each cell checks, on tiny random-init models:
 * forward and backward run; only the delta (and modules_to_save) receive gradients;
 * the frozen weights are bit-identical after an optimizer step over *all* parameters;
 * save -> load onto a fresh copy of the base gives the same outputs;
+* mergeable methods merge and unmerge with the same outputs (<= 1e-5); the others raise
+  ``MergeError`` naming the method;
 * causal / seq2seq models ``generate()`` with the delta active: the first step's logits equal the
   delta model's forward logits and differ from the base model's.
 
@@ -161,6 +163,18 @@ def _check_generate(model: dt.DeltaModel, kind: str, inputs: dict[str, torch.Ten
     assert not torch.allclose(result.logits[0], base_result.logits[0], atol=1e-4), "delta had no effect on generate()"
 
 
+def _check_merge(model: dt.DeltaModel, method: str, inputs: dict[str, torch.Tensor], expected: torch.Tensor) -> None:
+    """Mergeable methods fold in and out with the same outputs; the others refuse, naming the method."""
+    if not dt.get_method(method).mergeable:
+        with pytest.raises(dt.MergeError, match=method):
+            model.merge_adapter()
+        return
+    model.merge_adapter()
+    assert (model_output(model, inputs) - expected).abs().max() <= 1e-5
+    model.unmerge_adapter()
+    assert (model_output(model, inputs) - expected).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize(("row", "kind"), CELLS, ids=[f"{r}-{k}" for r, k in CELLS])
 def test_contract(row: str, kind: str, tmp_path) -> None:
     spec = ROWS[row]
@@ -188,5 +202,6 @@ def test_contract(row: str, kind: str, tmp_path) -> None:
     model.save_pretrained(tmp_path)
     loaded = dt.DeltaModel.from_pretrained(tiny_model(kind), tmp_path)
     assert torch.allclose(model_output(loaded, inputs), expected, atol=1e-6, rtol=0)
+    _check_merge(model, spec.method, inputs, expected)
     if family in GENERATES:
         _check_generate(model, kind, inputs)
