@@ -88,6 +88,12 @@ def test_seq2seq_generate_equals_stepwise_forward(kind: str, submodules: int | N
     assert torch.equal(greedy(model, {"input_ids": ids}, new=5), reference_greedy(model, ids, True, new=5))
 
 
+def test_generate_without_cache_request_still_keeps_the_prefix() -> None:
+    model = prefix_model("llama_lm")
+    ids = tiny_inputs("llama_lm")["input_ids"]
+    assert torch.equal(greedy(model, {"input_ids": ids}, use_cache=False), reference_greedy(model, ids, False))
+
+
 def test_peft_two_submodule_layout_ties_decoder_layers() -> None:
     """HF peft's SEQ_2_SEQ_LM default (2 submodules) feeds decoder layer l block 2l mod L: block 1 is unread."""
     model = prefix_model("t5")

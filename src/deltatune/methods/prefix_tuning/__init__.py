@@ -104,6 +104,7 @@ class PrefixTuningDelta(InputDelta):
                 mask = torch.ones(batch, seq, dtype=torch.long, device=device)
             kwargs["attention_mask"] = _ones_before(mask, self.num_virtual_tokens)
         kwargs[self.layout.cache_kwarg] = self.cache(batch * _expand_size(model, kwargs), model_dtype(model))
+        kwargs["use_cache"] = True  # the prefixes live in the cache; the tokens generated are the same either way
         return model.generate(**kwargs)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
