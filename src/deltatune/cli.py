@@ -1,0 +1,316 @@
+"""The ``deltatune`` command: train, eval, predict, generate, merge, inspect, demo.
+
+Run ``deltatune <command> --help`` for every option. Nothing here downloads: models are bundled names
+(``minilm``, ``smollm2``) or local folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import DeltaError
+
+EPILOG = "Models: 'minilm', 'smollm2' (bundled) or a local transformers folder. Nothing is downloaded."
+
+TRAIN_HELP: dict[str, str] = {
+    "model": "base model: bundled name (minilm, smollm2) or a local transformers folder",
+    "method": "PEFT method, any registered one (default: lora); see 'deltatune train --list-methods'",
+    "task": "seq_cls | instruct (prompt/response, loss on the response) | causal_lm (plain text) | seq2seq; "
+    "default: from the data",
+    "data": "built-in data set (trec, rt, bbc, sms, chatterbot) or a local .jsonl/.csv/.tsv/.txt file "
+    "(a lone file is split 80/10/10 by --split-seed)",
+    "validation_data": "local file used as the validation split (then --data is used whole for training)",
+    "test_data": "local file used as the test split",
+    "text_column": "column/field holding the text",
+    "label_column": "column/field holding the label",
+    "prompt_column": "column/field holding the prompt",
+    "response_column": "column/field holding the response",
+    "max_train_examples": "use only the first N training rows of the (shuffled) split",
+    "max_eval_examples": "use only the first N validation/test rows",
+    "split_seed": "seed of the train/validation/test split",
+    "prompt_format": "instruct prompts: auto (chat template if the tokenizer has one) | chat | plain",
+    "epochs": "passes over the training rows",
+    "max_steps": "stop after N optimizer steps (overrides --epochs)",
+    "batch_size": "rows per forward pass",
+    "grad_accum": "forward passes per optimizer step",
+    "lr": "peak learning rate (LoRA likes 5e-4..3e-3)",
+    "schedule": "learning-rate decay after warm-up: linear | cosine | constant",
+    "warmup_ratio": "share of steps with linear warm-up",
+    "warmup_steps": "warm-up steps (overrides --warmup-ratio)",
+    "weight_decay": "AdamW weight decay of matrices",
+    "max_grad_norm": "clip the gradient norm to this (0: no clipping)",
+    "loraplus_lr_ratio": "LoRA+ (arXiv 2402.12354): LoRA's B matrices learn at lr x RATIO (2..16 typical)",
+    "max_length": "longest sequence in tokens",
+    "seed": "seed of initialisation, data order and dropout",
+    "eval_every": "evaluate on the validation split every N steps (0: only at the end)",
+    "save_every": "write a resumable checkpoint every N steps (0: never)",
+    "keep_checkpoints": "how many recent checkpoints to keep",
+    "output_dir": "run folder: adapter, metrics, plots, checkpoints",
+    "gradient_checkpointing": "recompute activations in the backward pass to save memory",
+    "compile": "run the training forward pass through torch.compile",
+    "compile_backend": "torch.compile backend",
+    "threads": "CPU threads for torch",
+    "quiet": "no progress bar or per-evaluation lines; one summary line at the end",
+    "resume": "continue from the newest checkpoint in --output-dir (starts fresh if there is none)",
+    "overwrite": "replace an earlier run in --output-dir",
+}
+
+
+def _type_of(field: dataclasses.Field) -> Any:
+    text = str(field.type)
+    return float if text.startswith("float") else int if text.startswith("int") else str
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    from .train.options import TASKS, TrainOptions
+
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (command-line options win)")
+    for field in dataclasses.fields(TrainOptions):
+        if field.name == "method_options":
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        help_text = TRAIN_HELP[field.name] + (f" (default: {default})" if default not in (None, False) else "")
+        if str(field.type) == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif field.name == "task":
+            parser.add_argument(flag, choices=TASKS, default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, type=_type_of(field), default=argparse.SUPPRESS, help=help_text,
+                                metavar=field.name.upper())
+    parser.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="method option, repeatable, value read as YAML: r=8, lora_alpha=16, "
+                        "target_modules=[query,value], use_dora=true")
+    parser.add_argument("--list-methods", action="store_true", help="list the registered methods and their options")
+
+
+def _adapter_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("adapter", nargs=None if required else "?", metavar="ADAPTER",
+                        help="run folder from 'deltatune train' or an adapter folder" + ("" if required else
+                        " (omit to use the base model alone)"))
+    parser.add_argument("--model", help="base model")
+
+
+def _column_args(parser: argparse.ArgumentParser) -> None:
+    for name in ("text", "label", "prompt", "response"):
+        parser.add_argument(f"--{name}-column", default=None, help=f"{name} column of a local data file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning.", epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("train", help="fine-tune a model with a PEFT method", epilog=EPILOG,
+                       description="Fine-tune MODEL on DATA with METHOD; writes the adapter, metrics.jsonl, "
+                       "summary.json and plots to --output-dir.")
+    _add_train_options(p)
+
+    p = sub.add_parser("eval", help="metrics of an adapter (or the base model alone) on a data split",
+                       formatter_class=fmt, epilog=EPILOG,
+                       description="Accuracy and macro-F1 (classification) or loss and perplexity (language models).")
+    _adapter_args(p, required=False)
+    p.add_argument("--data", help="data set or file")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test", "all"], help="which split")
+    p.add_argument("--task", choices=["seq_cls", "instruct", "causal_lm", "seq2seq"], help="task")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
+    p.add_argument("--max-examples", type=int, help="evaluate only the first N rows of the split")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _column_args(p)
+
+    p = sub.add_parser("predict", help="labels and probabilities from a classification adapter",
+                       formatter_class=fmt, epilog=EPILOG)
+    _adapter_args(p)
+    p.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    p.add_argument("--file", help="texts to classify: .txt (one per line), .jsonl or .csv")
+    p.add_argument("--text-column", default="text", help="text column of a .jsonl/.csv file")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
+    p.add_argument("--json", action="store_true", help="one JSON object per line with every class probability")
+
+    p = sub.add_parser("generate", help="text from prompts with a causal-LM adapter active",
+                       formatter_class=fmt, epilog=EPILOG)
+    _adapter_args(p, required=False)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--file", help="prompts: .txt (one per line), .jsonl or .csv")
+    p.add_argument("--text-column", default="text", help="prompt column of a .jsonl/.csv file")
+    p.add_argument("--task", choices=["instruct", "causal_lm"], help="task when no adapter is given")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser("merge", help="write a standalone model with the adapter folded into its weights",
+                       formatter_class=fmt, epilog=EPILOG,
+                       description="The output folder loads with plain transformers (AutoModel...from_pretrained).")
+    _adapter_args(p)
+    p.add_argument("output", metavar="OUTPUT", help="new folder for the merged model and tokenizer")
+
+    p = sub.add_parser("inspect", help="what an adapter folder holds; optionally check it against a base model",
+                       formatter_class=fmt, epilog=EPILOG)
+    p.add_argument("adapter", metavar="ADAPTER", help="run folder or adapter folder")
+    p.add_argument("--base", help="base model to check the adapter's fingerprint against")
+    p.add_argument("--json", action="store_true", help="print everything as JSON")
+
+    p = sub.add_parser("demo", help="fine-tune MiniLM with LoRA on TREC and compare with baselines (a few minutes)",
+                       formatter_class=fmt, epilog=EPILOG,
+                       description="Fine-tunes the bundled MiniLM with LoRA r=8 on query/value plus the classifier "
+                       "head on 2,000 TREC questions for 2 epochs, then prints test accuracy next to the "
+                       "majority-class baseline and the untrained model. No arguments needed.")
+    p.add_argument("--output-dir", default="runs/demo", help="where the adapter, plots and report go")
+    p.add_argument("--max-train-examples", type=int, help="training questions")
+    p.add_argument("--max-eval-examples", type=int, help="limit validation/test questions")
+    p.add_argument("--max-steps", type=int, help="stop after N steps (quick smoke runs)")
+    p.add_argument("--epochs", type=int, help="epochs")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+# -- running the commands ------------------------------------------------------------------------------
+def _train(args: argparse.Namespace) -> int:
+    from .registry import all_methods
+    from .train.loop import train
+    from .train.options import build_options, parse_method_opt, read_yaml
+
+    if args.list_methods:
+        for spec in all_methods():
+            fields = [f.name for f in dataclasses.fields(spec.config_cls) if f.init]
+            print(f"{spec.name:<16} {spec.kind:<6} options: {', '.join(fields)}")
+        return 0
+    cli = {k: v for k, v in vars(args).items() if k not in ("command", "config", "method_opt", "list_methods")}
+    cli["method_options"] = dict(parse_method_opt(text) for text in args.method_opt)
+    file_values = read_yaml(args.config) if args.config else {}
+    train(build_options(file_values, cli))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .train.commands import dumps, run_evaluation
+
+    columns = {f"{n}_column": getattr(args, f"{n}_column") for n in ("text", "label", "prompt", "response")}
+    result = run_evaluation(args.adapter, args.model, args.data, args.split, args.task, args.batch_size,
+                            args.max_examples, **columns)
+    if args.json:
+        print(dumps(result))
+        return 0
+    what = f"adapter {result['adapter']}" if result["adapter"] else f"base model {result['model']}"
+    print(f"{what} on {result['data']} [{result['split']}], {result['examples']} examples ({result['task']})")
+    for key in ("accuracy", "macro_f1", "loss", "perplexity"):
+        if key in result:
+            print(f"  {key:<11} {result[key]:.4f}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import json
+
+    from .train.commands import load_for_inference, read_inputs, run_predict
+
+    texts = read_inputs(args.text, args.file, args.text_column)
+    loaded = load_for_inference(args.adapter, args.model)
+    for item in run_predict(loaded, texts, args.batch_size):
+        if args.json:
+            print(json.dumps(item))
+        else:
+            print(f"{item['label']}\t{item['probability']:.3f}\t{item['text']}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import json
+
+    from .train.commands import load_for_inference, read_inputs, run_generate
+
+    prompts = read_inputs(args.prompt, args.file, args.text_column)
+    task = args.task or (None if args.adapter else "instruct")
+    loaded = load_for_inference(args.adapter, args.model, task)
+    for item in run_generate(loaded, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, seed=args.seed):
+        print(json.dumps(item) if args.json else f">>> {item['prompt']}\n{item['response']}\n")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .train.commands import run_merge
+
+    out = run_merge(args.adapter, args.output, args.model)
+    print(f"merged model written to {out} (load it with transformers' AutoModel...from_pretrained)")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .train.commands import dumps, inspect_adapter
+
+    report = inspect_adapter(args.adapter, args.base)
+    if args.json:
+        print(dumps(report))
+        return 0
+    fp = report["fingerprint"] or {}
+    lines = [
+        f"adapter folder:   {report['folder']}",
+        f"method:           {report['peft_type']}   task: {report['task']}",
+        f"target_modules:   {report['target_modules']}",
+        f"modules_to_save:  {report['modules_to_save']}",
+        f"wrapped modules:  {len(report['wrapped_modules'])}" + (f" (e.g. {report['wrapped_modules'][0]})"
+                                                                  if report["wrapped_modules"] else ""),
+        f"trainable params: {report['trainable_params']:,} in {report['tensors']} tensors",
+        f"size:             {report['weights_bytes']:,} bytes of weights, {report['folder_bytes']:,} in the folder",
+        f"base model:       {report['base_model']}",
+        "fingerprint:      " + (f"{fp.get('architecture')} ({fp.get('model_type')}), {fp.get('num_parameters'):,} "
+                                f"base params, sha256 {str(fp.get('sha256'))[:16]}..." if fp else "none recorded"),
+    ]
+    if report.get("labels"):
+        lines.append(f"labels:           {report['labels']}")
+    if "base_matches" in report:
+        verdict = {True: "MATCHES", False: "DOES NOT MATCH", None: "cannot be checked"}[report["base_matches"]]
+        lines.append(f"base check:       {report['base_checked']} {verdict}"
+                     + (f": {report['base_mismatch']}" if report["base_mismatch"] else ""))
+    print("\n".join(lines))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .train.demo import run_demo
+
+    run_demo(output_dir=args.output_dir, max_train_examples=args.max_train_examples,
+             max_eval_examples=args.max_eval_examples, max_steps=args.max_steps, epochs=args.epochs,
+             threads=args.threads, quiet=args.quiet or None)
+    return 0
+
+
+COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "generate": _generate, "merge": _merge,
+            "inspect": _inspect, "demo": _demo}
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # deltatune never downloads
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``deltatune`` console script; returns the exit code (2 for usage errors)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    try:
+        return COMMANDS[args.command](args)
+    except DeltaError as exc:
+        print(f"deltatune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"deltatune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
