@@ -311,3 +311,10 @@ def test_bad_target_spec_types_are_refused(make_model) -> None:
     with pytest.raises(dt.TargetError):
         dt.get_delta_model(base, dt.LoraConfig(target_modules=["nothing_here"]))
     assert [p.requires_grad for p in base.parameters()] == flags  # a failed wrap hands the model back as it was
+
+
+@pytest.mark.parametrize("name", ["", "a.b", "x/y", "..\\\\up"])
+def test_bad_adapter_names(name, make_model) -> None:
+    model = dt.get_delta_model(make_model("mlp"), dt.LoraConfig(r=2, target_modules=["fc1"]))
+    with pytest.raises(dt.ConfigError, match="must be non-empty and contain no"):
+        model.add_adapter(name, dt.LoraConfig(r=2, target_modules=["fc2"]))

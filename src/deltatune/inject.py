@@ -166,7 +166,7 @@ def _strip(module: nn.Module, only_empty: bool, keep_trained_copy: bool) -> nn.M
 
 def head_paths(model: nn.Module, config: DeltaConfig, head_names: list[str]) -> list[str]:
     """Names for ``modules_to_save``: the config's plus task heads present in ``model``."""
-    names = list(config.modules_to_save or [])
+    names = list(dict.fromkeys(config.modules_to_save or []))  # HF peft may list a head twice
     for head in head_names:
         if head not in names and any(p == head or p.endswith("." + head) for p, _ in model.named_modules()):
             names.append(head)

@@ -85,8 +85,11 @@ class DeltaModel(nn.Module):
         """
         if adapter_name in self.peft_config:
             raise ConfigError(f"An adapter named {adapter_name!r} exists already; delete it or pick another name.")
-        if not adapter_name or "." in adapter_name:
-            raise ConfigError(f"Adapter name {adapter_name!r} must be non-empty and contain no '.'.")
+        if not adapter_name or any(c in adapter_name for c in "./\\"):
+            raise ConfigError(
+                f"Adapter name {adapter_name!r} must be non-empty and contain no '.', '/' or '\\' (it becomes a "
+                "parameter name and, when saved, a folder name)."
+            )
         spec = get_method(config)
         config = copy.deepcopy(config)
         saved = head_paths(self.base_model, config, head_names(config.task_type))
