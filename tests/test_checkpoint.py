@@ -94,6 +94,17 @@ def test_reinitialised_seq_cls_head_is_not_a_mismatch(make_model, output_of, tra
     loaded = dt.DeltaModel.from_pretrained(fresh(2), tmp_path / "adapter")
     torch.testing.assert_close(output_of(loaded, inputs), expected, atol=1e-6, rtol=0)
 
+    # A head that only a later adapter saves is left out of that adapter's fingerprint as well.
+    model = dt.get_delta_model(fresh(3), dt.LoraConfig(**CFG))  # no task type: the head is a base weight here
+    model.add_adapter("cls", dt.LoraConfig(**CFG, task_type="SEQ_CLS"))
+    model.set_adapter("cls")
+    expected = output_of(model, inputs)
+    model.save_pretrained(tmp_path / "two")
+    loaded = dt.DeltaModel.from_pretrained(fresh(4), tmp_path / "two" / "cls")
+    torch.testing.assert_close(output_of(loaded, inputs), expected, atol=1e-6, rtol=0)
+    with pytest.raises(dt.BaseModelMismatchError):  # the first adapter did count the (random) head
+        dt.DeltaModel.from_pretrained(fresh(4), tmp_path / "two")
+
 
 def test_load_adapter_onto_merged_model_uses_the_original_fingerprint(make_model, output_of, tmp_path) -> None:
     inputs = make_model.inputs("bert")

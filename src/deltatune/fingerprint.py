@@ -43,19 +43,36 @@ def _sample_digest(tensor: torch.Tensor) -> bytes:
     return sample.cpu().numpy().tobytes()
 
 
-def compute_fingerprint(model: nn.Module, skip: list[str]) -> dict[str, Any]:
-    """Fingerprint of ``model``'s base weights; ``skip`` lists module paths left out (task heads)."""
+#: What is hashed for one base tensor: (path, number of values, bytes hashed, identity shared by tied tensors).
+Digest = tuple[str, int, bytes, int]
+
+
+def tensor_digests(model: nn.Module) -> list[Digest]:
+    """Per-tensor digests of ``model``'s base weights, in model order.
+
+    A :class:`~deltatune.model.DeltaModel` keeps these from the moment it is created, so the
+    fingerprint it saves (for any set of excluded heads) describes the base before any training or merge.
+    """
+    identity: dict[int, int] = {}
+    out: list[Digest] = []
+    for name, param in base_named_parameters(model):
+        ident = identity.setdefault(id(param), len(identity))
+        data = name.encode() + str(tuple(param.shape)).encode() + _sample_digest(param)
+        out.append((name, param.numel(), data, ident))
+    return out
+
+
+def fingerprint_of(model: nn.Module, digests: list[Digest], skip: list[str]) -> dict[str, Any]:
+    """The fingerprint of ``model`` from its ``digests``; ``skip`` lists module paths left out (task heads)."""
     digest = hashlib.sha256()
     count = 0
     seen: set[int] = set()
-    for name, param in base_named_parameters(model):
-        if any(name == s or name.startswith(s + ".") for s in skip) or id(param) in seen:
+    for name, numel, data, ident in digests:
+        if any(name == s or name.startswith(s + ".") for s in skip) or ident in seen:
             continue
-        seen.add(id(param))  # tied weights count once
-        count += param.numel()
-        digest.update(name.encode())
-        digest.update(str(tuple(param.shape)).encode())
-        digest.update(_sample_digest(param))
+        seen.add(ident)  # tied weights count once
+        count += numel
+        digest.update(data)
     return {
         "architecture": type(model).__name__,
         "model_type": model_type(model),
@@ -63,6 +80,11 @@ def compute_fingerprint(model: nn.Module, skip: list[str]) -> dict[str, Any]:
         "excluded": sorted(skip),
         "sha256": digest.hexdigest(),
     }
+
+
+def compute_fingerprint(model: nn.Module, skip: list[str]) -> dict[str, Any]:
+    """Fingerprint of ``model``'s base weights as they are now; ``skip`` lists module paths left out."""
+    return fingerprint_of(model, tensor_digests(model), skip)
 
 
 def target_shapes(model: nn.Module, paths: list[str]) -> dict[str, list[int] | None]:

@@ -19,7 +19,7 @@ from torch import nn
 from .checkpoint.state import apply_tensors, check_base, load_adapter, read_adapter, save_adapter
 from .config import DeltaConfig, TargetedConfig
 from .errors import AdapterNotFoundError, ConfigError, MergeError
-from .fingerprint import compute_fingerprint
+from .fingerprint import fingerprint_of, tensor_digests
 from .hooks import InputDelta
 from .inject import (
     head_paths,
@@ -49,7 +49,7 @@ class DeltaModel(nn.Module):
         self.peft_config: dict[str, DeltaConfig] = {}
         self.input_deltas = nn.ModuleDict()
         self.active_adapters: list[str] = []
-        self.base_fingerprint_skip: list[str] = []
+        self.saved_module_paths: dict[str, list[str]] = {}  # per adapter: heads it trains in full
         requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         for p, _ in requires_grad:
             p.requires_grad_(False)
@@ -60,8 +60,8 @@ class DeltaModel(nn.Module):
                 p.requires_grad_(flag)
             raise
         self.set_adapter(adapter_name)
-        # Taken once, before any training or merge, and saved with every adapter.
-        self.base_fingerprint = compute_fingerprint(model, self.base_fingerprint_skip)
+        # Taken once, before any training or merge; every saved adapter records a fingerprint made from it.
+        self.base_digests = tensor_digests(model)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -72,6 +72,11 @@ class DeltaModel(nn.Module):
             return getattr(self.base_model, name)
 
     # -- adapters --------------------------------------------------------------------------------
+    def base_fingerprint(self, adapter_name: str) -> dict[str, Any]:
+        """Fingerprint of the base model as it was when this DeltaModel was created, leaving out the
+        modules adapter ``adapter_name`` trains in full (its task head, new at every load)."""
+        return fingerprint_of(self.base_model, self.base_digests, self.saved_module_paths.get(adapter_name, []))
+
     @property
     def active_adapter(self) -> str:
         """The first active adapter's name (HF peft's attribute)."""
@@ -108,7 +113,7 @@ class DeltaModel(nn.Module):
             if adapter_name in self.input_deltas:
                 del self.input_deltas[adapter_name]
             raise
-        self.base_fingerprint_skip = sorted(set(self.base_fingerprint_skip) | set(saved_paths))
+        self.saved_module_paths[adapter_name] = sorted(saved_paths)
         self.peft_config[adapter_name] = config
         self._refresh_trainable()
 
@@ -144,6 +149,7 @@ class DeltaModel(nn.Module):
         if adapter_name in self.input_deltas:
             del self.input_deltas[adapter_name]
         del self.peft_config[adapter_name]
+        self.saved_module_paths.pop(adapter_name, None)
         remaining = [n for n in self.active_adapters if n != adapter_name]
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]

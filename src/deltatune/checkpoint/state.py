@@ -16,7 +16,14 @@ import torch
 
 from ..config import CONFIG_NAME, read_config_file
 from ..errors import CheckpointError, ConfigError
-from ..fingerprint import FINGERPRINT_KEY, check_fingerprint, compute_fingerprint, target_shapes
+from ..fingerprint import (
+    FINGERPRINT_KEY,
+    Digest,
+    check_fingerprint,
+    fingerprint_of,
+    target_shapes,
+    tensor_digests,
+)
 from ..hooks import InputDelta
 from ..inject import iter_wrappers
 from ..layer import DeltaLayer
@@ -56,21 +63,22 @@ def get_adapter_state_dict(model: DeltaModel, name: str) -> dict[str, torch.Tens
     return {key: tensor for key, (_, _, tensor) in adapter_entries(model, name).items()}
 
 
-def save_adapter(model: DeltaModel, name: str, root: Path) -> Path:
+def save_adapter(model: DeltaModel, name: str, root: Path, tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write adapter ``name`` under ``root``: both files go to temporary names first, then are renamed.
 
     An error anywhere (or a crash before the renames) leaves an adapter saved earlier in that
-    folder intact.
+    folder intact. ``tensors`` (keyed as :func:`get_adapter_state_dict`) replaces the model's own
+    tensors, e.g. whole tensors gathered from a sharded (FSDP) model.
     """
     folder = adapter_folder(root, name)
     config = model.peft_config[name].checkpoint_config()
     layer_paths = [p for p, w in iter_wrappers(model.base_model) if isinstance(w, DeltaLayer) and name in w.adapter_names]
-    fingerprint = dict(model.base_fingerprint, target_shapes=target_shapes(model.base_model, layer_paths))
+    fingerprint = dict(model.base_fingerprint(name), target_shapes=target_shapes(model.base_model, layer_paths))
     saved = config.to_dict() | {"inference_mode": True}  # HF peft's convention: saved adapters load for inference
     type(config).from_dict(saved)  # the file we write must load back
     text = config.to_json(extra={"inference_mode": True, FINGERPRINT_KEY: fingerprint})
     writes = {
-        folder / WEIGHTS_NAME: tensor_writer(get_adapter_state_dict(model, name)),
+        folder / WEIGHTS_NAME: tensor_writer(get_adapter_state_dict(model, name) if tensors is None else tensors),
         folder / CONFIG_NAME: lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
     }
     atomic_write_many(writes)
@@ -91,20 +99,17 @@ def read_adapter(folder: Path, allow_pickle: bool = False) -> tuple[DeltaConfig,
 
 
 def check_base(
-    model: torch.nn.Module, fingerprint: dict | None, folder: str, ignore: bool, known: dict | None = None
+    model: torch.nn.Module, fingerprint: dict | None, folder: str, ignore: bool, digests: list[Digest] | None = None
 ) -> None:
     """Refuse to load onto a base model other than the one the adapter was trained on.
 
-    ``known`` is the fingerprint a :class:`DeltaModel` took of its base when it was created (before
-    any merge or training); it is used when it covers the same modules as the saved one.
+    ``digests`` are those a :class:`DeltaModel` took of its base when it was created (before any
+    merge or training); without them the model's weights are read as they are now.
     """
     if fingerprint is None or ignore:
         return
-    excluded = sorted(fingerprint.get("excluded", []))
-    if known is not None and sorted(known.get("excluded", [])) == excluded:
-        current = dict(known)
-    else:
-        current = compute_fingerprint(model, excluded)
+    excluded = list(fingerprint.get("excluded", []))
+    current = fingerprint_of(model, digests if digests is not None else tensor_digests(model), excluded)
     current["target_shapes"] = target_shapes(model, list(fingerprint.get("target_shapes") or {}))
     check_fingerprint(fingerprint, current, folder)
 
@@ -183,7 +188,7 @@ def load_adapter(
     """Add the adapter saved in ``folder`` to ``model`` as ``name``."""
     config, tensors, fingerprint = read_adapter(folder, allow_pickle)
     config.inference_mode = not is_trainable
-    check_base(model.base_model, fingerprint, str(folder), ignore_base_mismatch, known=model.base_fingerprint)
+    check_base(model.base_model, fingerprint, str(folder), ignore_base_mismatch, digests=model.base_digests)
     model.add_adapter(name, config)
     try:
         apply_tensors(model, name, tensors, str(folder))
