@@ -74,9 +74,12 @@ def test_deltatune_adapter_loads_in_peft(case, make_model, output_of, train, tmp
         assert (output_of(model, inputs) - expected).abs().max() > 1e-4  # the adapter matters
     model.save_pretrained(tmp_path / "dt")
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft names our fingerprint key as unknown: harmless
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         loaded = peft.PeftModel.from_pretrained(make_model(kind, seed=0), tmp_path / "dt").eval()
+    # peft names our fingerprint key as unexpected and ignores it; every other key is one peft knows.
+    unexpected = [str(w.message) for w in record if "Unexpected keyword arguments" in str(w.message)]
+    assert all("['deltatune_base_model_fingerprint']" in m for m in unexpected), unexpected
     torch.testing.assert_close(output_of(loaded, inputs), expected, atol=1e-5, rtol=0)
     loaded.save_pretrained(tmp_path / "peft")
     assert_same_files(tmp_path / "dt", tmp_path / "peft")
