@@ -32,3 +32,7 @@ class AdapterNotFoundError(DeltaError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
+
+
+class DistributedError(DeltaError, RuntimeError):
+    """A multi-process (torchrun) job cannot go on: a rank died or hung, or the process group failed."""
