@@ -86,7 +86,7 @@ def test_deltatune_adapter_loads_in_peft(case, make_model, output_of, train, tmp
     ours = json.loads((tmp_path / "dt" / "adapter_config.json").read_text())
     theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     for key in ("peft_type", "task_type", "r", "lora_alpha", "use_dora", "use_rslora", "rank_pattern", "alpha_pattern",
-                "layers_to_transform"):
+                "layers_to_transform", "fan_in_fan_out"):
         assert ours[key] == theirs[key], key
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...model_interface import role_regex
+from ...errors import TargetError
+from ...model_interface import is_linear_like, role_regex
 from ...registry import MethodSpec, register
+from ...targeting import find_targets, unwrapped
 from .config import LoraConfig
 from .layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, can_wrap, make_lora_layer
 
@@ -19,6 +21,22 @@ from .layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, can_wrap, mak
 def default_targets(model: nn.Module, config: LoraConfig) -> str | None:
     """Query and value projections of the attention (HF peft's default choice)."""
     return role_regex(model, ["q", "v"])
+
+
+def prepare_config(model: nn.Module, config: LoraConfig) -> None:
+    """Record ``fan_in_fan_out=True`` when the targets are transposed linear layers (GPT-2's ``Conv1D``).
+
+    deltatune detects the layout per layer anyway; the flag is written for HF peft, which reads it.
+    """
+    if config.fan_in_fan_out or config.target_modules is None and default_targets(model, config) is None:
+        return
+    wanted = config.target_modules if config.target_modules is not None else default_targets(model, config)
+    try:
+        targets = find_targets(model, config, wanted)
+    except TargetError:
+        return  # inject_layers raises the same error with its full message
+    if any(is_linear_like(t) and not isinstance(t, nn.Linear) for t in (unwrapped(x.module) for x in targets)):
+        config.fan_in_fan_out = True
 
 
 SPEC = register(
@@ -31,6 +49,7 @@ SPEC = register(
         default_targets=default_targets,
         mergeable=True,
         can_wrap=can_wrap,
+        prepare_config=prepare_config,
     )
 )
 
