@@ -101,6 +101,22 @@ def fill_from_model(config: VirtualTokenConfig, model: nn.Module) -> None:
         config.num_transformer_submodules = 1
 
 
+def fill_token_dim(config: VirtualTokenConfig, model: nn.Module) -> int:
+    """Set ``config.token_dim`` to the width of ``model``'s token embeddings and return it.
+
+    A ``token_dim`` already set (from a saved adapter) must agree: otherwise the adapter was made for
+    another model.
+    """
+    dim = embedding_dim(model)
+    if config.token_dim is not None and config.token_dim != dim:
+        raise ConfigError(
+            f"token_dim={config.token_dim} but {type(model).__name__}'s token embeddings are {dim} wide; "
+            "the adapter belongs to another model (or leave token_dim unset)."
+        )
+    config.token_dim = dim
+    return dim
+
+
 def is_encoder_decoder(model: nn.Module) -> bool:
     """Whether ``model`` is a transformers encoder-decoder (T5, BART ...)."""
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...errors import ConfigError
 from ...registry import MethodSpec, register
 from .._virtual_tokens import (
     ReparamTable,
     VirtualTokenDelta,
-    embedding_dim,
     fill_from_model,
+    fill_token_dim,
     input_embeddings,
 )
 from .config import PTuningConfig
@@ -36,13 +35,7 @@ class PTuningDelta(VirtualTokenDelta):
 
 def make_p_tuning(model: nn.Module, config: PTuningConfig, adapter_name: str) -> PTuningDelta:
     """Fill the config from ``model`` and build table + encoder (only the table when loading for inference)."""
-    dim = embedding_dim(model)
-    if config.token_dim is not None and config.token_dim != dim:
-        raise ConfigError(
-            f"token_dim={config.token_dim} but {type(model).__name__}'s token embeddings are {dim} wide; "
-            "the adapter belongs to another model (or leave token_dim unset)."
-        )
-    config.token_dim = dim
+    dim = fill_token_dim(config, model)
     fill_from_model(config, model)
     if config.encoder_hidden_size is None:
         config.encoder_hidden_size = dim

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...errors import ConfigError
 from ...registry import MethodSpec, register
 from .._virtual_tokens import (
     ReparamTable,
     VirtualTokenDelta,
-    embedding_dim,
     fill_from_model,
+    fill_token_dim,
     input_embeddings,
 )
 from .config import PromptTuningConfig
@@ -34,13 +33,7 @@ class PromptTuningDelta(VirtualTokenDelta):
 
 def make_prompt_tuning(model: nn.Module, config: PromptTuningConfig, adapter_name: str) -> PromptTuningDelta:
     """Fill the config from ``model`` and build the (initialised) virtual-token table."""
-    dim = embedding_dim(model)
-    if config.token_dim is not None and config.token_dim != dim:
-        raise ConfigError(
-            f"token_dim={config.token_dim} but {type(model).__name__}'s token embeddings are {dim} wide; "
-            "the adapter belongs to another model (or leave token_dim unset)."
-        )
-    config.token_dim = dim
+    dim = fill_token_dim(config, model)
     fill_from_model(config, model)
     words = input_embeddings(model)
     table = ReparamTable(config.total_virtual_tokens, dim).to(next(words.parameters()).device)
