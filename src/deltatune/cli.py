@@ -36,7 +36,7 @@ TRAIN_HELP: dict[str, str] = {
     "prompt_format": "instruct prompts: auto (chat template if the tokenizer has one) | chat | plain",
     "epochs": "passes over the training rows",
     "max_steps": "stop after N optimizer steps (overrides --epochs)",
-    "batch_size": "rows per forward pass",
+    "batch_size": "rows per forward pass (per rank under torchrun)",
     "grad_accum": "forward passes per optimizer step",
     "lr": "peak learning rate (LoRA likes 5e-4..3e-3)",
     "schedule": "learning-rate decay after warm-up: linear | cosine | constant",
@@ -55,9 +55,13 @@ TRAIN_HELP: dict[str, str] = {
     "compile": "run the training forward pass through torch.compile",
     "compile_backend": "torch.compile backend",
     "threads": "CPU threads for torch",
+    "device": "auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps",
     "quiet": "no progress bar or per-evaluation lines; one summary line at the end",
     "resume": "continue from the newest checkpoint in --output-dir (starts fresh if there is none)",
     "overwrite": "replace an earlier run in --output-dir",
+    "fsdp": "under torchrun: shard the frozen base model across ranks (FSDP) instead of replicating it (DDP)",
+    "bf16": "compute in bfloat16 (autocast; FSDP: bf16 compute, fp32 gradient reduction)",
+    "dist_timeout": "under torchrun: seconds a rank waits for the others before the job fails with an error",
 }
 
 

@@ -263,10 +263,21 @@ class Distributed:
     def _comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
-    def main_first(self, fn: Callable[[], T], what: str) -> T | None:
-        """Run ``fn`` on rank 0 only, then wait for it everywhere; returns its value on rank 0."""
-        result = fn() if self.is_main else None
-        self.barrier(what)
+    def on_main(self, fn: Callable[[], T], what: str) -> T | None:
+        """Run ``fn`` on rank 0 only; if it fails there, every rank stops (not just rank 0, leaving the
+        others waiting). Returns ``fn``'s value on rank 0, ``None`` elsewhere."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+                error = exc
+        if self.enabled:
+            failure = self.gather_objects(None if error is None else f"{type(error).__name__}: {error}")[0]
+            if failure is not None and error is None:
+                raise DistributedError(f"Rank 0 failed while {what} ({failure}); rank {self.rank} stops as well.")
+        if error is not None:
+            raise error
         return result
 
     def close(self) -> None:
