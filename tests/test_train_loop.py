@@ -11,6 +11,7 @@ import torch
 from _train_tiny import save_tiny, write_classification, write_pairs, write_text
 from safetensors.torch import load_file
 
+from deltatune import all_methods, get_method
 from deltatune.errors import ConfigError
 from deltatune.train.commands import run_evaluation
 from deltatune.train.loop import train
@@ -129,3 +130,12 @@ def test_output_dir_is_protected_and_resume_checks_options(assets: dict, tmp_pat
         train(_options(out, assets["bert"], assets["cls"], max_steps=2, save_every=2, resume=True, lr=0.5))
     train(_options(out, assets["bert"], assets["cls"], max_steps=2, overwrite=True))
     assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("method", [spec.name for spec in all_methods()])
+def test_every_registered_method_trains_saves_and_evaluates(assets: dict, tmp_path: Path, method: str) -> None:
+    out = tmp_path / method
+    summary = train(_options(out, assets["bert"], assets["cls"], method=method, max_steps=2))
+    again = run_evaluation(str(out), None, None, "test", None, 32, None)  # reloads the adapter from disk
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == get_method(method).peft_type
+    assert again["loss"] == pytest.approx(summary["final"]["test"]["loss"], abs=1e-6)

@@ -7,6 +7,10 @@ optimizer, the scheduler and the random generators (for dropout), and then conti
 Losses are token- (or example-) weighted over the whole accumulation group:
 ``L = sum_i loss_sum_i / sum_i count_i``, so accumulation equals one big batch.
 
+Several processes (``torchrun``): see :mod:`.distributed`. The loop asks a :class:`Distributed` object
+for this rank's rows, the module to call, metric sums and whether it is rank 0 (which alone writes);
+in a single process that object does nothing.
+
 Environment: ``DELTATUNE_STEP_DELAY`` (seconds, default 0) sleeps after every optimizer step; the
 interruption test uses it to kill a run reliably half-way.
 """
@@ -30,6 +34,8 @@ from ..bundled import resolve_model_path
 from ..errors import ConfigError
 from ..model import DeltaModel, get_delta_model
 from . import checkpoints
+from . import distributed_checkpoint as dist_checkpoints
+from .distributed import Distributed
 from .evaluate import evaluate
 from .metrics import MetricsLog
 from .optim import make_optimizer, make_scheduler
@@ -46,6 +52,7 @@ from .tasks import (
     load_base_model,
     load_tokenizer,
     loss_sum,
+    pick_device,
     uses_chat,
 )
 
@@ -86,7 +93,7 @@ def build_run(options: TrainOptions) -> Run:
     encoder = Encoder(task, tokenizer, options.max_length, splits.labels, chat)
     seed_everything(options.seed)
     base = load_base_model(task, model_path, splits.labels)
-    model = get_delta_model(base, options.method_config(task))
+    model = get_delta_model(base, options.method_config(task)).to(pick_device(options.device))
     rows = {
         "train": limit(splits.train, options.max_train_examples),
         "validation": limit(splits.validation, options.max_eval_examples),
@@ -96,8 +103,9 @@ def build_run(options: TrainOptions) -> Run:
     return Run(options, task, model_path, encoder, splits, model, features)
 
 
-def _setup_speed_options(run: Run) -> nn.Module:
-    """Gradient checkpointing and ``torch.compile``; returns the module to call for training steps."""
+def _setup_speed_options(run: Run, dist: Distributed) -> nn.Module:
+    """Gradient checkpointing, the DDP/FSDP wrapper and ``torch.compile``; returns the module to call for
+    training steps."""
     options, base = run.options, run.model.base_model
     if options.gradient_checkpointing:
         if not getattr(base, "supports_gradient_checkpointing", False):
@@ -108,16 +116,18 @@ def _setup_speed_options(run: Run) -> nn.Module:
             enable(activation_checkpointing_kwargs=kwargs)
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    module = dist.wrap(run.model)
     if options.compile:
-        return torch.compile(run.model, backend=options.compile_backend, dynamic=True)
-    return run.model
+        return torch.compile(module, backend=options.compile_backend, dynamic=True)
+    return module
 
 
 class Schedule:
-    """Which rows each optimizer step uses (see the module docstring)."""
+    """Which rows each optimizer step uses (see the module docstring); with ``ranks`` processes a micro-batch
+    holds ``batch_size * ranks`` rows, which :meth:`Distributed.shard` splits among the ranks."""
 
-    def __init__(self, n_rows: int, options: TrainOptions) -> None:
-        self.n, self.bs, self.accum, self.seed = n_rows, options.batch_size, options.grad_accum, options.seed
+    def __init__(self, n_rows: int, options: TrainOptions, ranks: int = 1) -> None:
+        self.n, self.bs, self.accum, self.seed = n_rows, options.batch_size * ranks, options.grad_accum, options.seed
         self.micro_per_epoch = math.ceil(n_rows / self.bs)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / self.accum)
         self.total = options.max_steps or options.epochs * self.steps_per_epoch
@@ -141,16 +151,32 @@ class Schedule:
         return [perm[m * self.bs : (m + 1) * self.bs] for m in range(pos["micro_batch"], last)]
 
 
-def train_step(run: Run, module: nn.Module, groups: list[list[int]], optimizer: Any, scheduler: Any) -> dict:
-    """One optimizer step over the micro-batches ``groups``; returns the step's loss and sizes."""
+def train_step(
+    run: Run, module: nn.Module, groups: list[list[int]], optimizer: Any, scheduler: Any, dist: Distributed | None = None,
+) -> dict:
+    """One optimizer step over the micro-batches ``groups`` (global: every rank's rows); returns the step's
+    loss and sizes, summed over ranks.
+
+    Rank ``r`` reads its share of each micro-batch and back-propagates ``W * loss_r / N`` with ``N`` the
+    loss terms of all ranks, so DDP's gradient average equals one process over all rows. A rank whose
+    share of the epoch's last micro-batch is empty runs a zero-weighted pass on a borrowed row, so every
+    rank joins the same collectives.
+    """
+    dist = dist or Distributed()
     feats, task = run.features["train"], run.task
-    batches = [collate([feats[i] for i in idx], run.pad_id) for idx in groups]
-    denom = max(1, sum(count_terms(task, b) for b in batches))
+    shares = [dist.shard(idx) for idx in groups]
+    weights = [1.0 if share else 0.0 for share in shares]
+    batches = [dist.to_device(collate([feats[i] for i in (share or idx[:1])], run.pad_id))
+               for share, idx in zip(shares, groups)]
+    (terms,) = dist.sum(sum(count_terms(task, b) * w for b, w in zip(batches, weights)))
+    denom = max(1.0, terms)
     total = 0.0
-    for batch in batches:
-        loss, _ = loss_sum(task, forward(module, task, batch), batch)
-        (loss / denom).backward()
-        total += float(loss.detach())
+    for k, (batch, weight) in enumerate(zip(batches, weights)):
+        with dist.grad_sync(module, sync=k == len(batches) - 1):
+            with dist.autocast():
+                loss, _ = loss_sum(task, forward(module, task, batch), batch)
+            (loss * (weight * dist.loss_scale() / denom)).backward()
+        total += float(loss.detach()) * weight
     if run.options.max_grad_norm > 0:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, run.options.max_grad_norm)
@@ -158,8 +184,9 @@ def train_step(run: Run, module: nn.Module, groups: list[list[int]], optimizer: 
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    return {"loss": total / denom, "lr": lr, "examples": sum(len(g) for g in groups), "tokens": tokens}
+    tokens = sum(int(b["attention_mask"].sum()) * w for b, w in zip(batches, weights))
+    total, tokens = dist.sum(total, tokens)
+    return {"loss": total / denom, "lr": lr, "examples": sum(len(g) for g in groups), "tokens": int(tokens)}
 
 
 def _lr_factor(group: dict, options: TrainOptions) -> float:
@@ -174,48 +201,66 @@ def run_eval(run: Run, split: str) -> dict[str, float]:
                     len(labels) if labels else None)
 
 
-def _resume(run: Run, out: Path, optimizer: Any, scheduler: Any, log: MetricsLog, say: Any) -> tuple[int, float]:
+def _resume(
+    run: Run, out: Path, optimizer: Any, scheduler: Any, log: MetricsLog, say: Any, dist: Distributed,
+) -> tuple[int, float]:
     """(start step, elapsed seconds before this process) from the newest checkpoint, if any."""
-    checkpoints.clean_partial(out)
-    found = checkpoints.list_checkpoints(out)
-    if not run.options.resume or not found:
+    if dist.is_main:
+        checkpoints.clean_partial(out)
+    found = dist_checkpoints.newest_checkpoint(dist, out) if run.options.resume else None
+    if found is None:
         if run.options.resume:
             say(f"No checkpoint in {out / checkpoints.FOLDER}; starting from the beginning.")
         log.path.write_text("", encoding="utf-8")
         return 0, 0.0
-    state = checkpoints.load_checkpoint(found[-1], run.model, optimizer, scheduler)
+    state = dist_checkpoints.load_checkpoint(dist, found, run.model, optimizer, scheduler)
     saved = TrainOptions(**state["options"])
     diff = run.options.differences(saved)
     if diff:
         raise ConfigError(f"--resume with options that differ from the checkpointed run: {diff}. Use the same options.")
     log.truncate(state["step"])
-    say(f"Resumed from {found[-1]} (step {state['step']}).")
+    say(f"Resumed from {found} (step {state['step']}).")
     return int(state["step"]), float(state.get("elapsed_s", 0.0))
 
 
 def train(options: TrainOptions) -> dict[str, Any]:
-    """Run ``deltatune train``; returns the summary that is also written to ``summary.json``."""
+    """Run ``deltatune train``; returns the summary that is also written to ``summary.json``.
+
+    Under ``torchrun`` every rank runs this; rank 0 alone writes files and progress.
+    """
+    dist = Distributed.from_env(options.fsdp, options.bf16, options.dist_timeout)
+    with dist.guard("training"):
+        summary = _train(options, dist)
+    dist.close()
+    return summary
+
+
+def _train(options: TrainOptions, dist: Distributed) -> dict[str, Any]:
     out = Path(options.output_dir)
-    prepare_output(out, options.resume, options.overwrite)
+    dist.on_main(lambda: prepare_output(out, options.resume, options.overwrite), "preparing the output folder")
+    dist.on_main(lambda: resolve_model_path(options.model), "preparing the model")  # a bundled export runs once
     started = time.perf_counter()
     if options.threads:
         torch.set_num_threads(options.threads)
     run = build_run(options)
-    module = _setup_speed_options(run)
-    schedule = Schedule(len(run.features["train"]), options)
+    module = _setup_speed_options(run, dist)
+    schedule = Schedule(len(run.features["train"]), options, dist.world_size)
     warmup = options.warmup_steps if options.warmup_steps is not None else round(options.warmup_ratio * schedule.total)
     optimizer = make_optimizer(run.model, options.lr, options.weight_decay, options.loraplus_lr_ratio)
     scheduler = make_scheduler(optimizer, options.schedule, warmup, schedule.total)
-    log = MetricsLog(out / "metrics.jsonl")
-    progress = Progress(schedule.total, options.quiet)
-    start, elapsed_before = _resume(run, out, optimizer, scheduler, log, progress.say)
-    (out / "train_options.json").write_text(json.dumps(options.to_dict(), indent=2) + "\n", encoding="utf-8")
+    log = MetricsLog(out / "metrics.jsonl" if dist.is_main else Path(os.devnull))
+    progress = Progress(schedule.total, options.quiet or not dist.is_main)
+    start, elapsed_before = _resume(run, out, optimizer, scheduler, log, progress.say, dist)
+    if dist.is_main:
+        (out / "train_options.json").write_text(json.dumps(options.to_dict(), indent=2) + "\n", encoding="utf-8")
+    if dist.enabled:
+        progress.say(dist.describe(options.batch_size, options.grad_accum, options.lr)["text"])
     progress.start(start)
     delay = float(os.environ.get("DELTATUNE_STEP_DELAY") or 0)
     run.model.train()
     for step in range(start, schedule.total):
         t0 = time.perf_counter()
-        record = train_step(run, module, schedule.group(step), optimizer, scheduler)
+        record = train_step(run, module, schedule.group(step), optimizer, scheduler, dist)
         record = {"kind": "train", "step": step + 1, "epoch": (step + 1) / schedule.steps_per_epoch, **record,
                   "seconds": time.perf_counter() - t0}
         log.write(record)
@@ -228,32 +273,41 @@ def train(options: TrainOptions) -> dict[str, Any]:
         if options.save_every and done % options.save_every == 0:
             extra = {"position": schedule.position(done), "options": options.to_dict(),
                      "elapsed_s": elapsed_before + time.perf_counter() - started}
-            checkpoints.save_checkpoint(out, done, run.model, optimizer, scheduler, extra, options.keep_checkpoints)
+            dist_checkpoints.save_checkpoint(dist, out, done, run.model, optimizer, scheduler, extra,
+                                             options.keep_checkpoints)
         if delay:
             time.sleep(delay)
     progress.close()
-    return finish(run, out, schedule.total, elapsed_before + time.perf_counter() - started, log, progress)
+    return finish(run, out, schedule.total, elapsed_before + time.perf_counter() - started, log, progress, dist)
 
 
-def finish(run: Run, out: Path, steps: int, elapsed: float, log: MetricsLog, progress: Progress) -> dict[str, Any]:
-    """Final evaluation, adapter, summary.json and plots."""
+def finish(
+    run: Run, out: Path, steps: int, elapsed: float, log: MetricsLog, progress: Progress, dist: Distributed | None = None,
+) -> dict[str, Any]:
+    """Final evaluation, adapter, summary.json and plots (every rank evaluates and gathers; rank 0 writes)."""
     from .plots import write_plots
 
+    dist = dist or Distributed()
     final = {split: run_eval(run, split) for split in ("validation", "test") if run.features[split]}
     for split, metrics in final.items():
         log.write({"kind": "eval", "split": split, "step": steps, **metrics})
     adapter = out / ADAPTER_DIR
-    run.model.save_pretrained(adapter)
+    dist.save_adapters(run.model, adapter)  # whole tensors, even when sharded; checked after writing
     options = run.options
-    RunInfo(run.task, options.model, run.splits.labels, options.prompt_format, options.max_length,
-            {k: getattr(options, k) for k in DataSpec.__dataclass_fields__}).save(adapter)
     trainable, total = count_parameters(run.model)
     summary = {
         "task": run.task, "model": options.model, "method": options.method, "data": options.data,
         "steps": steps, "train_examples": len(run.features["train"]), "final": final,
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
-        "adapter_bytes": folder_bytes(adapter), "wall_time_s": elapsed, "peak_rss_bytes": peak_rss_bytes(),
+        "wall_time_s": elapsed, "peak_rss_bytes": peak_rss_bytes(),
+        "distributed": {k: v for k, v in dist.describe(options.batch_size, options.grad_accum, options.lr).items()
+                        if k != "text"},
     }
+    if not dist.is_main:
+        return summary
+    RunInfo(run.task, options.model, run.splits.labels, options.prompt_format, options.max_length,
+            {k: getattr(options, k) for k in DataSpec.__dataclass_fields__}).save(adapter)
+    summary["adapter_bytes"] = folder_bytes(adapter)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     write_plots(log.read(), out)
     progress.say_summary(summary)

@@ -23,7 +23,8 @@ SCHEDULES = ("linear", "cosine", "constant")
 PROMPT_FORMATS = ("auto", "chat", "plain")
 TASK_TYPE = {"seq_cls": "SEQ_CLS", "instruct": "CAUSAL_LM", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
 # Options that may differ between a run and its ``--resume`` without changing the result.
-RESUME_FREE = ("resume", "quiet", "overwrite", "output_dir", "save_every", "keep_checkpoints", "threads")
+RESUME_FREE = ("resume", "quiet", "overwrite", "output_dir", "save_every", "keep_checkpoints", "threads",
+               "dist_timeout")
 
 
 @dataclass
@@ -46,6 +47,10 @@ class TrainOptions:
             ``lr * ratio`` (the paper suggests 2..16), everything else at ``lr``.
         eval_every / save_every: validation and checkpoint every N optimizer steps (0: only at the end / never).
         threads: CPU threads for torch (``torch.set_num_threads``); ``None`` keeps torch's default.
+        device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
+        fsdp / bf16 / dist_timeout: under ``torchrun``, shard the base model (FSDP) instead of replicating it
+            (DDP); compute in bfloat16; seconds a rank waits for the others before the job fails
+            (see :mod:`deltatune.train.distributed`). ``batch_size`` is per rank.
     """
 
     model: str = "minilm"
@@ -84,9 +89,13 @@ class TrainOptions:
     compile: bool = False
     compile_backend: str = "inductor"
     threads: int | None = None
+    device: str = "auto"
     quiet: bool = False
     resume: bool = False
     overwrite: bool = False
+    fsdp: bool = False
+    bf16: bool = False
+    dist_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -110,6 +119,8 @@ class TrainOptions:
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}.")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
+        if not (isinstance(self.dist_timeout, (int, float)) and math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
+            raise ConfigError(f"dist_timeout must be a positive number of seconds, got {self.dist_timeout!r}.")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ConfigError("weight_decay and max_grad_norm must be >= 0 (max_grad_norm 0 disables clipping).")
         if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:

@@ -115,12 +115,23 @@ def collate(features: Sequence[Features], pad_id: int) -> Batch:
     return encoding.pad_collate(features, pad_token_id=pad_id)
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA, then Apple MPS, then CPU; otherwise the named device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    return torch.device(name)
+
+
 def forward(model: nn.Module, task: str, batch: Batch) -> torch.Tensor:
-    """Logits: ``(B, C)`` for seq_cls, ``(B, T, V)`` for the language-model tasks."""
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    """Logits: ``(B, C)`` for seq_cls, ``(B, T, V)`` for the language-model tasks (on the model's device)."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     if task == "seq2seq":
         base = getattr(model, "base_model", model)
-        inputs["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+        inputs["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=batch["labels"].to(device))
     if task != "seq_cls":
         inputs["use_cache"] = False
     return model(**inputs).logits
@@ -128,9 +139,9 @@ def forward(model: nn.Module, task: str, batch: Batch) -> torch.Tensor:
 
 def loss_sum(task: str, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
     """(summed cross-entropy, number of terms) for one batch."""
+    labels = batch["labels"].to(logits.device)
     if task == "seq_cls":
-        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), int(batch["labels"].numel())
-    labels = batch["labels"]
+        return F.cross_entropy(logits.float(), labels, reduction="sum"), int(labels.numel())
     if task in ("instruct", "causal_lm"):  # position t predicts token t + 1
         logits, labels = logits[:, :-1], labels[:, 1:]
     flat = logits.reshape(-1, logits.shape[-1]).float()  # (B * T, V)
