@@ -97,8 +97,12 @@ class Distributed:
 
     @classmethod
     def from_env(cls, fsdp: bool = False, bf16: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 env: Mapping[str, str] | None = None) -> Distributed:
-        """Join the job torchrun started (gloo on CPUs, NCCL on GPUs), or a single process when there is none."""
+                 env: Mapping[str, str] | None = None, device: str = "auto") -> Distributed:
+        """Join the job torchrun started (gloo on CPUs, NCCL on GPUs), or a single process when there is none.
+
+        ``device`` is the ``--device`` option: ``auto`` uses GPU ``LOCAL_RANK`` when CUDA is there, else the
+        CPU; ``cpu`` forces the CPU (gloo); ``cuda``/``cuda:N`` mean "this rank's GPU" under torchrun.
+        """
         found = launch_env(env)
         check_bf16(bf16)
         if found is None or found["world_size"] == 1:
@@ -107,7 +111,11 @@ class Distributed:
 
         if not dist.is_available():
             raise ConfigError("This torch build has no torch.distributed; install a build with it to use torchrun.")
-        cuda = torch.cuda.is_available()
+        if device not in ("auto", "cpu") and not device.startswith("cuda"):
+            raise ConfigError(f"--device {device} cannot run under torchrun; use cpu, cuda or auto.")
+        cuda = device != "cpu" and torch.cuda.is_available()
+        if device.startswith("cuda") and not cuda:
+            raise ConfigError(f"--device {device}, but torch sees no CUDA GPU on this node; use --device cpu.")
         device = torch.device("cuda", found["local_rank"]) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(device)
@@ -154,6 +162,13 @@ class Distributed:
         """This rank's share of one global batch (see :mod:`.distributed_sampler`)."""
         return shard_rows(rows, self.rank, self.world_size)
 
+    def model_device(self, default: torch.device) -> torch.device:
+        """Where to build the model: this rank's device; the CPU under FSDP (sharding moves each rank's
+        shards to its device, so no rank ever holds the whole model there)."""
+        if not self.enabled:
+            return default
+        return torch.device("cpu") if self.fsdp else self.device
+
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.device.type == "cpu":
             return batch
@@ -165,7 +180,8 @@ class Distributed:
         if not self.enabled:
             self.wrapped = model
             return model
-        model.to(self.device)
+        if not self.fsdp:
+            model.to(self.device)  # FSDP moves each unit's shards to the device itself
         self.broadcast_trainable(model)
         if self.fsdp:
             self.wrapped = fsdp_lib.fully_shard_model(model, self.device.type, self.world_size, self.bf16)
@@ -185,7 +201,9 @@ class Distributed:
         with self.guard("broadcasting the trainable parameters"):
             for p in model.parameters():
                 if p.requires_grad:
-                    dist.broadcast(p.data, src=0)
+                    sent = p.data.to(self._comm_device())  # NCCL sends GPU tensors only
+                    dist.broadcast(sent, src=0)
+                    p.data.copy_(sent)
 
     @contextlib.contextmanager
     def grad_sync(self, module: nn.Module, sync: bool) -> Iterator[None]:

@@ -80,7 +80,7 @@ class Run:
         return int(self.encoder.tokenizer.pad_token_id)
 
 
-def build_run(options: TrainOptions) -> Run:
+def build_run(options: TrainOptions, dist: Distributed | None = None) -> Run:
     """Load data, tokenizer and model, and add the adapter (seeded, so the task head starts the same)."""
     spec = DataSpec.from_options(options)
     task = options.task or infer_task(spec)
@@ -93,7 +93,8 @@ def build_run(options: TrainOptions) -> Run:
     encoder = Encoder(task, tokenizer, options.max_length, splits.labels, chat)
     seed_everything(options.seed)
     base = load_base_model(task, model_path, splits.labels)
-    model = get_delta_model(base, options.method_config(task)).to(pick_device(options.device))
+    device = pick_device(options.device) if dist is None else dist.model_device(pick_device(options.device))
+    model = get_delta_model(base, options.method_config(task)).to(device)
     rows = {
         "train": limit(splits.train, options.max_train_examples),
         "validation": limit(splits.validation, options.max_eval_examples),
@@ -228,7 +229,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
 
     Under ``torchrun`` every rank runs this; rank 0 alone writes files and progress.
     """
-    dist = Distributed.from_env(options.fsdp, options.bf16, options.dist_timeout)
+    dist = Distributed.from_env(options.fsdp, options.bf16, options.dist_timeout, device=options.device)
     with dist.guard("training"):
         summary = _train(options, dist)
     dist.close()
@@ -242,7 +243,7 @@ def _train(options: TrainOptions, dist: Distributed) -> dict[str, Any]:
     started = time.perf_counter()
     if options.threads:
         torch.set_num_threads(options.threads)
-    run = build_run(options)
+    run = build_run(options, dist)
     module = _setup_speed_options(run, dist)
     schedule = Schedule(len(run.features["train"]), options, dist.world_size)
     warmup = options.warmup_steps if options.warmup_steps is not None else round(options.warmup_ratio * schedule.total)
