@@ -176,10 +176,16 @@ class Distributed:
 
     # -- model ------------------------------------------------------------------------------------
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The module to call for training steps: ``model`` itself, a DDP wrapper, or ``model`` sharded in place."""
+        """The module to call for training steps: ``model`` itself, a DDP wrapper, or ``model`` sharded in place.
+
+        Ranks above 0 also get their own random stream (seeded from the run's seed and the rank), so
+        dropout masks differ between ranks as they would between rows of one big batch.
+        """
         if not self.enabled:
             self.wrapped = model
             return model
+        if self.rank > 0:
+            torch.manual_seed(torch.initial_seed() + 1_000_003 * self.rank)
         if not self.fsdp:
             model.to(self.device)  # FSDP moves each unit's shards to the device itself
         self.broadcast_trainable(model)
