@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,8 +99,9 @@ def test_fsdp_adapter_is_whole_and_reloads_in_one_process_with_the_trained_outpu
     from deltatune.train.commands import run_evaluation
 
     out = runs["root"] / "fsdp"
-    done = _run([*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "deltatune", *runs["args"], "--batch-size",
-                 "3", "--fsdp", "--output-dir", str(out)])
+    args = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "deltatune", *runs["args"], "--batch-size", "3",
+            "--fsdp", "--save-every", "3", "--keep-checkpoints", "2", "--output-dir", str(out)]
+    done = _run(args)
     assert done.returncode == 0, done.stderr[-3000:]
     saved = _adapter(out)
     # Whole tensors (not one rank's slice), equal to the single-process training's result.
@@ -110,6 +112,15 @@ def test_fsdp_adapter_is_whole_and_reloads_in_one_process_with_the_trained_outpu
     again = run_evaluation(str(out), None, None, "test", None, 32, None)
     trained = summary["final"]["test"]
     assert abs(again["loss"] - trained["loss"]) <= 1e-5 and again["accuracy"] == trained["accuracy"]
+    # Checkpoints hold whole tensors too; resuming FSDP from step 3 (sharded optimizer state put back)
+    # ends with the same adapter.
+    step3 = load_file(str(out / "checkpoints" / "step-000003" / "trainable.safetensors"))
+    assert step3 and all(t.numel() > 0 for t in step3.values())
+    shutil.rmtree(out / "checkpoints" / "step-000006")
+    resumed = _run([a for a in args if a != "--quiet"] + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(step 3)" in resumed.stderr
+    _assert_same_adapter(_adapter(out), saved, atol=1e-6)
 
 
 def test_bf16_runs_on_two_ranks_and_stays_close_to_fp32(runs: dict) -> None:
