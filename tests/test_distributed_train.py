@@ -67,7 +67,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     test = write_classification(root / "test.jsonl", 12, seed=3)
     common = ["train", "--model", str(model), "--data", str(train), "--validation-data", str(val), "--test-data",
               str(test), "--max-steps", "6", "--grad-accum", "2", "--threads", "1", "--quiet", "--lr", "1e-2",
-              "--warmup-steps", "0", "--method-opt", "r=4", "--method-opt", "lora_dropout=0.0"]
+              "--warmup-steps", "0", "--max-grad-norm", "0.05", "--method-opt", "r=4", "--method-opt", "lora_dropout=0.0"]
     paths = {"root": root, "model": model}
     single = _run([sys.executable, "-m", "deltatune", *common, "--batch-size", "6", "--output-dir", str(root / "one")])
     assert single.returncode == 0, single.stderr

@@ -121,3 +121,26 @@ def test_save_guard_catches_empty_partial_and_wrong_adapters(tmp_path: Path) -> 
         save_file(written, str(file))
         with pytest.raises(CheckpointError, match="incomplete"):
             verify_saved(file, full, shapes)
+
+
+def test_ddp_synchronises_only_the_delta_and_still_answers_the_models_attributes(tmp_path: Path, make_model) -> None:
+    import torch.distributed as dist
+
+    import deltatune as dt
+    from deltatune.train.distributed import _ddp_class
+
+    model = dt.get_delta_model(make_model("bert_seq_cls"), dt.LoraConfig(r=4, target_modules=["query", "value"],
+                                                                        task_type="SEQ_CLS"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert trainable and sum(p.numel() for p in frozen) > 10 * sum(p.numel() for p in trainable)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = _ddp_class()(model, init_sync=False)
+        info = wrapped._get_ddp_logging_data()
+        # DDP's gradient buckets hold the adapter's tensors and nothing of the frozen base.
+        assert info["num_parameter_tensors"] == len(trainable)
+        assert info["total_parameter_size_bytes"] == sum(p.numel() * p.element_size() for p in trainable)
+        assert wrapped.base_model is model.base_model and wrapped.peft_config is model.peft_config
+    finally:
+        dist.destroy_process_group()

@@ -192,11 +192,9 @@ class Distributed:
         if self.fsdp:
             self.wrapped = fsdp_lib.fully_shard_model(model, self.device.type, self.world_size, self.bf16)
         else:
-            from torch.nn.parallel import DistributedDataParallel
-
             ids = [self.device.index] if self.device.type == "cuda" else None
             # init_sync=False: every rank loaded the same base from disk; the trainable tensors were broadcast.
-            self.wrapped = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False, init_sync=False)
+            self.wrapped = _ddp_class()(model, device_ids=ids, forward_sync_buffers=False, init_sync=False)
         return self.wrapped
 
     @torch.no_grad()
@@ -336,6 +334,21 @@ class Distributed:
                 shapes = {key: tuple(t.shape) for key, (_, _, t) in entries.items()}  # global shapes, even for DTensors
                 fsdp_lib.verify_saved(adapter_folder(folder, name) / WEIGHTS_NAME, tensors, shapes)
         self.barrier("waiting for rank 0 to save the adapter")
+
+
+def _ddp_class() -> type:
+    """``DistributedDataParallel`` that also answers the wrapped model's attributes (``base_model``, ...), so
+    code written for a ``DeltaModel`` (e.g. a seq2seq model's ``prepare_decoder_input_ids_from_labels``) works."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    class DeltaDDP(DistributedDataParallel):
+        def __getattr__(self, name: str) -> Any:
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.module, name)
+
+    return DeltaDDP
 
 
 def check_bf16(bf16: bool) -> None:
