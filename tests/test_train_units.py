@@ -114,6 +114,24 @@ def test_schedule_visits_every_row_once_per_epoch_with_accumulation() -> None:
     assert Schedule(10, options).group(3) == schedule.group(3)  # a pure function of the step
 
 
+def test_group_by_length_keeps_every_row_and_cuts_padding() -> None:
+    lengths = [(i * 37) % 50 + 1 for i in range(400)]
+    plain = Schedule(400, TrainOptions(batch_size=8, seed=1), lengths=lengths)  # option off: lengths ignored
+    grouped = Schedule(400, TrainOptions(batch_size=8, seed=1, group_by_length=True), lengths=lengths)
+    assert plain.group(0) == Schedule(400, TrainOptions(batch_size=8, seed=1)).group(0)
+
+    def padded(schedule: Schedule) -> int:
+        return sum(max(lengths[i] for i in mb) * len(mb) for s in range(50) for mb in schedule.group(s))
+
+    rows = [i for step in range(grouped.steps_per_epoch) for mb in grouped.group(step) for i in mb]
+    assert sorted(rows) == list(range(400))
+    assert padded(grouped) < 0.7 * padded(plain)  # sum(lengths) = 10,200; random batches pad far more
+    first = [lengths[i] for i in grouped.group(0)[0]]
+    assert max(first) - min(first) <= 2  # neighbours in a sorted chunk of 50 batches
+    again = Schedule(400, TrainOptions(batch_size=8, seed=1, group_by_length=True), lengths=lengths)
+    assert [again.group(s) for s in range(5)] == [grouped.group(s) for s in range(5)]
+
+
 # -- metrics ---------------------------------------------------------------------------------------
 def test_metrics_against_hand_computed_values() -> None:
     gold = [0, 0, 1, 1, 2, 2]
@@ -177,3 +195,18 @@ def test_checkpoints_are_pruned_and_partial_folders_ignored(tmp_path: Path) -> N
     assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["step-000004", "step-000006"]
     checkpoints.clean_partial(tmp_path)
     assert not partial.exists()
+
+
+def test_demo_uses_only_free_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from deltatune.train import demo
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    for load, expected in ((0.1, 2), (0.9, 1), (5.5, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert demo.free_cores() == expected
+        assert demo.demo_options().threads == expected
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.2, 0, 0))
+    assert demo.free_cores() == 5

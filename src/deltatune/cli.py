@@ -32,6 +32,7 @@ TRAIN_HELP: dict[str, str] = {
     "response_column": "column/field holding the response",
     "max_train_examples": "use only the first N training rows of the (shuffled) split",
     "max_eval_examples": "use only the first N validation/test rows",
+    "group_by_length": "put rows of similar length in the same batch: less padding, faster (order stays seeded)",
     "split_seed": "seed of the train/validation/test split",
     "prompt_format": "instruct prompts: auto (chat template if the tokenizer has one) | chat | plain",
     "epochs": "passes over the training rows",

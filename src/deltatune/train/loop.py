@@ -123,22 +123,36 @@ def _setup_speed_options(run: Run, dist: Distributed) -> nn.Module:
     return module
 
 
+GROUP_CHUNK = 50  # micro-batches sorted together by --group-by-length
+
+
 class Schedule:
     """Which rows each optimizer step uses (see the module docstring); with ``ranks`` processes a micro-batch
     holds ``batch_size * ranks`` rows, which :meth:`Distributed.shard` splits among the ranks."""
 
-    def __init__(self, n_rows: int, options: TrainOptions, ranks: int = 1) -> None:
+    def __init__(self, n_rows: int, options: TrainOptions, ranks: int = 1, lengths: list[int] | None = None) -> None:
         self.n, self.bs, self.accum, self.seed = n_rows, options.batch_size * ranks, options.grad_accum, options.seed
         self.micro_per_epoch = math.ceil(n_rows / self.bs)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / self.accum)
         self.total = options.max_steps or options.epochs * self.steps_per_epoch
-        self._perm: tuple[int, list[int]] | None = None
+        self.lengths = lengths if options.group_by_length else None
+        self._epoch: tuple[int, list[list[int]]] | None = None
 
-    def _permutation(self, epoch: int) -> list[int]:
-        if self._perm is None or self._perm[0] != epoch:
+    def _batches(self, epoch: int) -> list[list[int]]:
+        """The micro-batches of ``epoch``: consecutive slices of a seeded permutation; with ``group_by_length``
+        each chunk of ``GROUP_CHUNK`` micro-batches is sorted by length before slicing (little padding), and
+        the micro-batches are then shuffled with the same generator."""
+        if self._epoch is None or self._epoch[0] != epoch:
             gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm = (epoch, torch.randperm(self.n, generator=gen).tolist())
-        return self._perm[1]
+            perm = torch.randperm(self.n, generator=gen).tolist()
+            if self.lengths is not None:
+                lengths, chunk = self.lengths, self.bs * GROUP_CHUNK
+                perm = [i for c in range(0, self.n, chunk) for i in sorted(perm[c : c + chunk], key=lambda i: -lengths[i])]
+            batches = [perm[m * self.bs : (m + 1) * self.bs] for m in range(self.micro_per_epoch)]
+            if self.lengths is not None:
+                batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+            self._epoch = (epoch, batches)
+        return self._epoch[1]
 
     def position(self, step: int) -> dict[str, int]:
         epoch, k = divmod(step, self.steps_per_epoch)
@@ -147,9 +161,7 @@ class Schedule:
     def group(self, step: int) -> list[list[int]]:
         """Row indices of each micro-batch of optimizer step ``step`` (0-based)."""
         pos = self.position(step)
-        perm = self._permutation(pos["epoch"])
-        last = min(pos["micro_batch"] + self.accum, self.micro_per_epoch)
-        return [perm[m * self.bs : (m + 1) * self.bs] for m in range(pos["micro_batch"], last)]
+        return self._batches(pos["epoch"])[pos["micro_batch"] : pos["micro_batch"] + self.accum]
 
 
 def train_step(
@@ -181,19 +193,13 @@ def train_step(
     if run.options.max_grad_norm > 0:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, run.options.max_grad_norm)
-    lr = optimizer.param_groups[0]["lr"] / _lr_factor(optimizer.param_groups[0], run.options)
+    lr = run.options.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)  # the base lr of this step (before LoRA+)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(int(b["attention_mask"].sum()) * w for b, w in zip(batches, weights))
     total, tokens = dist.sum(total, tokens)
     return {"loss": total / denom, "lr": lr, "examples": sum(len(g) for g in groups), "tokens": int(tokens)}
-
-
-def _lr_factor(group: dict, options: TrainOptions) -> float:
-    """1, or the LoRA+ ratio when the first group is the B-matrix group (report the base lr)."""
-    base = group.get("initial_lr", options.lr)
-    return base / options.lr if base else 1.0
 
 
 def run_eval(run: Run, split: str) -> dict[str, float]:
@@ -229,10 +235,16 @@ def train(options: TrainOptions) -> dict[str, Any]:
 
     Under ``torchrun`` every rank runs this; rank 0 alone writes files and progress.
     """
-    dist = Distributed.from_env(options.fsdp, options.bf16, options.dist_timeout, device=options.device)
-    with dist.guard("training"):
-        summary = _train(options, dist)
-    dist.close()
+    threads = torch.get_num_threads()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    try:
+        dist = Distributed.from_env(options.fsdp, options.bf16, options.dist_timeout, device=options.device)
+        with dist.guard("training"):
+            summary = _train(options, dist)
+        dist.close()
+    finally:
+        torch.set_num_threads(threads)  # a library call leaves the process as it found it
     return summary
 
 
@@ -241,11 +253,10 @@ def _train(options: TrainOptions, dist: Distributed) -> dict[str, Any]:
     dist.on_main(lambda: prepare_output(out, options.resume, options.overwrite), "preparing the output folder")
     dist.on_main(lambda: resolve_model_path(options.model), "preparing the model")  # a bundled export runs once
     started = time.perf_counter()
-    if options.threads:
-        torch.set_num_threads(options.threads)
     run = build_run(options, dist)
     module = _setup_speed_options(run, dist)
-    schedule = Schedule(len(run.features["train"]), options, dist.world_size)
+    lengths = [len(f["input_ids"]) for f in run.features["train"]]
+    schedule = Schedule(len(lengths), options, dist.world_size, lengths)
     warmup = options.warmup_steps if options.warmup_steps is not None else round(options.warmup_ratio * schedule.total)
     optimizer = make_optimizer(run.model, options.lr, options.weight_decay, options.loraplus_lr_ratio)
     scheduler = make_scheduler(optimizer, options.schedule, warmup, schedule.total)

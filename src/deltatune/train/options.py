@@ -41,6 +41,7 @@ class TrainOptions:
         validation_data / test_data: local files for those splits (then ``data`` is used whole for training).
         epochs / max_steps: length of training; ``max_steps`` (optimizer steps) wins when set.
         batch_size / grad_accum: examples per forward pass / forward passes per optimizer step.
+        group_by_length: batch rows of similar length together (less padding, faster; batches stay random).
         lr, schedule, warmup_ratio, warmup_steps: peak learning rate, its decay (linear, cosine, constant)
             and linear warm-up (``warmup_steps`` wins over ``warmup_ratio``).
         loraplus_lr_ratio: LoRA+ (Hayou et al., arXiv 2402.12354): LoRA's B matrices learn at
@@ -65,6 +66,7 @@ class TrainOptions:
     prompt_column: str = "prompt"
     response_column: str = "response"
     max_train_examples: int | None = None
+    group_by_length: bool = False
     max_eval_examples: int | None = None
     split_seed: int = 0
     prompt_format: str = "auto"
