@@ -152,6 +152,11 @@ def test_merge_classifier_equals_adapter_and_predict_probabilities(
         probs = torch.tensor(list(item["probabilities"].values()))
         torch.testing.assert_close(probs, row.softmax(-1), atol=1e-5, rtol=1e-5)
         assert item["label"] == ["neg", "neu", "pos"][int(row.argmax())]
+    listing = tmp_path / "texts.txt"
+    listing.write_text("\n".join(texts) + "\n")
+    code, table, _ = _run(capsys, "predict", str(runs["cls_run"]), "--file", str(listing))
+    assert code == 0
+    assert [line.split("\t")[0] for line in table.splitlines()] == [json.loads(x)["label"] for x in out.splitlines()]
 
 
 def test_merge_and_generate_for_a_causal_lm(runs: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -66,6 +66,15 @@ TRAIN_HELP: dict[str, str] = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` only where there is a meaningful default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _type_of(field: dataclasses.Field) -> Any:
     text = str(field.type)
     return float if text.startswith("float") else int if text.startswith("int") else str
@@ -98,7 +107,7 @@ def _adapter_args(parser: argparse.ArgumentParser, required: bool = True) -> Non
     parser.add_argument("adapter", nargs=None if required else "?", metavar="ADAPTER",
                         help="run folder from 'deltatune train' or an adapter folder" + ("" if required else
                         " (omit to use the base model alone)"))
-    parser.add_argument("--model", help="base model")
+    parser.add_argument("--model", help="base model (default: the one the adapter was trained on)")
 
 
 def _column_args(parser: argparse.ArgumentParser) -> None:
@@ -109,7 +118,7 @@ def _column_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning.", epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
 
     p = sub.add_parser("train", help="fine-tune a model with a PEFT method", epilog=EPILOG,
                        description="Fine-tune MODEL on DATA with METHOD; writes the adapter, metrics.jsonl, "
@@ -120,9 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt, epilog=EPILOG,
                        description="Accuracy and macro-F1 (classification) or loss and perplexity (language models).")
     _adapter_args(p, required=False)
-    p.add_argument("--data", help="data set or file")
+    p.add_argument("--data", help="built-in data set or local file (default: the data the run trained on)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test", "all"], help="which split")
-    p.add_argument("--task", choices=["seq_cls", "instruct", "causal_lm", "seq2seq"], help="task")
+    p.add_argument("--task", choices=["seq_cls", "instruct", "causal_lm", "seq2seq"], help="task (default: the adapter's)")
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
     p.add_argument("--max-examples", type=int, help="evaluate only the first N rows of the split")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -168,11 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "head on 2,000 TREC questions for 2 epochs, then prints test accuracy next to the "
                        "majority-class baseline and the untrained model. No arguments needed.")
     p.add_argument("--output-dir", default="runs/demo", help="where the adapter, plots and report go")
-    p.add_argument("--max-train-examples", type=int, help="training questions")
-    p.add_argument("--max-eval-examples", type=int, help="limit validation/test questions")
-    p.add_argument("--max-steps", type=int, help="stop after N steps (quick smoke runs)")
-    p.add_argument("--epochs", type=int, help="epochs")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--max-train-examples", type=int, help="training questions (default: 2000)")
+    p.add_argument("--max-eval-examples", type=int, help="use only the first N validation/test questions")
+    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (quick smoke runs)")
+    p.add_argument("--epochs", type=int, help="epochs (default: 2)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores not busy with other work)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
