@@ -142,6 +142,9 @@ def loss_sum(task: str, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tenso
     labels = batch["labels"].to(logits.device)
     if task == "seq_cls":
         return F.cross_entropy(logits.float(), labels, reduction="sum"), int(labels.numel())
+    extra = logits.shape[1] - labels.shape[1]
+    if extra > 0:  # an input method prepended virtual positions; the last T logits belong to the real tokens
+        logits = logits[:, extra:]
     if task in ("instruct", "causal_lm"):  # position t predicts token t + 1
         logits, labels = logits[:, :-1], labels[:, 1:]
     flat = logits.reshape(-1, logits.shape[-1]).float()  # (B * T, V)
