@@ -34,17 +34,23 @@ def accuracy(raw: dict[str, Any], part: str = "accuracy") -> dict[tuple[str, str
 
 
 def cost(raw: dict[str, Any]) -> dict[Key, dict[str, Any]]:
-    """``{(method, lib, task): {"step_s", "peak_mb", "file_bytes", "trainable", "base_params"}}``.
+    """``{(method, lib, task): {"step_s", "ratio_full_paired", "peak_mb", "baseline_mb", "file_bytes", ...}}``.
 
-    From the dedicated cost runs when the suite has them, else from the first seed of each accuracy run.
+    Memory and file size come from the per-configuration memory jobs, step time from the timing job.
     """
-    source = raw.get("cost") if raw.get("cost") else raw.get("accuracy")
     table: dict[Key, dict[str, Any]] = {}
-    for res in _ok(source):
-        job, first = res["job"], res["runs"][0]
+    for res in _ok(raw.get("memory")):
+        job = res["job"]
         table[(job["method"], job["lib"], job["task"])] = {
-            k: first.get(k) for k in ("step_s", "peak_mb", "baseline_mb", "file_bytes", "trainable", "base_params", "steps")
+            k: res.get(k) for k in ("peak_mb", "baseline_mb", "file_bytes", "trainable", "base_params")
         }
+    for res in _ok(raw.get("timing")):
+        for name, row in res["configs"].items():
+            method, lib = name.split("/")
+            table.setdefault((method, lib, res["job"]["task"]), {}).update(row)
+    for row in table.values():
+        for k in ("step_s", "ratio_full_paired", "peak_mb", "baseline_mb", "file_bytes"):
+            row.setdefault(k, None)
     return table
 
 
@@ -55,7 +61,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def failures(raw: dict[str, Any]) -> list[str]:
     """One line per failed process, for the report."""
     lines = []
-    for part in ("accuracy", "cost", "lowdata", "forgetting"):
+    for part in ("accuracy", "memory", "timing", "lowdata", "forgetting"):
         for res in raw.get(part) or []:
             if not res.get("ok"):
                 job = res.get("job", {})

@@ -65,7 +65,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     batches = epoch_batches(train_feats, seed=0, epochs=job["epochs"], batch_size=job["batch_size"], pad_id=pad_id)
     batches = batches[: job["steps"]]
     memory = PeakMemory()
-    memory.start()
+    memory.start(model)
     stats = train(model, batches, lr=job["lr"] or METHODS[job["method"]].lr)
     out: dict[str, Any] = {
         "method": job["method"], "steps": len(batches), "lr": job["lr"], "trainable": trainable,

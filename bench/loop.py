@@ -48,30 +48,42 @@ class TrainStats:
     seconds: float = 0.0
 
 
+class Trainer:
+    """One optimiser over ``model``'s trainable parameters; :meth:`step` does one timed update."""
+
+    def __init__(self, model: nn.Module, *, lr: float, total_steps: int, warmup_frac: float = 0.06) -> None:
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        warmup = max(1, int(warmup_frac * total_steps))
+
+        def factor(step: int) -> float:  # linear warm-up, then linear decay to 0
+            return (step + 1) / warmup if step < warmup else max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
+    def step(self, batch: Batch) -> tuple[float, float]:
+        """Forward, backward, clip, optimiser step, zero grad; returns (loss, seconds)."""
+        t0 = time.perf_counter()
+        loss = self.model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach()), time.perf_counter() - t0
+
+
 def train(model: nn.Module, batches: Sequence[Batch], *, lr: float, warmup_frac: float = 0.06) -> TrainStats:
     """Train ``model``'s parameters that require grad on ``batches``, one optimiser step per batch."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    total = len(batches)
-    warmup = max(1, int(warmup_frac * total))
-
-    def factor(step: int) -> float:  # linear warm-up, then linear decay to 0
-        return (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    trainer = Trainer(model, lr=lr, total_steps=len(batches), warmup_frac=warmup_frac)
     stats = TrainStats()
     model.train()
     start = time.perf_counter()
     for batch in batches:
-        t0 = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        stats.step_times.append(time.perf_counter() - t0)
-        stats.losses.append(float(loss.detach()))
+        loss, seconds = trainer.step(batch)
+        stats.step_times.append(seconds)
+        stats.losses.append(loss)
     stats.seconds = time.perf_counter() - start
     return stats
 

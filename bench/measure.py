@@ -6,15 +6,29 @@ Writing ``5`` to ``/proc/self/clear_refs`` resets that peak to the current RSS (
 
     peak_above_baseline = VmHWM(after training) - VmRSS(baseline)
 
-where the baseline is taken after the model, the method and the batches are loaded and a GC pass,
-and the peak is reset right then. Loading spikes (``from_pretrained`` briefly holds two copies of the
-weights) are thus excluded, and everything training adds (gradients, optimizer state, activations,
-autograd buffers, allocator growth) is counted. Where ``clear_refs`` is not writable we fall back to
-the unreset ``VmHWM`` and say so in the record (``mem_method``).
+where the baseline is taken after the model, the method and the batches are loaded, and the peak is
+reset right then. Loading spikes (``from_pretrained`` briefly holds two copies of the weights) are thus
+excluded, and everything training adds (gradients, optimizer state, activations, autograd buffers) is
+counted. Two things would otherwise blur the baseline, and :meth:`PeakMemory.start` removes both:
+
+* transformers may leave weights memory-mapped from the safetensors file, so their pages become
+  resident only when first read. Whichever code reads them first (a library's fingerprint, or the
+  first forward pass) would move them into or out of the measured window. We read every byte of every
+  parameter and buffer before the baseline, so the whole model is resident for every configuration.
+* memory freed before the baseline but kept by ``malloc`` would be reused by training unseen. We
+  call glibc's ``malloc_trim(0)`` after a GC pass, so the baseline holds live memory only.
+
+The memory runs also set ``MALLOC_MMAP_THRESHOLD_`` (see :mod:`bench.runner`), which fixes glibc's
+threshold for serving large blocks by ``mmap`` (otherwise it rises after every large free, and heap
+fragmentation adds tens of MB of noise that depends on the order of batch shapes). RSS then tracks
+live tensors closely. Where ``clear_refs`` is not writable we fall back to the unreset ``VmHWM`` and
+say so in the record (``mem_method``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import os
 import platform
@@ -38,6 +52,23 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
+def torch_no_grad() -> Any:
+    import torch
+
+    return torch.no_grad()
+
+
+def _malloc_trim() -> None:
+    """Give free heap memory back to the OS (glibc only; a no-op elsewhere)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
 class PeakMemory:
     """Peak RSS above a baseline: ``start()`` after loading, ``peak_mb()`` after training."""
 
@@ -45,8 +76,14 @@ class PeakMemory:
         self.baseline_kb: int | None = None
         self.method = "none"
 
-    def start(self) -> None:
+    def start(self, model: Any = None) -> None:
+        """Take the baseline now (after loading ``model``, whose pages are made resident first)."""
+        if model is not None:
+            with torch_no_grad():
+                for tensor in [*model.parameters(), *model.buffers()]:
+                    tensor.detach().sum()  # touches every page (memory-mapped weights become resident)
         gc.collect()
+        _malloc_trim()
         self.baseline_kb = _status_kb("VmRSS")
         try:
             _CLEAR_REFS.write_text("5")

@@ -57,12 +57,14 @@ def accuracy_section(raw: dict[str, Any], acc: dict, s: dict[str, Any]) -> list[
 
 
 def cost_section(cost: dict, s: dict[str, Any]) -> list[str]:
-    lines = ["## 2. Cost: step time, peak training memory, file size", ""]
-    where = ("dedicated runs of " + str(s["cost_steps"]) + " steps (median after " + str(s["cost_warmup"]) +
-             " warm-up steps), one process each, one at a time, 2 threads") if s["separate_cost"] else \
-        "the accuracy runs (seed 0, one process each, one at a time, 2 threads)"
-    lines += [(f"Measured in {where}. Peak memory = peak RSS above the RSS after the model and method are loaded. "
-              "File = what must be stored for the method (adapter folder incl. the trained head; full model for full FT)."), ""]
+    lines = ["## 2. Cost: step time, peak training memory, file size", "",
+             (f"Step time: median over {s['timing_rounds'] * s['timing_per_round']} steps per configuration after "
+              f"{s['timing_warmup']} warm-up steps, all configurations in one process taking turns ({s['timing_rounds']} "
+              f"rounds of {s['timing_per_round']} steps, rotating order, same batches), 2 threads; x full = median over "
+              "rounds of the per-round time ratio. Peak memory: one process per configuration, "
+              f"{s['memory_steps']} steps, peak RSS above the RSS after the model and method are loaded (see "
+              "bench/README.md). Loaded = that baseline RSS. File: what must be stored (adapter folder incl. the "
+              "trained head; the whole model for full fine-tuning)."), ""]
     for task in sorted({k[2] for k in cost}):
         full = cost.get(("full", "deltatune", task), {})
         model_bytes = full.get("file_bytes")
@@ -71,12 +73,19 @@ def cost_section(cost: dict, s: dict[str, Any]) -> list[str]:
             for m in _methods_in([k for k in cost if k[2] == task], lib):
                 c = cost[(m, lib, task)]
                 rows.append([METHODS[m].label, lib, _f(1000 * c["step_s"] if c["step_s"] else None, "{:.1f}"),
-                             _f(agg.ratio(c["step_s"], full.get("step_s"))), _f(c["peak_mb"], "{:.0f}"),
-                             _f(agg.ratio(c["peak_mb"], full.get("peak_mb"))), _size(c["file_bytes"]),
-                             _f(agg.ratio(model_bytes, c["file_bytes"]), "{:.0f}x")])
+                             _f(c["ratio_full_paired"]), _f(c["peak_mb"], "{:.0f}"),
+                             _f(agg.ratio(c["peak_mb"], full.get("peak_mb"))), _f(c["baseline_mb"], "{:.0f}"),
+                             _size(c["file_bytes"]), _f(agg.ratio(model_bytes, c["file_bytes"]), "{:.0f}x")])
         lines += [f"**{TASK_NAMES[task]}**", ""]
-        lines += _table(["method", "library", "step ms", "x full", "peak MB", "x full", "file", "model / file"], rows) + [""]
+        header = ["method", "library", "step ms", "x full", "peak MB", "x full", "loaded MB", "file", "model / file"]
+        lines += _table(header, rows) + [""]
     return lines
+
+
+def _paired(d: dict[str, Any], p: dict[str, Any]) -> float | None:
+    """deltatune/peft step-time ratio from the paired ratios to full FT (same rounds), else the medians."""
+    paired = agg.ratio(d.get("ratio_full_paired"), p.get("ratio_full_paired"))
+    return paired if paired is not None else agg.ratio(d.get("step_s"), p.get("step_s"))
 
 
 def peft_section(acc: dict, cost: dict) -> list[str]:
@@ -90,7 +99,7 @@ def peft_section(acc: dict, cost: dict) -> list[str]:
             da = next((v for k, v in acc.items() if k[:3] == (m, "deltatune", task)), None)
             pa = next((v for k, v in acc.items() if k[:3] == (m, "peft", task)), None)
             diff = f"{da['mean'] - pa['mean']:+.2f} (± {max(da['std'], pa['std']):.2f})" if da and pa else "n/a"
-            rows.append([METHODS[m].label, TASK_NAMES[task], _f(agg.ratio(d.get("step_s"), p.get("step_s"))),
+            rows.append([METHODS[m].label, TASK_NAMES[task], _f(_paired(d, p)),
                          _f(agg.ratio(d.get("peak_mb"), p.get("peak_mb"))), diff,
                          _f(agg.ratio(d.get("file_bytes"), p.get("file_bytes")))])
     return lines + _table(["method", "task", "step time", "peak memory", "accuracy diff", "file size"], rows) + [""]

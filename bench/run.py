@@ -31,7 +31,7 @@ RESULTS = REPO / "bench" / "results"
 def _classify_job(s: Suite, method: str, lib: str, task: str, **over: Any) -> dict[str, Any]:
     job = {"kind": "classify", "model": "minilm", "method": method, "lib": lib, "task": task, "seeds": s.seeds,
            "n_train": s.n_train, "epochs": s.epochs, "batch_size": s.batch_size, "max_length": s.max_length[task],
-           "warmup_steps": s.cost_warmup, "save": not s.separate_cost}
+           }
     return job | over
 
 
@@ -52,18 +52,27 @@ def _accuracy_jobs(s: Suite, pairs: list[tuple[str, str]]) -> list[dict[str, Any
     return [_classify_job(s, m, lib, task) for task in s.tasks for m, lib in pairs if lib == "deltatune" or task in s.peft_tasks]
 
 
-def _cost_jobs(s: Suite, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
-    return [
-        _classify_job(s, m, lib, task, seeds=[0], max_steps=s.cost_steps, evaluate=False, save=True, epochs=1)
+def _cost_jobs(s: Suite, pairs: list[tuple[str, str]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One memory job per configuration and one interleaved timing job per task."""
+    memory = [
+        {"kind": "memory", "method": m, "lib": lib, "task": task, "n_train": s.n_train, "batch_size": s.batch_size,
+         "max_length": s.max_length[task], "steps": s.memory_steps}
         for task in s.cost_tasks for m, lib in pairs
     ]
+    timing = [
+        {"kind": "timing", "configs": pairs, "task": task, "n_train": s.n_train, "batch_size": s.batch_size,
+         "max_length": s.max_length[task], "warmup": s.timing_warmup, "rounds": s.timing_rounds,
+         "per_round": s.timing_per_round}
+        for task in s.cost_tasks
+    ]
+    return memory, timing
 
 
 def _lowdata_jobs(s: Suite, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
     runnable = {m for m, lib in pairs if lib == "deltatune"}
     return [
         _classify_job(s, m, "deltatune", s.lowdata_task, n_train=n, seeds=s.lowdata_seeds,
-                      min_steps=s.lowdata_min_steps, save=False)
+                      min_steps=s.lowdata_min_steps)
         for n in s.lowdata_sizes for m in s.lowdata_methods if m in runnable
     ]
 
@@ -85,16 +94,15 @@ def run_suite(s: Suite, parts: list[str], log: Any = print) -> dict[str, Any]:
     for key, why in skipped.items():
         log(f"skip {key}: {why}")
     t0 = time.perf_counter()
+    if "cost" in parts:  # first: the machine is quietest before our own accuracy runs start
+        memory, timing = _cost_jobs(s, pairs)
+        log(f"cost: {len(memory)} memory processes one at a time, then {len(timing)} interleaved timing process(es)")
+        out["memory"] = run_many(memory, workers=1, threads=2, progress=log)
+        out["timing"] = run_many(timing, workers=1, threads=2, progress=log)
     if "accuracy" in parts:
         jobs = _accuracy_jobs(s, pairs)
-        parallel = s.separate_cost
-        log(f"accuracy: {len(jobs)} configurations" + (f", {s.workers} at a time" if parallel else ", one at a time"))
-        out["accuracy"] = run_many(jobs, workers=s.workers if parallel else 1,
-                                   threads=s.accuracy_threads if parallel else 2, progress=log)
-    if "cost" in parts and s.separate_cost:
-        jobs = _cost_jobs(s, pairs)
-        log(f"cost: {len(jobs)} configurations, one at a time, 2 threads")
-        out["cost"] = run_many(jobs, workers=1, threads=2, progress=log)
+        log(f"accuracy: {len(jobs)} configurations, {s.workers} at a time, {s.accuracy_threads} thread(s) each")
+        out["accuracy"] = run_many(jobs, workers=s.workers, threads=s.accuracy_threads, progress=log)
     if "lowdata" in parts:
         jobs = _lowdata_jobs(s, pairs)
         log(f"low-data: {len(jobs)} configurations")

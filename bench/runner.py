@@ -15,6 +15,9 @@ from typing import Any
 from bench.worker import RESULT_PREFIX
 
 REPO = Path(__file__).resolve().parent.parent
+#: Jobs that measure peak memory run with glibc's mmap threshold fixed (see :mod:`bench.measure`).
+MEMORY_KINDS = ("memory", "forgetting")
+MMAP_THRESHOLD = "131072"
 
 
 def run_one(job: dict[str, Any], *, threads: int = 2, timeout: float = 3600) -> dict[str, Any]:
@@ -22,6 +25,8 @@ def run_one(job: dict[str, Any], *, threads: int = 2, timeout: float = 3600) -> 
     env = dict(os.environ, BENCH_THREADS=str(threads), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
                OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if job.get("kind") in MEMORY_KINDS:
+        env["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
     start = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-m", "bench.worker", json.dumps(job)], cwd=REPO, env=env,

@@ -16,11 +16,15 @@ RESULT_PREFIX = "BENCH_RESULT "
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Dispatch on ``job["kind"]``: ``classify``, ``forgetting`` or ``inference``."""
+    """Dispatch on ``job["kind"]``: ``classify``, ``memory``, ``timing``, ``forgetting`` or ``inference``."""
     if job["kind"] == "classify":
         from bench import classify
 
         return classify.run(job)
+    if job["kind"] in ("memory", "timing"):
+        from bench import cost
+
+        return cost.run_memory(job) if job["kind"] == "memory" else cost.run_timing(job)
     if job["kind"] == "forgetting":
         from bench import forgetting
 

@@ -51,36 +51,64 @@ def test_methods_peft_lacks_are_reported_not_skipped() -> None:
     assert "no houlsby" in available("houlsby", "peft")
 
 
-def test_one_real_configuration_runs_in_its_own_process() -> None:
+def test_memory_job_runs_in_its_own_process_and_saves_the_adapter() -> None:
     from bench.runner import run_one
 
-    job = {"kind": "classify", "model": "minilm", "method": "lora", "lib": "deltatune", "task": "trec", "seeds": [0],
-           "n_train": 16, "epochs": 1, "batch_size": 8, "max_length": 32, "warmup_steps": 0, "save": True}
+    job = {"kind": "memory", "method": "lora", "lib": "deltatune", "task": "trec", "n_train": 16, "batch_size": 8,
+           "max_length": 32, "steps": 2}
     res = run_one(job, threads=2, timeout=120)
     assert res["ok"], res.get("error")
-    run = res["runs"][0]
-    assert run["steps"] == 2 and run["trainable"] == 8 * 2 * 6 * 2 * 384 + 384 * 6 + 6  # LoRA q,v + head
-    assert 0.0 <= run["accuracy"] <= 1.0 and run["peak_mb"] > 0 and run["file_bytes"] > 0
+    assert res["trainable"] == 8 * 2 * 6 * 2 * 384 + 384 * 6 + 6  # LoRA A and B on q, v of 6 layers + the head
+    assert res["peak_mb"] > 0 and res["mem_method"] == "clear_refs+VmHWM"
+    assert 4 * res["trainable"] < res["file_bytes"] < 4 * res["trainable"] + 20_000  # float32 tensors + config
+
+
+def test_accuracy_job_trains_the_same_batches_for_both_libraries() -> None:
+    from bench import classify
+
+    job = {"method": "lora", "task": "trec", "seeds": [0], "n_train": 16, "epochs": 1, "batch_size": 8,
+           "max_length": 32, "eval_split": "validation"}
+    dt_run = classify.run(job | {"lib": "deltatune"})["runs"][0]
+    hf_run = classify.run(job | {"lib": "peft"})["runs"][0]
+    assert dt_run["steps"] == hf_run["steps"] == 2
+    assert dt_run["trainable"] == hf_run["trainable"]
+    assert 0.0 <= dt_run["accuracy"] <= 1.0
+
+
+def _raw_results() -> dict:
+    from bench.suites import SUITES
+
+    def acc(method: str, lib: str, value: float) -> dict:
+        runs = [{"accuracy": value, "trainable": 10, "base_params": 1000, "steps": 5, "epochs": 1, "seed": 0}]
+        return {"ok": True, "n_train": 500, "runs": runs, "job": {"method": method, "lib": lib, "task": "trec"}}
+
+    def mem(method: str, lib: str, peak: float, size: int) -> dict:
+        return {"ok": True, "peak_mb": peak, "baseline_mb": 400.0, "file_bytes": size, "trainable": 10,
+                "base_params": 1000, "job": {"method": method, "lib": lib, "task": "trec"}}
+
+    timing = {"ok": True, "job": {"task": "trec"}, "configs": {
+        "full/deltatune": {"step_s": 0.2, "ratio_full_paired": 1.0}, "lora/deltatune": {"step_s": 0.1, "ratio_full_paired": 0.5},
+        "lora/peft": {"step_s": 0.12, "ratio_full_paired": 0.6}}}
+    machine = {k: "x" for k in ("cpu", "cpu_count", "memory_gb", "platform", "python", "torch", "transformers", "peft",
+                                "deltatune", "commit")}
+    return {"suite": "unit", "settings": SUITES["quick"].__dict__, "skipped": {}, "started": "now", "machine": machine,
+            "accuracy": [acc("full", "deltatune", 0.90), acc("lora", "deltatune", 0.885), acc("lora", "peft", 0.88)],
+            "memory": [mem("full", "deltatune", 600.0, 90_000_000), mem("lora", "deltatune", 300.0, 300_000),
+                       mem("lora", "peft", 350.0, 300_000)],
+            "timing": [timing]}
 
 
 def test_report_renders_targets_from_raw_results(tmp_path: Path) -> None:
     from bench.report import write_report
-    from bench.suites import SUITES
 
-    def res(method: str, lib: str, accs: list[float], step: float, mem: float, size: int) -> dict:
-        runs = [{"accuracy": a, "trainable": 10, "base_params": 1000, "steps": 5, "epochs": 1, "seed": i} for i, a in enumerate(accs)]
-        runs[0] |= {"step_s": step, "peak_mb": mem, "file_bytes": size}
-        return {"ok": True, "n_train": 500, "runs": runs, "job": {"method": method, "lib": lib, "task": "trec"}}
-
-    raw = {"suite": "unit", "settings": SUITES["quick"].__dict__, "skipped": {}, "started": "now",
-           "machine": {k: "x" for k in ("cpu", "cpu_count", "memory_gb", "platform", "python", "torch", "transformers", "peft", "deltatune", "commit")},
-           "accuracy": [res("full", "deltatune", [0.90], 0.2, 600.0, 90_000_000), res("lora", "deltatune", [0.885], 0.1, 300.0, 300_000),
-                        res("lora", "peft", [0.88], 0.12, 350.0, 300_000)]}
+    raw = _raw_results()
     md = write_report(raw, tmp_path).read_text()
     assert "| lora within 1 pt of full FT on TREC | -1.50 pt | **missed** |" in md
     assert "| LoRA step time <= 0.65x full FT (TREC) | 0.50x | met |" in md
+    assert "| LoRA peak memory <= 0.6x full FT (TREC) | 0.50x | met |" in md
     assert "| LoRA file >= 250x smaller than the model | 300x | met |" in md
     assert "| lora: deltatune/peft step time <= 1.0 (TREC) | 0.83x | met |" in md
+    assert "| lora: deltatune/peft peak memory <= 1.0 (TREC) | 0.86x | met |" in md
     assert (tmp_path / "unit_cost.png").stat().st_size > 1000
     assert aggregate.accuracy(raw)[("lora", "peft", "trec", 500)]["mean"] == pytest.approx(88.0)
     json.dumps(raw)
