@@ -152,6 +152,9 @@ def test_metrics_log_truncates_after_resume_point(tmp_path: Path) -> None:
         handle.write('{"kind": "train", "st')  # cut short by a kill
     log.truncate(2)
     assert [r["step"] for r in log.read()] == [1, 2]
+    log.write({"kind": "eval", "step": 2, "final": True})  # end-of-run evaluation, redone after a resume
+    log.truncate(2)
+    assert [r["step"] for r in log.read()] == [1, 2]
 
 
 # -- checkpoints -----------------------------------------------------------------------------------

@@ -302,7 +302,7 @@ def finish(
     dist = dist or Distributed()
     final = {split: run_eval(run, split) for split in ("validation", "test") if run.features[split]}
     for split, metrics in final.items():
-        log.write({"kind": "eval", "split": split, "step": steps, **metrics})
+        log.write({"kind": "eval", "split": split, "step": steps, "final": True, **metrics})
     adapter = out / ADAPTER_DIR
     dist.save_adapters(run.model, adapter)  # whole tensors, even when sharded; checked after writing
     options = run.options

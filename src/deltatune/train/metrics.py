@@ -1,8 +1,8 @@
 """Evaluation metrics and the ``metrics.jsonl`` log.
 
 * accuracy = (1/N) sum_i [pred_i == y_i]
-* macro-F1 = (1/C) sum_c F1_c with F1_c = 2 TP_c / (2 TP_c + FP_c + FN_c) (0 for a class with no
-  true or predicted examples' TP+FP+FN = 0, which then counts as 0 as in scikit-learn's default)
+* macro-F1 = (1/C) sum_c F1_c with F1_c = 2 TP_c / (2 TP_c + FP_c + FN_c); a class with no true and
+  no predicted example scores 0 (scikit-learn's ``zero_division=0``)
 * perplexity = exp(mean token cross-entropy)
 """
 
@@ -75,6 +75,6 @@ class MetricsLog:
         return records
 
     def truncate(self, step: int) -> None:
-        """Keep only records of steps <= ``step``."""
-        kept = [r for r in self.read() if r.get("step", 0) <= step and r.get("kind") != "final"]
+        """Keep only records of steps <= ``step``, minus end-of-run evaluations (``final``), which are redone."""
+        kept = [r for r in self.read() if r.get("step", 0) <= step and not r.get("final")]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
