@@ -22,7 +22,7 @@ class Progress:
         if self.quiet:
             return
         if self.bar is not None:
-            self.bar.write(text)
+            self.bar.write(text, file=sys.stderr)
         else:
             print(text, file=sys.stderr)
 
