@@ -118,13 +118,17 @@ def _column_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning.", epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    fmt = _HelpFormatter
-
     p = sub.add_parser("train", help="fine-tune a model with a PEFT method", epilog=EPILOG,
                        description="Fine-tune MODEL on DATA with METHOD; writes the adapter, metrics.jsonl, "
                        "summary.json and plots to --output-dir.")
     _add_train_options(p)
+    _add_inference_commands(sub)
+    _add_tool_commands(sub)
+    return parser
 
+
+def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
+    fmt = _HelpFormatter
     p = sub.add_parser("eval", help="metrics of an adapter (or the base model alone) on a data split",
                        formatter_class=fmt, epilog=EPILOG,
                        description="Accuracy and macro-F1 (classification) or loss and perplexity (language models).")
@@ -159,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
+
+def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
+    fmt = _HelpFormatter
     p = sub.add_parser("merge", help="write a standalone model with the adapter folded into its weights",
                        formatter_class=fmt, epilog=EPILOG,
                        description="The output folder loads with plain transformers (AutoModel...from_pretrained).")
@@ -183,7 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="epochs (default: 2)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores not busy with other work)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
 
 
 # -- running the commands ------------------------------------------------------------------------------
