@@ -12,6 +12,8 @@ Each role maps to a regex fragment that must match the *end* of a module path (a
 * ``gate``: the gate projection of a gated MLP;
 * ``down``: the feed-forward block's output projection;
 * ``attn_block``: the attention sub-module;
+* ``enc_self_attn`` / ``cross_attn``: encoder-decoder models' encoder self-attention modules and
+  decoder cross-attention modules (each holding its own ``k`` / ``v`` projections);
 * ``ffn_block``: the module computing the whole feed-forward block from its input, ``FFN(x)``
   (BERT-style ``*Output`` modules are the exception: see :data:`RESIDUAL_INPUT_BLOCKS`).
 
@@ -51,10 +53,12 @@ ROLE_TABLE: dict[str, dict[str, str]] = {
         "v": r"(SelfAttention|EncDecAttention)\.v", "o": r"(SelfAttention|EncDecAttention)\.o",
         "up": r"DenseReluDense\.wi(_0|_1)?", "down": r"DenseReluDense\.wo",
         "attn_block": r"(SelfAttention|EncDecAttention)", "ffn_block": r"DenseReluDense",
+        "enc_self_attn": r"encoder\.block\.\d+\.layer\.\d+\.SelfAttention", "cross_attn": r"EncDecAttention",
     },
     "bart": {
         "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj", "up": "fc1", "down": "fc2",
         "attn_block": r"(self_attn|encoder_attn)",
+        "enc_self_attn": r"encoder\.layers\.\d+\.self_attn", "cross_attn": r"encoder_attn",
     },
 }
 #: Roles an architecture has no module for, and why (methods quote the reason in their errors).

@@ -7,7 +7,9 @@ prefixes as wide as their key/value heads), optionally through an MLP (``prefix_
 ``modules_to_save``. The prefixes travel in the model's own key/value cache (see :mod:`.cache`), so
 ``generate()`` keeps them at every step. Encoder-only models (BERT, RoBERTa) work when their attention
 reads a cache (transformers 5 does); models whose attention reads none (DistilBERT) get a clear error.
-Encoder-decoder models: prefixes in every decoder self-attention layer (HF peft's layout).
+Encoder-decoder models: prefixes in every decoder self-attention layer (HF peft's layout); with
+``encoder_prefix=True`` (deltatune only) also in every encoder self-attention and every decoder
+cross-attention layer, through forward pre-hooks on those attention modules (see :mod:`.attention`).
 
 Saved in HF peft's format: ``prompt_embeddings`` of shape ``(P, L*2*D)`` (the MLP output when
 projecting). Encoder-decoder models: HF peft (0.21, transformers 5) runs decoder prefixes only with
@@ -15,11 +17,14 @@ projecting). Encoder-decoder models: HF peft (0.21, transformers 5) runs decoder
 (for even ``L`` pairs of layers share a block and half the blocks stay unused). deltatune does the
 same by default so files load in either library with equal outputs; ``num_transformer_submodules=1``
 gives every decoder layer its own prefix (a file peft cannot run with an attention mask).
-Cannot be merged.
+``encoder_prefix=True`` adds ``encoder_prefix_embeddings`` ``(P, L_enc*2*D)`` and
+``cross_attention_prefix_embeddings`` ``(P, L_dec*2*D)`` (same flat layout) and the config field; HF
+peft cannot read such a file. Cannot be merged.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,6 +34,7 @@ from ...errors import ConfigError
 from ...hooks import InputDelta, bind_call
 from ...registry import MethodSpec, register
 from .._virtual_tokens import ReparamTable, fill_from_model
+from .attention import ROLES, Site, attached, find_sites, flat_width
 from .cache import KVLayout, build_cache, probe_layout
 from .config import PrefixTuningConfig
 
@@ -60,12 +66,25 @@ class PrefixTuningDelta(InputDelta):
 
     method_name = "prefix_tuning"
 
-    def __init__(self, table: ReparamTable, layout: KVLayout, num_virtual_tokens: int, blocks: list[int]) -> None:
+    #: file keys of the ``encoder_prefix`` tables, in the order of :data:`.attention.ROLES`
+    EXTRA_KEYS = ("encoder_prefix_embeddings", "cross_attention_prefix_embeddings")
+
+    def __init__(self, table: ReparamTable, layout: KVLayout, num_virtual_tokens: int, blocks: list[int],
+                 extra: list[tuple[list[Site], ReparamTable]] | None = None) -> None:
         super().__init__()
         self.table = table
         self.layout = layout
         self.num_virtual_tokens = num_virtual_tokens
         self.blocks = blocks
+        extra = extra or []
+        self.extra_sites = [sites for sites, _ in extra]  # plain list: the base model's modules stay unregistered
+        self.extra_tables = nn.ModuleList(table for _, table in extra)
+
+    def _hooks(self) -> Any:
+        """The encoder / cross-attention prefixes in place for one call (nothing without ``encoder_prefix``)."""
+        if not self.extra_sites:
+            return nullcontext()
+        return attached(list(zip(self.extra_sites, (t() for t in self.extra_tables))))
 
     def cache(self, batch: int, dtype: torch.dtype) -> Cache:
         """A fresh cache holding the prefixes for ``batch`` sequences."""
@@ -90,7 +109,8 @@ class PrefixTuningDelta(InputDelta):
         if mask is not None:
             call[self._mask_key()] = _ones_before(mask, self.num_virtual_tokens)
         call[kw] = self.cache(_batch(call), model_dtype(model))
-        return model(**call)
+        with self._hooks():
+            return model(**call)
 
     def generate(self, model: nn.Module, kwargs: dict[str, Any]) -> Any:
         kwargs = dict(kwargs)
@@ -105,13 +125,18 @@ class PrefixTuningDelta(InputDelta):
             kwargs["attention_mask"] = _ones_before(mask, self.num_virtual_tokens)
         kwargs[self.layout.cache_kwarg] = self.cache(batch * _expand_size(model, kwargs), model_dtype(model))
         kwargs["use_cache"] = True  # the prefixes live in the cache; the tokens generated are the same either way
-        return model.generate(**kwargs)
+        with self._hooks():
+            return model.generate(**kwargs)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        return {"prompt_embeddings": self.table.saved()}
+        state = {"prompt_embeddings": self.table.saved()}
+        state.update({key: table.saved() for key, table in zip(self.EXTRA_KEYS, self.extra_tables)})
+        return state
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         self.table.load_saved(state["prompt_embeddings"])
+        for key, table in zip(self.EXTRA_KEYS, self.extra_tables):
+            table.load_saved(state[key])
 
 
 def refuse_checkpointing(model: nn.Module) -> None:
@@ -165,10 +190,26 @@ def make_prefix_tuning(model: nn.Module, config: PrefixTuningConfig, adapter_nam
     config.num_layers = layout.num_layers  # fill_from_model never overrides; keep the probed value
     if config.encoder_hidden_size is None:
         config.encoder_hidden_size = config.token_dim
-    dim, flat = int(config.token_dim or 0), 2 * layout.num_layers * int(config.token_dim or 0)
+    dim = int(config.token_dim or 0)
+    table = _table(config, dim, 2 * layout.num_layers * dim, model)
+    extra = []
+    if config.encoder_prefix:
+        if not layout.encoder_decoder:
+            raise ConfigError(
+                f"encoder_prefix=True is for encoder-decoder models; {type(model).__name__} is not one, and its "
+                "attention layers all get prefixes already. Leave encoder_prefix=False."
+            )
+        for role in ROLES:
+            sites = find_sites(model, role)
+            extra.append((sites, _table(config, sites[0].width, flat_width(sites), model)))
+    return PrefixTuningDelta(table, layout, config.num_virtual_tokens, _blocks(config, layout), extra)
+
+
+def _table(config: PrefixTuningConfig, dim: int, flat: int, model: nn.Module) -> ReparamTable:
+    """A ``(P, flat)`` prefix table: plain, or ``MLP(e)`` with ``e`` ``(P, dim)`` when projecting."""
     if config.prefix_projection and not config.inference_mode:
-        head = nn.Sequential(nn.Linear(dim, config.encoder_hidden_size), nn.Tanh(),
-                             nn.Linear(config.encoder_hidden_size, flat))
+        hidden = int(config.encoder_hidden_size or dim)
+        head = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, flat))
         table = ReparamTable(config.num_virtual_tokens, dim, head)
         if config.init_weights == "zero":
             nn.init.zeros_(head[-1].weight)
@@ -177,8 +218,7 @@ def make_prefix_tuning(model: nn.Module, config: PrefixTuningConfig, adapter_nam
         table = ReparamTable(config.num_virtual_tokens, flat)
         if config.init_weights == "zero":
             nn.init.zeros_(table.embedding.weight)
-    table = table.to(next(model.parameters()).device)
-    return PrefixTuningDelta(table, layout, config.num_virtual_tokens, _blocks(config, layout))
+    return table.to(next(model.parameters()).device)
 
 
 SPEC = register(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ...errors import ConfigError
 from .._virtual_tokens import VirtualTokenConfig
@@ -20,6 +20,10 @@ class PrefixTuningConfig(VirtualTokenConfig):
             which needs no MLP to use.
         encoder_hidden_size: ``H``, the MLP's hidden width (default: ``token_dim``).
         init_weights: ``None`` (``N(0, 1)``, HF peft's default) or ``"zero"`` (all prefixes zero).
+        encoder_prefix: deltatune only, encoder-decoder models only: also give every encoder
+            self-attention and every decoder cross-attention layer ``num_virtual_tokens`` trainable
+            key/value prefixes (the paper's encoder-decoder setting). Written to the config file only
+            when ``True``, so default files stay exactly HF peft's.
         num_attention_heads / token_dim / num_layers: the key/value layout of the model's attention
             caches (key/value heads, ``heads * head_dim``, layers); filled from the model.
     """
@@ -29,6 +33,7 @@ class PrefixTuningConfig(VirtualTokenConfig):
     encoder_hidden_size: int | None = None
     prefix_projection: bool = False
     init_weights: str | None = None
+    encoder_prefix: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -38,3 +43,12 @@ class PrefixTuningConfig(VirtualTokenConfig):
             not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size <= 0
         ):
             raise ConfigError(f"encoder_hidden_size must be a positive integer or None; got {self.encoder_hidden_size!r}.")
+        if not isinstance(self.encoder_prefix, bool):
+            raise ConfigError(f"encoder_prefix must be True or False; got {self.encoder_prefix!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """HF peft's fields; ``encoder_prefix`` (deltatune only) only when switched on."""
+        out = super().to_dict()
+        if not self.encoder_prefix:
+            out.pop("encoder_prefix", None)
+        return out
