@@ -66,6 +66,8 @@ def failures(raw: dict[str, Any]) -> list[str]:
             if not res.get("ok"):
                 job = res.get("job", {})
                 lines.append(f"{part}: {job.get('method')}/{job.get('lib')}/{job.get('task', '')}: {res.get('error')}")
+    for res in _ok(raw.get("timing")):
+        lines += [f"timing: {name}: {why}" for name, why in res.get("failed", {}).items()]
     inf = raw.get("inference")
     if inf and not inf.get("ok"):
         lines.append(f"inference: {inf.get('error')}")

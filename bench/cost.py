@@ -59,14 +59,19 @@ def run_timing(job: dict[str, Any]) -> dict[str, Any]:
     prep = prepare(job)
     warmup, rounds, per_round = job["warmup"], job["rounds"], job["per_round"]
     batches = batches_for(prep, job | {"epochs": 1, "max_steps": warmup + rounds * per_round}, seed=0)
-    names = [f"{m}/{lib}" for m, lib in job["configs"]]
-    trainers = {}
-    for name, (method, lib) in zip(names, job["configs"]):
-        model, _ = load_model(prep, method, lib, seed=0)
-        model.train()
-        trainers[name] = Trainer(model, lr=METHODS[method].lr, total_steps=len(batches))
-        for batch in batches[:warmup]:
-            trainers[name].step(batch)
+    trainers, failed = {}, {}
+    for method, lib in job["configs"]:
+        name = f"{method}/{lib}"
+        try:
+            model, _ = load_model(prep, method, lib, seed=0)
+            model.train()
+            trainers[name] = Trainer(model, lr=METHODS[method].lr, total_steps=len(batches))
+            for batch in batches[:warmup]:
+                trainers[name].step(batch)
+        except Exception as exc:  # noqa: BLE001 - a configuration that cannot train is reported, not fatal
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            trainers.pop(name, None)
+    names = list(trainers)
     steps: dict[str, list[float]] = {n: [] for n in names}
     per_round_s: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
@@ -80,4 +85,4 @@ def run_timing(job: dict[str, Any]) -> dict[str, Any]:
     for name in names:
         ratio = statistics.median(a / b for a, b in zip(per_round_s[name], full)) if full else None
         out[name] = {"step_s": statistics.median(steps[name]), "ratio_full_paired": ratio, "steps": len(steps[name])}
-    return {"configs": out, "warmup": warmup, "rounds": rounds, "per_round": per_round}
+    return {"configs": out, "failed": failed, "warmup": warmup, "rounds": rounds, "per_round": per_round}

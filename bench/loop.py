@@ -24,14 +24,28 @@ from deltatune.train.encoding import pad_collate
 Batch = dict[str, torch.Tensor]
 
 
+GROUP = 32  # batches per length-sorted group
+
+
 def epoch_batches(features: Sequence[dict[str, Any]], *, seed: int, epochs: int, batch_size: int, pad_id: int) -> list[Batch]:
-    """Every training batch in order: each epoch a fresh seeded permutation, the last short batch kept."""
+    """Every training batch in order, grouped by length to cut padding (HF's ``group_by_length`` idea).
+
+    Each epoch: a seeded permutation of the examples, cut into groups of ``GROUP * batch_size``
+    examples, each group sorted by length and cut into batches, then the batches shuffled (same seed).
+    Every example is seen once per epoch; batches hold examples of similar length, so padding (wasted
+    compute) is small, and the order is still random and identical for every method.
+    """
     batches: list[Batch] = []
     for epoch in range(epochs):
+        rng = random.Random(seed * 1000 + epoch)
         order = list(range(len(features)))
-        random.Random(seed * 1000 + epoch).shuffle(order)
-        for lo in range(0, len(order), batch_size):
-            batches.append(pad_collate([features[i] for i in order[lo : lo + batch_size]], pad_token_id=pad_id))
+        rng.shuffle(order)
+        chunks: list[list[int]] = []
+        for lo in range(0, len(order), GROUP * batch_size):
+            group = sorted(order[lo : lo + GROUP * batch_size], key=lambda i: len(features[i]["input_ids"]))
+            chunks.extend(group[k : k + batch_size] for k in range(0, len(group), batch_size))
+        rng.shuffle(chunks)
+        batches.extend(pad_collate([features[i] for i in chunk], pad_token_id=pad_id) for chunk in chunks)
     return batches
 
 

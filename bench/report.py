@@ -88,7 +88,7 @@ def _paired(d: dict[str, Any], p: dict[str, Any]) -> float | None:
     return paired if paired is not None else agg.ratio(d.get("step_s"), p.get("step_s"))
 
 
-def peft_section(acc: dict, cost: dict) -> list[str]:
+def peft_section(acc: dict, cost: dict, raw: dict[str, Any] | None = None) -> list[str]:
     lines = ["## 3. deltatune vs HF peft (same hyper-parameters, data order and run)", "",
              ("Ratios are deltatune / peft (below 1 = deltatune cheaper); accuracy difference is deltatune − peft "
              "in points (mean over seeds), with the larger of the two seed spreads for scale."), ""]
@@ -102,6 +102,12 @@ def peft_section(acc: dict, cost: dict) -> list[str]:
             rows.append([METHODS[m].label, TASK_NAMES[task], _f(_paired(d, p)),
                          _f(agg.ratio(d.get("peak_mb"), p.get("peak_mb"))), diff,
                          _f(agg.ratio(d.get("file_bytes"), p.get("file_bytes")))])
+    failed = {}
+    for res in (raw or {}).get("memory") or []:
+        job = res.get("job", {})
+        if not res.get("ok") and job.get("lib") == "peft":
+            failed[job["method"]] = res.get("error", "")
+    rows += [[METHODS[m].label, "all", "peft fails", "", why[:90], ""] for m, why in failed.items()]
     return lines + _table(["method", "task", "step time", "peak memory", "accuracy diff", "file size"], rows) + [""]
 
 
@@ -134,6 +140,8 @@ def header_section(raw: dict[str, Any]) -> list[str]:
              (f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m['memory_gb']} GB; {m['platform']}. torch threads: 2. "
              f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, "
              f"deltatune {m['deltatune']} (commit {m['commit']})."), ""]
+    if len(set(raw.get("measured", {}).values())) > 1:
+        lines += ["Measured (parts re-run separately): " + "; ".join(f"{k} {v}" for k, v in raw["measured"].items()), ""]
     if raw.get("skipped"):
         lines += ["Not run: " + "; ".join(f"{k} ({v})" for k, v in raw["skipped"].items()), ""]
     return lines
@@ -153,7 +161,7 @@ def write_report(raw: dict[str, Any], folder: Path) -> Path:
     if cost:
         lines += cost_section(cost, s)
     if any(k[1] == "peft" for k in list(cost) + list(acc)):
-        lines += peft_section(acc, cost)
+        lines += peft_section(acc, cost, raw)
     lines += lowdata_section(raw, acc, s) + forgetting_section(raw) + inference_section(raw)
     lines += [f"![{c.stem}]({c.name})" for c in charts] + [""]
     failed = agg.failures(raw)

@@ -115,8 +115,28 @@ def run_suite(s: Suite, parts: list[str], log: Any = print) -> dict[str, Any]:
         job = {"kind": "inference", "rounds": s.infer_rounds, "reps": s.infer_reps}
         out["inference"] = run_many([job], workers=1, threads=2, progress=log)[0]
     out["wall_seconds"] = time.perf_counter() - t0
+    out["measured"] = {part: f"{out['started']} ({out['machine']['commit']})" for part in parts}
     out["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     return out
+
+
+PART_KEYS = {"accuracy": ["accuracy"], "cost": ["memory", "timing"], "lowdata": ["lowdata"],
+             "forgetting": ["forgetting"], "inference": ["inference"]}
+
+
+def _merge(old: dict[str, Any], new: dict[str, Any], parts: list[str]) -> dict[str, Any]:
+    """``old`` with the results of ``parts`` replaced by ``new``'s; each part keeps when it was measured."""
+    merged = dict(old)
+    when = dict(old.get("measured", {}))
+    for part in parts:
+        for key in PART_KEYS[part]:
+            merged[key] = new.get(key)
+        when[part] = f"{new['started']} ({new['machine']['commit']})"
+    for key in ("settings", "skipped", "machine"):
+        merged[key] = new[key]
+    merged["measured"] = when
+    merged["wall_seconds"] = old.get("wall_seconds", 0) + new["wall_seconds"]
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         raw = json.loads(raw_path.read_text())
     else:
         raw = run_suite(SUITES[args.suite], list(args.only))
-        raw["command"] = "python -m bench --suite " + args.suite + ("" if set(args.only) == set(PARTS) else " --only " + " ".join(args.only))
+        raw["command"] = "python -m bench --suite " + args.suite
+        if set(args.only) != set(PARTS) and raw_path.exists():  # a partial re-run updates the saved results
+            old = json.loads(raw_path.read_text())
+            raw = _merge(old, raw, list(args.only))
     md = write_report(raw, args.out)
     raw_path.write_text(json.dumps(raw, indent=1, default=str) + "\n")
     print(f"wrote {raw_path}, {md}")

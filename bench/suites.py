@@ -33,7 +33,7 @@ class Suite:
     n_train: int
     epochs: int
     batch_size: int = 16
-    max_length: dict[str, int] = field(default_factory=lambda: {"trec": 64, "rt": 64, "bbc": 64})
+    max_length: dict[str, int] = field(default_factory=lambda: {"trec": 64, "rt": 64, "bbc": 32})
     methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
     peft_methods: list[str] = field(default_factory=lambda: list(PEFT_SHARED))
     peft_tasks: list[str] = field(default_factory=lambda: ["trec"])
@@ -46,11 +46,11 @@ class Suite:
     timing_per_round: int = 5
     lowdata_task: str = "trec"
     lowdata_sizes: list[int] = field(default_factory=lambda: [50, 200, 1000])
-    lowdata_methods: list[str] = field(default_factory=lambda: ["full", "head", "lora", "ia3", "houlsby"])
+    lowdata_methods: list[str] = field(default_factory=lambda: ["full", "lora", "ia3"])
     lowdata_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     lowdata_min_steps: int = 100
-    forget_steps: int = 60
-    forget_n_eval: int = 64
+    forget_steps: int = 40
+    forget_n_eval: int = 48
     forget_lr: dict[str, float] = field(default_factory=lambda: {"full": 2e-5, "lora": 2e-4})
     forget_batch_size: int = 8
     forget_max_length: int = 64
@@ -60,10 +60,9 @@ class Suite:
 
 SUITES: dict[str, Suite] = {
     "quick": Suite(
-        name="quick", tasks=["trec"], seeds=[0], n_train=500, epochs=2, memory_steps=10, timing_warmup=2,
-        timing_rounds=4, timing_per_round=2, lowdata_sizes=[50, 200], lowdata_methods=["full", "lora"], lowdata_seeds=[0],
-        lowdata_min_steps=30, forget_steps=8, forget_n_eval=16, infer_rounds=5, infer_reps=1,
+        name="quick", tasks=["trec"], seeds=[0], n_train=400, epochs=1, memory_steps=6, timing_warmup=2,
+        timing_rounds=3, timing_per_round=2, lowdata_sizes=[50], lowdata_methods=["full", "lora"], lowdata_seeds=[0],
+        lowdata_min_steps=10, forget_steps=4, forget_n_eval=8, infer_rounds=3, infer_reps=1,
     ),
-    "full": Suite(name="full", tasks=["trec", "rt", "bbc"], seeds=[0, 1, 2], n_train=2000, epochs=2,
-                  peft_tasks=["trec", "rt", "bbc"]),
+    "full": Suite(name="full", tasks=["trec", "rt", "bbc"], seeds=[0, 1, 2], n_train=2000, epochs=2),
 }
