@@ -71,5 +71,35 @@ def cost_chart(cost: dict, suite: str, folder: Path) -> Path | None:
     return path
 
 
+def lowdata_chart(raw: dict[str, Any], acc: dict, folder: Path) -> Path | None:
+    """Accuracy against the number of training examples (log scale), one line per method."""
+    from bench.aggregate import accuracy
+
+    low = accuracy(raw, "lowdata")
+    if not low:
+        return None
+    task = raw["settings"]["lowdata_task"]
+    points = dict(low) | {k: v for k, v in acc.items() if k[1] == "deltatune" and k[2] == task}
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in [m for m in METHODS if any(k[0] == m for k in low)]:
+        rows = sorted((k[3], v) for k, v in points.items() if k[0] == m)
+        ax.errorbar([n for n, _ in rows], [v["mean"] for _, v in rows], yerr=[v["std"] for _, v in rows],
+                    marker="o", capsize=3, label=METHODS[m].label)
+    ax.set_xscale("log")
+    ax.set_xlabel("training examples (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Low-data regime: MiniLM on {TASK_NAMES.get(task, task)}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = folder / f"{raw['suite']}_lowdata.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_charts(raw: dict[str, Any], acc: dict, cost: dict, folder: Path) -> list[Path]:
-    return [p for p in (accuracy_chart(acc, raw["suite"], folder), cost_chart(cost, raw["suite"], folder)) if p]
+    charts = (accuracy_chart(acc, raw["suite"], folder), cost_chart(cost, raw["suite"], folder),
+              lowdata_chart(raw, acc, folder))
+    return [p for p in charts if p]

@@ -140,6 +140,10 @@ def header_section(raw: dict[str, Any]) -> list[str]:
              (f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m['memory_gb']} GB; {m['platform']}. torch threads: 2. "
              f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, "
              f"deltatune {m['deltatune']} (commit {m['commit']})."), ""]
+    if raw["suite"] == "quick":
+        lines += [("**`quick` checks the harness end to end** (every method, a few steps, small data): its accuracies "
+                  "are not results, and its timings rest on a handful of steps. The published numbers come from "
+                  "`full`."), ""]
     if len(set(raw.get("measured", {}).values())) > 1:
         lines += ["Measured (parts re-run separately): " + "; ".join(f"{k} {v}" for k, v in raw["measured"].items()), ""]
     if raw.get("skipped"):

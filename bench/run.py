@@ -86,7 +86,11 @@ def _forgetting_jobs(s: Suite) -> list[dict[str, Any]]:
     ]
 
 
-def run_suite(s: Suite, parts: list[str], log: Any = print) -> dict[str, Any]:
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def run_suite(s: Suite, parts: list[str], log: Any = _log) -> dict[str, Any]:
     """Run ``parts`` of suite ``s``; returns the raw results (everything the report needs)."""
     pairs, skipped = _configs(s, s.methods, s.peft_methods)
     out: dict[str, Any] = {"suite": s.name, "settings": s.__dict__, "skipped": skipped, "parts": parts,
