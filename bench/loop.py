@@ -9,6 +9,7 @@ step and zeroing the gradients.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -25,6 +26,7 @@ Batch = dict[str, torch.Tensor]
 
 
 GROUP = 32  # batches per length-sorted group
+AUTOCAST_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "fp32": None, "bf16": torch.bfloat16}
 
 
 def epoch_batches(features: Sequence[dict[str, Any]], *, seed: int, epochs: int, batch_size: int, pad_id: int) -> list[Batch]:
@@ -65,8 +67,10 @@ class TrainStats:
 class Trainer:
     """One optimiser over ``model``'s trainable parameters; :meth:`step` does one timed update."""
 
-    def __init__(self, model: nn.Module, *, lr: float, total_steps: int, warmup_frac: float = 0.06) -> None:
+    def __init__(self, model: nn.Module, *, lr: float, total_steps: int, warmup_frac: float = 0.06,
+                 autocast: str | None = None) -> None:
         self.model = model
+        self.autocast = AUTOCAST_DTYPES[autocast]
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
         warmup = max(1, int(warmup_frac * total_steps))
@@ -79,7 +83,8 @@ class Trainer:
     def step(self, batch: Batch) -> tuple[float, float]:
         """Forward, backward, clip, optimiser step, zero grad; returns (loss, seconds)."""
         t0 = time.perf_counter()
-        loss = self.model(**batch).loss
+        with torch.autocast("cpu", dtype=self.autocast) if self.autocast else contextlib.nullcontext():
+            loss = self.model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
@@ -88,9 +93,14 @@ class Trainer:
         return float(loss.detach()), time.perf_counter() - t0
 
 
-def train(model: nn.Module, batches: Sequence[Batch], *, lr: float, warmup_frac: float = 0.06) -> TrainStats:
-    """Train ``model``'s parameters that require grad on ``batches``, one optimiser step per batch."""
-    trainer = Trainer(model, lr=lr, total_steps=len(batches), warmup_frac=warmup_frac)
+def train(model: nn.Module, batches: Sequence[Batch], *, lr: float, warmup_frac: float = 0.06,
+          autocast: str | None = None) -> TrainStats:
+    """Train ``model``'s parameters that require grad on ``batches``, one optimiser step per batch.
+
+    ``autocast="bf16"`` runs the forward pass under CPU bfloat16 autocast (mixed precision: the
+    parameters, their gradients and the optimiser state stay float32).
+    """
+    trainer = Trainer(model, lr=lr, total_steps=len(batches), warmup_frac=warmup_frac, autocast=autocast)
     stats = TrainStats()
     model.train()
     start = time.perf_counter()

@@ -136,10 +136,16 @@ def header_section(raw: dict[str, Any]) -> list[str]:
     m = raw["machine"]
     lines = [f"# deltatune benchmarks: suite `{raw['suite']}`", "",
              (f"Command: `{raw.get('command', 'python -m bench --suite ' + raw['suite'])}` — started {raw['started']}, "
-             f"took {raw.get('wall_seconds', 0) / 60:.1f} min."), "",
+             f"took {raw.get('wall_seconds', 0) / 60:.1f} min"
+             + (" (" + ", ".join(f"{k} {v / 60:.1f}" for k, v in raw["part_seconds"].items()) + ")"
+                if raw.get("part_seconds") else "") + "."), "",
              (f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m['memory_gb']} GB; {m['platform']}. torch threads: 2. "
              f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, "
              f"deltatune {m['deltatune']} (commit {m['commit']})."), ""]
+    precision = raw["settings"].get("accuracy_autocast")
+    lines += [("Precision: accuracy and low-data runs train under " + (
+        f"CPU {precision} autocast (mixed precision; weights, gradients and optimiser state stay float32)"
+        if precision else "float32") + "; the cost, forgetting and inference measurements run in float32."), ""]
     if raw["suite"] == "quick":
         lines += [("**`quick` checks the harness end to end** (every method, a few steps, small data): its accuracies "
                   "are not results, and its timings rest on a handful of steps. The published numbers come from "

@@ -14,11 +14,13 @@ import json
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 if __package__ in (None, ""):  # ``python bench/run.py``: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.cache import JobCache
 from bench.measure import machine_info
 from bench.methods import METHODS, available
 from bench.runner import REPO, run_many
@@ -31,7 +33,7 @@ RESULTS = REPO / "bench" / "results"
 def _classify_job(s: Suite, method: str, lib: str, task: str, **over: Any) -> dict[str, Any]:
     job = {"kind": "classify", "model": "minilm", "method": method, "lib": lib, "task": task, "seeds": s.seeds,
            "n_train": s.n_train, "epochs": s.epochs, "batch_size": s.batch_size, "max_length": s.max_length[task],
-           }
+           "autocast": s.accuracy_autocast}
     return job | over
 
 
@@ -90,36 +92,62 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
-def run_suite(s: Suite, parts: list[str], log: Any = _log) -> dict[str, Any]:
-    """Run ``parts`` of suite ``s``; returns the raw results (everything the report needs)."""
+def run_suite(s: Suite, parts: list[str], log: Any = _log, *, cache: JobCache | None = None,
+              on_part: Callable[[dict[str, Any], list[str]], None] | None = None) -> dict[str, Any]:
+    """Run ``parts`` of suite ``s``; returns the raw results (everything the report needs).
+
+    After each part, ``on_part(results_so_far, parts_done)`` is called (the caller saves them), so an
+    interrupted run keeps every finished part; ``cache`` keeps every finished job.
+    """
     pairs, skipped = _configs(s, s.methods, s.peft_methods)
     out: dict[str, Any] = {"suite": s.name, "settings": s.__dict__, "skipped": skipped, "parts": parts,
-                           "machine": machine_info(REPO), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                           "machine": machine_info(REPO), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                           "part_seconds": {}}
     for key, why in skipped.items():
         log(f"skip {key}: {why}")
-    t0 = time.perf_counter()
-    if "cost" in parts:  # first: the machine is quietest before our own accuracy runs start
+    done: list[str] = []
+
+    def many(jobs: list[dict[str, Any]], workers: int, threads: int) -> list[dict[str, Any]]:
+        return run_many(jobs, workers=workers, threads=threads, progress=log, cache=cache)
+
+    def run_part(part: str, body: Callable[[], None]) -> None:
+        if part not in parts:
+            return
+        t0 = time.perf_counter()
+        body()
+        out["part_seconds"][part] = time.perf_counter() - t0
+        out["wall_seconds"] = sum(out["part_seconds"].values())
+        done.append(part)
+        if on_part:
+            on_part(out, list(done))
+
+    def cost() -> None:  # first: the machine is quietest before our own accuracy runs start
         memory, timing = _cost_jobs(s, pairs)
         log(f"cost: {len(memory)} memory processes one at a time, then {len(timing)} interleaved timing process(es)")
-        out["memory"] = run_many(memory, workers=1, threads=2, progress=log)
-        out["timing"] = run_many(timing, workers=1, threads=2, progress=log)
-    if "accuracy" in parts:
+        out["memory"] = many(memory, 1, 2)
+        out["timing"] = many(timing, 1, 2)
+
+    def accuracy() -> None:
         jobs = _accuracy_jobs(s, pairs)
         log(f"accuracy: {len(jobs)} configurations, {s.workers} at a time, {s.accuracy_threads} thread(s) each")
-        out["accuracy"] = run_many(jobs, workers=s.workers, threads=s.accuracy_threads, progress=log)
-    if "lowdata" in parts:
+        out["accuracy"] = many(jobs, s.workers, s.accuracy_threads)
+
+    def lowdata() -> None:
         jobs = _lowdata_jobs(s, pairs)
         log(f"low-data: {len(jobs)} configurations")
-        out["lowdata"] = run_many(jobs, workers=s.workers, threads=s.accuracy_threads, progress=log)
-    if "forgetting" in parts:
+        out["lowdata"] = many(jobs, s.workers, s.accuracy_threads)
+
+    def forgetting() -> None:
         log("forgetting: SmolLM2-135M on ChatterBot, full vs LoRA")
-        out["forgetting"] = run_many(_forgetting_jobs(s), workers=1, threads=2, progress=log)
-    if "inference" in parts:
+        out["forgetting"] = many(_forgetting_jobs(s), 1, 2)
+
+    def inference() -> None:
         log("inference: forward latency, batch 8 x 128")
-        job = {"kind": "inference", "rounds": s.infer_rounds, "reps": s.infer_reps}
-        out["inference"] = run_many([job], workers=1, threads=2, progress=log)[0]
-    out["wall_seconds"] = time.perf_counter() - t0
-    out["measured"] = {part: f"{out['started']} ({out['machine']['commit']})" for part in parts}
+        out["inference"] = many([{"kind": "inference", "rounds": s.infer_rounds, "reps": s.infer_reps}], 1, 2)[0]
+
+    for part, body in (("cost", cost), ("accuracy", accuracy), ("lowdata", lowdata), ("forgetting", forgetting),
+                       ("inference", inference)):
+        run_part(part, body)
     out["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     return out
 
@@ -128,18 +156,21 @@ PART_KEYS = {"accuracy": ["accuracy"], "cost": ["memory", "timing"], "lowdata": 
              "forgetting": ["forgetting"], "inference": ["inference"]}
 
 
-def _merge(old: dict[str, Any], new: dict[str, Any], parts: list[str]) -> dict[str, Any]:
+def _merge(old: dict[str, Any] | None, new: dict[str, Any], parts: list[str]) -> dict[str, Any]:
     """``old`` with the results of ``parts`` replaced by ``new``'s; each part keeps when it was measured."""
-    merged = dict(old)
-    when = dict(old.get("measured", {}))
+    merged = dict(old or {})
+    when = dict(merged.get("measured", {}))
+    seconds = dict(merged.get("part_seconds", {}))
     for part in parts:
         for key in PART_KEYS[part]:
             merged[key] = new.get(key)
         when[part] = f"{new['started']} ({new['machine']['commit']})"
-    for key in ("settings", "skipped", "machine"):
-        merged[key] = new[key]
+        seconds[part] = new["part_seconds"][part]
+    for key in ("suite", "settings", "skipped", "machine", "command", "started", "parts"):
+        merged[key] = new.get(key)
     merged["measured"] = when
-    merged["wall_seconds"] = old.get("wall_seconds", 0) + new["wall_seconds"]
+    merged["part_seconds"] = seconds
+    merged["wall_seconds"] = sum(seconds.values())
     return merged
 
 
@@ -149,22 +180,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="run only these measurements")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for <suite>.md/.json and charts")
     parser.add_argument("--report-only", action="store_true", help="re-render tables/charts from <suite>.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the jobs an interrupted run of this suite finished (same settings only)")
     args = parser.parse_args(argv)
     from bench.report import write_report
 
     args.out.mkdir(parents=True, exist_ok=True)
     raw_path = args.out / f"{args.suite}.json"
     if args.report_only:
-        raw = json.loads(raw_path.read_text())
-    else:
-        raw = run_suite(SUITES[args.suite], list(args.only))
-        raw["command"] = "python -m bench --suite " + args.suite
-        if set(args.only) != set(PARTS) and raw_path.exists():  # a partial re-run updates the saved results
-            old = json.loads(raw_path.read_text())
-            raw = _merge(old, raw, list(args.only))
-    md = write_report(raw, args.out)
-    raw_path.write_text(json.dumps(raw, indent=1, default=str) + "\n")
-    print(f"wrote {raw_path}, {md}")
+        md = write_report(json.loads(raw_path.read_text()), args.out)
+        print(f"wrote {md}")
+        return 0
+    # Parts not (yet) re-measured keep their saved results; the report says when each part was measured.
+    old = json.loads(raw_path.read_text()) if raw_path.exists() else None
+
+    def save(raw: dict[str, Any], done: list[str]) -> None:
+        merged = _merge(old, dict(raw, command="python -m bench --suite " + args.suite), done)
+        md = write_report(merged, args.out)
+        raw_path.write_text(json.dumps(merged, indent=1, default=str) + "\n")
+        print(f"saved {', '.join(done)}: {raw_path}, {md}", flush=True)
+
+    cache = JobCache(args.out / f".{args.suite}.jobs.jsonl", resume=args.resume)
+    run_suite(SUITES[args.suite], list(args.only), cache=cache, on_part=save)
     return 0
 
 

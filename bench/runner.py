@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench.cache import JobCache
 from bench.worker import RESULT_PREFIX
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,14 +46,23 @@ def run_one(job: dict[str, Any], *, threads: int = 2, timeout: float = 3600) -> 
 
 
 def run_many(jobs: list[dict[str, Any]], *, workers: int = 1, threads: int = 2,
-             progress: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run ``jobs`` with ``workers`` processes at once (each with ``threads`` threads); results in job order."""
+             progress: Callable[[str], None] = print, cache: JobCache | None = None) -> list[dict[str, Any]]:
+    """Run ``jobs`` with ``workers`` processes at once (each with ``threads`` threads); results in job order.
+
+    With a ``cache``, jobs it already holds are not run again and each new success is recorded.
+    """
     def describe(job: dict[str, Any]) -> str:
         keys = ("kind", "method", "lib", "task", "n_train", "seeds")
         return " ".join(f"{job[k]}" for k in keys if k in job)
 
     def one(index: int) -> dict[str, Any]:
+        saved = cache.get(jobs[index]) if cache else None
+        if saved is not None:
+            progress(f"  [{index + 1}/{len(jobs)}] {describe(jobs[index])}: reused from the interrupted run")
+            return saved
         result = run_one(jobs[index], threads=threads)
+        if cache:
+            cache.put(jobs[index], result)
         status = "ok" if result.get("ok") else f"FAILED: {result.get('error')}"
         progress(f"  [{index + 1}/{len(jobs)}] {describe(jobs[index])}: {result['process_seconds']:.0f} s, {status}")
         return result
