@@ -112,3 +112,32 @@ def test_report_renders_targets_from_raw_results(tmp_path: Path) -> None:
     assert (tmp_path / "unit_cost.png").stat().st_size > 1000
     assert aggregate.accuracy(raw)[("lora", "peft", "trec", 500)]["mean"] == pytest.approx(88.0)
     json.dumps(raw)
+
+
+def test_job_cache_resumes_only_finished_successful_jobs(tmp_path: Path) -> None:
+    from bench.cache import JobCache
+
+    path = tmp_path / ".full.jobs.jsonl"
+    done, failed = {"kind": "classify", "method": "lora", "seeds": [0, 1]}, {"kind": "classify", "method": "ia3"}
+    cache = JobCache(path, resume=False)
+    cache.put(done, {"ok": True, "runs": [1]})
+    cache.put(failed, {"ok": False, "error": "boom"})
+    with path.open("a") as fh:
+        fh.write('{"key": "cut short by a ki')  # a write interrupted by kill -9
+    resumed = JobCache(path, resume=True)
+    assert resumed.get({"seeds": [0, 1], "method": "lora", "kind": "classify"}) == {"ok": True, "runs": [1]}
+    assert resumed.get(failed) is None  # failures run again
+    assert resumed.get(done | {"seeds": [0]}) is None  # other settings are another job
+    assert JobCache(path, resume=False).get(done) is None  # a fresh run never reuses results
+
+
+def test_a_partial_run_replaces_only_its_parts_and_keeps_when_each_was_measured() -> None:
+    from bench.run import _merge
+
+    old = _raw_results() | {"measured": {"accuracy": "old", "cost": "old"}, "part_seconds": {"accuracy": 60.0, "cost": 30.0}}
+    new = _raw_results() | {"started": "later", "part_seconds": {"cost": 10.0}, "memory": ["new"], "timing": ["new"],
+                            "accuracy": ["must not be used"]}
+    merged = _merge(old, new, ["cost"])
+    assert merged["memory"] == ["new"] and merged["accuracy"] == old["accuracy"]
+    assert merged["measured"] == {"accuracy": "old", "cost": "later (x)"}
+    assert merged["wall_seconds"] == 70.0

@@ -70,6 +70,36 @@ def test_linear_formula_and_merge(rslora) -> None:
     check_merge_roundtrip(model, x)
 
 
+def test_linear_gradients_match_the_formula() -> None:
+    model, ref = wrap(nn.Linear(12, 7), r=4, lora_alpha=6, init_lora_weights=False)
+    layer = model.base_model.layer
+    a = layer.lora_A["default"].weight.detach().clone().requires_grad_(True)
+    b = layer.lora_B["default"].weight.detach().clone().requires_grad_(True)
+    x = torch.randn(5, 3, 12)
+    g = torch.randn(5, 3, 7)
+    ((x @ ref.weight.T + ref.bias + 1.5 * (x @ a.T @ b.T)) * g).sum().backward()
+    (model(x) * g).sum().backward()
+    torch.testing.assert_close(layer.lora_A["default"].weight.grad, a.grad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer.lora_B["default"].weight.grad, b.grad, atol=1e-5, rtol=0)
+
+
+def test_linear_under_bf16_autocast_follows_the_formula_and_trains_a_and_b() -> None:
+    model, ref = wrap(nn.Linear(64, 32), r=4, lora_alpha=8, init_lora_weights=False)
+    model.train()
+    a, b = ab(model)
+    x = torch.randn(6, 5, 64)
+    expected = x @ ref.weight.T + ref.bias + 2.0 * (x @ a.T @ b.T)  # float32 reference
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=0.05 * expected.abs().max().item(), rtol=0)
+    out.float().sum().backward()
+    layer = model.base_model.layer
+    for weight in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+        assert weight.dtype == torch.float32 and weight.grad is not None and weight.grad.abs().sum() > 0
+    assert layer.get_base_layer().weight.grad is None
+
+
 def test_conv1d_transformers_gpt2_style() -> None:
     from transformers.pytorch_utils import Conv1D
 

@@ -88,11 +88,18 @@ class LoraLinear(DoraMixin, LoraLayer):
 
     def apply(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-        x_in = self._dropout(name, x).to(lora_A.weight.dtype)
-        update = lora_B(lora_A(x_in)) * self.scaling[name]  # (..., out)
+        x_in = self._dropout(name, x)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmul picks the dtype itself
+            x_in = x_in.to(lora_A.weight.dtype)
+        down = lora_A(x_in)  # (..., r)
         if name in self.lora_magnitude_vector:
-            return self.dora_apply(name, result, update)
-        return result + update.to(result.dtype)
+            return self.dora_apply(name, result, lora_B(down) * self.scaling[name])
+        if down.dtype == result.dtype and result.is_contiguous():
+            # One fused kernel for  result + s * down @ B^T  (no separate scale and add, no (..., out) temporaries).
+            fused = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]),
+                                lora_B.weight.t(), alpha=self.scaling[name])
+            return fused.view(result.shape)
+        return result + (lora_B(down) * self.scaling[name]).to(result.dtype)
 
 
 class LoraEmbedding(LoraLayer):
