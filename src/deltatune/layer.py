@@ -21,6 +21,21 @@ from torch import nn
 from .errors import AdapterNotFoundError, MergeError
 
 
+def to_delta_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in the dtype of a delta's weights, except under autocast.
+
+    A delta keeps float32 weights on a half-precision base; outside autocast its input is cast to
+    that dtype. Under autocast the matmuls pick their own dtype, so casting a bf16 activation up to
+    float32 would only add two copy kernels (up here, back down inside the matmul).
+    """
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(dtype)
+
+
+def scale_activation(h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``h * scale`` in ``h``'s dtype; the (small) scale vector is cast, never the (large) activation."""
+    return h * scale if scale.dtype == h.dtype else h * scale.to(h.dtype)
+
+
 class DeltaLayer(nn.Module):
     """A module of the base model plus named adapters living beside it.
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import TargetError
-from ...layer import DeltaLayer
+from ...layer import DeltaLayer, to_delta_dtype
 from ...model_interface import is_linear_like, linear_dims, residual_input_arg
 from ...targeting import unwrapped
 from .config import BottleneckConfig
@@ -107,7 +107,7 @@ class BottleneckLayer(DeltaLayer):
     def adapt(self, name: str, h: torch.Tensor) -> torch.Tensor:
         """``s * W_up f(W_down dropout(h))``: ``(..., d_in) -> (..., d_out)``, in ``h``'s dtype."""
         down, up = self.adapter_down[name], self.adapter_up[name]
-        x = h.to(down.weight.dtype)
+        x = to_delta_dtype(h, down.weight.dtype)
         p = self.dropout_p[name]
         if p > 0 and self.training:
             x = F.dropout(x, p, training=True)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ...errors import MergeError
-from ...layer import DeltaLayer
+from ...layer import DeltaLayer, scale_activation
 from ...model_interface import is_linear_like, linear_dims
 from ...targeting import unwrapped
 from .config import IA3Config
@@ -93,10 +93,10 @@ class IA3Layer(DeltaLayer):
         in_scale = self._scale([n for n in live if self.feedforward[n]])
         out_scale = self._scale([n for n in live if not self.feedforward[n]])
         if in_scale is not None:
-            x = (x.to(in_scale.dtype) * in_scale).to(x.dtype)  # (..., in)
+            x = scale_activation(x, in_scale)  # (..., in)
         result = self.base_layer(x, *args, **kwargs)
         if out_scale is not None:
-            result = (result.to(out_scale.dtype) * out_scale).to(result.dtype)  # (..., out)
+            result = scale_activation(result, out_scale)  # (..., out)
         return result
 
     # -- merging ---------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError
-from ...layer import DeltaLayer
+from ...layer import DeltaLayer, to_delta_dtype
 from ...model_interface import is_linear_like
 from ...targeting import pattern_value, unwrapped
 from .config import LoraConfig
@@ -88,9 +88,7 @@ class LoraLinear(DoraMixin, LoraLayer):
 
     def apply(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-        x_in = self._dropout(name, x)
-        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmul picks the dtype itself
-            x_in = x_in.to(lora_A.weight.dtype)
+        x_in = to_delta_dtype(self._dropout(name, x), lora_A.weight.dtype)
         down = lora_A(x_in)  # (..., r)
         if name in self.lora_magnitude_vector:
             return self.dora_apply(name, result, lora_B(down) * self.scaling[name])
@@ -163,7 +161,7 @@ class LoraConv(LoraLayer):
         return torch.einsum("or,ri...->oi...", b, a) * self.scaling[name]
 
     def apply(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        x_in = self._dropout(name, x).to(self.lora_A[name].weight.dtype)
+        x_in = to_delta_dtype(self._dropout(name, x), self.lora_A[name].weight.dtype)
         return result + (self.lora_B[name](self.lora_A[name](x_in)) * self.scaling[name]).to(result.dtype)
 
 
