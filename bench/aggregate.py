@@ -49,7 +49,7 @@ def cost(raw: dict[str, Any]) -> dict[Key, dict[str, Any]]:
             method, lib = name.split("/")
             table.setdefault((method, lib, res["job"]["task"]), {}).update(row)
     for row in table.values():
-        for k in ("step_s", "ratio_full_paired", "peak_mb", "baseline_mb", "file_bytes"):
+        for k in ("step_s", "ratio_full_paired", "ratio_peft_paired", "peak_mb", "baseline_mb", "file_bytes"):
             row.setdefault(k, None)
     return table
 

@@ -7,7 +7,9 @@
   turns, ``per_round`` steps at a time, for ``rounds`` rounds, with a rotating order, all on the same
   batches. A configuration's step time is the median of its steps; its ratio to full fine-tuning is the
   median over rounds of (its round time / full fine-tuning's time in that round), so load that drifts
-  during the run hits all configurations alike.
+  during the run hits all configurations alike. The HF peft twin of a method runs right beside
+  deltatune's in every round (which of the two goes first alternates), and their ratio is taken the same way, pair by pair
+  (``ratio_peft_paired``): the tightest comparison one machine allows.
 """
 
 from __future__ import annotations
@@ -71,18 +73,40 @@ def run_timing(job: dict[str, Any]) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - a configuration that cannot train is reported, not fatal
             failed[name] = f"{type(exc).__name__}: {exc}"
             trainers.pop(name, None)
-    names = list(trainers)
+    units = _twin_units(list(trainers))
+    names = [name for unit in units for name in unit]
     steps: dict[str, list[float]] = {n: [] for n in names}
     per_round_s: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         chunk = batches[warmup + r * per_round : warmup + (r + 1) * per_round]
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        rotated = units[r % len(units):] + units[: r % len(units)]
+        for name in [n for unit in rotated for n in (unit if r % 2 == 0 else unit[::-1])]:
             times = [trainers[name].step(batch)[1] for batch in chunk]
             steps[name].extend(times)
             per_round_s[name].append(sum(times))
-    full = per_round_s.get("full/deltatune")
+
+    def paired(a: str, b: str) -> float | None:
+        """Median over rounds of (a's round time / b's round time in the same round)."""
+        if b not in per_round_s:
+            return None
+        return statistics.median(x / y for x, y in zip(per_round_s[a], per_round_s[b]))
+
     out = {}
     for name in names:
-        ratio = statistics.median(a / b for a, b in zip(per_round_s[name], full)) if full else None
-        out[name] = {"step_s": statistics.median(steps[name]), "ratio_full_paired": ratio, "steps": len(steps[name])}
+        method, lib = name.split("/")
+        out[name] = {"step_s": statistics.median(steps[name]), "ratio_full_paired": paired(name, "full/deltatune"),
+                     "steps": len(steps[name])}
+        if lib == "deltatune":
+            out[name]["ratio_peft_paired"] = paired(name, f"{method}/peft")
     return {"configs": out, "failed": failed, "warmup": warmup, "rounds": rounds, "per_round": per_round}
+
+
+def _twin_units(names: list[str]) -> list[tuple[str, ...]]:
+    """``"method/lib"`` names grouped so that each peft twin runs right beside deltatune's configuration."""
+    units = []
+    for name in names:
+        method, lib = name.split("/")
+        if lib == "deltatune":
+            units.append((name, f"{method}/peft") if f"{method}/peft" in names else (name,))
+    taken = {n for unit in units for n in unit}
+    return units + [(n,) for n in names if n not in taken]

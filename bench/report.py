@@ -83,7 +83,9 @@ def cost_section(cost: dict, s: dict[str, Any]) -> list[str]:
 
 
 def _paired(d: dict[str, Any], p: dict[str, Any]) -> float | None:
-    """deltatune/peft step-time ratio from the paired ratios to full FT (same rounds), else the medians."""
+    """deltatune/peft step-time ratio: paired round by round, else via the paired ratios to full FT, else the medians."""
+    if d.get("ratio_peft_paired") is not None:
+        return d["ratio_peft_paired"]
     paired = agg.ratio(d.get("ratio_full_paired"), p.get("ratio_full_paired"))
     return paired if paired is not None else agg.ratio(d.get("step_s"), p.get("step_s"))
 

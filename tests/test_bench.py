@@ -141,3 +141,11 @@ def test_a_partial_run_replaces_only_its_parts_and_keeps_when_each_was_measured(
     assert merged["memory"] == ["new"] and merged["accuracy"] == old["accuracy"]
     assert merged["measured"] == {"accuracy": "old", "cost": "later (x)"}
     assert merged["wall_seconds"] == 70.0
+
+
+def test_timing_runs_each_peft_twin_beside_its_deltatune_configuration() -> None:
+    from bench.cost import _twin_units
+
+    names = ["full/deltatune", "lora/deltatune", "ia3/deltatune", "lora/peft", "ia3/peft", "odd/peft"]
+    assert _twin_units(names) == [("full/deltatune",), ("lora/deltatune", "lora/peft"), ("ia3/deltatune", "ia3/peft"),
+                                  ("odd/peft",)]
