@@ -1,7 +1,8 @@
 """Finished jobs of a suite run, one JSON line each, so that an interrupted run resumes where it stopped.
 
-``python -m bench --suite full --resume`` reuses every job whose exact settings (the job dict) already
-finished successfully in the previous run; failed jobs run again. Without ``--resume`` the file is
+``python -m bench --suite full --resume`` reuses every job whose exact settings (the job dict, which
+names every hyper-parameter, learning rate included) already finished successfully in the previous
+run; failed jobs run again. It assumes the code did not change in between. Without ``--resume`` the file is
 started afresh, so a result is never reused across runs by accident.
 """
 

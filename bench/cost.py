@@ -45,7 +45,7 @@ def run_memory(job: dict[str, Any]) -> dict[str, Any]:
     prep = prepare(job)
     batches = batches_for(prep, job | {"epochs": 1, "max_steps": job["steps"]}, seed=0)
     model, counts = load_model(prep, job["method"], job["lib"], seed=0)
-    trainer = Trainer(model, lr=METHODS[job["method"]].lr, total_steps=len(batches))
+    trainer = Trainer(model, lr=job.get("lr") or METHODS[job["method"]].lr, total_steps=len(batches))
     memory = PeakMemory()
     memory.start(model)
     model.train()
@@ -67,7 +67,7 @@ def run_timing(job: dict[str, Any]) -> dict[str, Any]:
         try:
             model, _ = load_model(prep, method, lib, seed=0)
             model.train()
-            trainers[name] = Trainer(model, lr=METHODS[method].lr, total_steps=len(batches))
+            trainers[name] = Trainer(model, lr=job.get("lrs", {}).get(method) or METHODS[method].lr, total_steps=len(batches))
             for batch in batches[:warmup]:
                 trainers[name].step(batch)
         except Exception as exc:  # noqa: BLE001 - a configuration that cannot train is reported, not fatal

@@ -19,7 +19,7 @@ pfeiffer   one bottleneck adapter after the FFN, reduction 16 (arXiv 2005.00247)
 parallel   parallel adapter beside the FFN, scaling 4, reduction 16 (arXiv 2110.04366)  1e-3
 prefix     20 key/value prefixes per layer (Li & Liang, arXiv 2101.00190)           3e-2
 prompt     20 virtual tokens (Lester et al., arXiv 2104.08691)                       1e-1
-ptuning    20 virtual tokens through an MLP encoder, hidden 128 (arXiv 2103.10385)   1e-2
+ptuning    20 virtual tokens through an MLP encoder, hidden 128 (arXiv 2103.10385)   3e-2
 =========  ======================================================================  ==========
 
 For sequence classification every PEFT method also trains the classifier head (both libraries do
@@ -120,7 +120,7 @@ METHODS: dict[str, MethodDef] = {
             hf=lambda t: _hf().PromptTuningConfig(task_type=t, num_virtual_tokens=20),
         ),
         MethodDef(
-            "ptuning", "P-tuning (20, MLP 128)", 1e-2,
+            "ptuning", "P-tuning (20, MLP 128)", 3e-2,
             dt=lambda t: _dt().PTuningConfig(task_type=t, num_virtual_tokens=20, encoder_hidden_size=128),
             hf=lambda t: _hf().PromptEncoderConfig(task_type=t, num_virtual_tokens=20, encoder_hidden_size=128),
         ),

@@ -144,6 +144,12 @@ def header_section(raw: dict[str, Any]) -> list[str]:
              (f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m['memory_gb']} GB; {m['platform']}. torch threads: 2. "
              f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, "
              f"deltatune {m['deltatune']} (commit {m['commit']})."), ""]
+    results = [r for part in ("memory", "timing", "accuracy", "lowdata", "forgetting") for r in raw.get(part) or []]
+    results += [raw["inference"]] if raw.get("inference") else []
+    reused = sum(1 for r in results if r.get("reused"))
+    if reused:
+        lines += [(f"Resumed run (`--resume`): {reused} of {len(results)} jobs were reused from the interrupted run; "
+                   "their time is not in the total above."), ""]
     precision = raw["settings"].get("accuracy_autocast")
     lines += [("Precision: accuracy and low-data runs train under " + (
         f"CPU {precision} autocast (mixed precision; weights, gradients and optimiser state stay float32)"

@@ -33,7 +33,7 @@ RESULTS = REPO / "bench" / "results"
 def _classify_job(s: Suite, method: str, lib: str, task: str, **over: Any) -> dict[str, Any]:
     job = {"kind": "classify", "model": "minilm", "method": method, "lib": lib, "task": task, "seeds": s.seeds,
            "n_train": s.n_train, "epochs": s.epochs, "batch_size": s.batch_size, "max_length": s.max_length[task],
-           "autocast": s.accuracy_autocast}
+           "autocast": s.accuracy_autocast, "lr": METHODS[method].lr}
     return job | over
 
 
@@ -58,11 +58,12 @@ def _cost_jobs(s: Suite, pairs: list[tuple[str, str]]) -> tuple[list[dict[str, A
     """One memory job per configuration and one interleaved timing job per task."""
     memory = [
         {"kind": "memory", "method": m, "lib": lib, "task": task, "n_train": s.n_train, "batch_size": s.batch_size,
-         "max_length": s.max_length[task], "steps": s.memory_steps}
+         "max_length": s.max_length[task], "steps": s.memory_steps, "lr": METHODS[m].lr}
         for task in s.cost_tasks for m, lib in pairs
     ]
     timing = [
-        {"kind": "timing", "configs": pairs, "task": task, "n_train": s.n_train, "batch_size": s.batch_size,
+        {"kind": "timing", "configs": pairs, "lrs": {m: METHODS[m].lr for m, _ in pairs}, "task": task,
+         "n_train": s.n_train, "batch_size": s.batch_size,
          "max_length": s.max_length[task], "warmup": s.timing_warmup, "rounds": s.timing_rounds,
          "per_round": s.timing_per_round}
         for task in s.cost_tasks

@@ -59,7 +59,7 @@ def run_many(jobs: list[dict[str, Any]], *, workers: int = 1, threads: int = 2,
         saved = cache.get(jobs[index]) if cache else None
         if saved is not None:
             progress(f"  [{index + 1}/{len(jobs)}] {describe(jobs[index])}: reused from the interrupted run")
-            return saved
+            return saved | {"reused": True}
         result = run_one(jobs[index], threads=threads)
         if cache:
             cache.put(jobs[index], result)

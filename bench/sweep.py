@@ -16,17 +16,19 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", required=True)
     parser.add_argument("--lrs", nargs="+", type=float, required=True)
     parser.add_argument("--lib", default="deltatune")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--autocast", default="bf16", choices=["bf16", "fp32"], help="as the suites' accuracy runs")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     args = parser.parse_args()
     jobs = [
         {"kind": "classify", "model": "minilm", "method": m, "lib": args.lib, "task": args.task, "seeds": args.seeds,
          "n_train": args.n_train, "epochs": args.epochs, "batch_size": args.batch_size, "max_length": args.max_length,
-         "lr": lr, "eval_split": "validation", "save": False}
+         "lr": lr, "eval_split": "validation", "save": False,
+         "autocast": None if args.autocast == "fp32" else args.autocast}
         for m in args.methods for lr in args.lrs
     ]
     for job, res in zip(jobs, run_many(jobs, workers=args.workers, threads=1)):
