@@ -34,9 +34,11 @@ def _methods_in(keys: Any, lib: str) -> list[str]:
 
 def accuracy_section(raw: dict[str, Any], acc: dict, s: dict[str, Any]) -> list[str]:
     tasks = [t for t in s["tasks"] if any(k[2] == t for k in acc)]
-    n = s["n_train"]
+    done = [r for r in raw.get("accuracy") or [] if r.get("ok")]
+    size = {t: next(((r["n_train"], r.get("n_test", 0)) for r in done if r["job"]["task"] == t), (0, 0)) for t in tasks}
+    sizes = "; ".join(f"{TASK_NAMES[t]} {size[t][0]:,} train / {size[t][1]:,} test" for t in tasks)
     lines = ["## 1. Accuracy vs full fine-tuning", "",
-             (f"Bundled MiniLM (all-MiniLM-L6-v2), {n} training examples per task (BBC has {n} or all it has), "
+             (f"Bundled MiniLM (all-MiniLM-L6-v2), the first {s['n_train']:,} training examples per task ({sizes}), "
              f"{s['epochs']} epochs, batch {s['batch_size']}, seeds {s['seeds']}; test accuracy in %, "
              "mean ± sample std over seeds; gap = method − full fine-tuning (points)."), ""]
     header = ["method", "trainable", "% of model"] + [f"{TASK_NAMES[t]} {c}" for t in tasks for c in ("acc", "gap")]
