@@ -78,7 +78,7 @@ def targets_section(raw: dict[str, Any], acc: dict, cost: dict) -> list[str]:
         for m in sorted({k[0] for k in cost if k[1] == "peft" and k[2] == t}):
             d, p = cost.get((m, "deltatune", t), {}), cost.get((m, "peft", t), {})
             for what, r in (("step time", _paired(d, p)), ("peak memory", agg.ratio(d.get("peak_mb"), p.get("peak_mb")))):
-                rows.append([f"{m}: deltatune/peft {what} <= 1.0 ({TASK_NAMES[t]})", _f(r, "{:.2f}x"), _check(r, None if r is None else r <= 1.0)])
+                rows.append([f"{m}: deltatune/peft {what} <= 1.0 ({TASK_NAMES[t]})", _f(r, "{:.3f}x"), _check(r, None if r is None else r <= 1.0)])
     inf = (raw.get("inference") or {}).get("rows", {})
     for label, limit in (("LoRA merged", 1.02), ("LoRA unmerged", 1.10)):
         r = inf.get(label, {}).get("ratio")
