@@ -13,8 +13,8 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # ``python bench/run.py``: make ``bench`` importable
