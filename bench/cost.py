@@ -8,8 +8,8 @@
   batches. A configuration's step time is the median of its steps; its ratio to full fine-tuning is the
   median over rounds of (its round time / full fine-tuning's time in that round), so load that drifts
   during the run hits all configurations alike. The HF peft twin of a method runs right beside
-  deltatune's in every round (which of the two goes first alternates), and their ratio is taken the same way, pair by pair
-  (``ratio_peft_paired``): the tightest comparison one machine allows.
+  deltatune's in every round (which of the two goes first alternates), and their ratio is taken the
+  same way, pair by pair (``ratio_peft_paired``): the tightest comparison one machine allows.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def run_timing(job: dict[str, Any]) -> dict[str, Any]:
         try:
             model, _ = load_model(prep, method, lib, seed=0)
             model.train()
-            trainers[name] = Trainer(model, lr=job.get("lrs", {}).get(method) or METHODS[method].lr, total_steps=len(batches))
+            lr = job.get("lrs", {}).get(method) or METHODS[method].lr
+            trainers[name] = Trainer(model, lr=lr, total_steps=len(batches))
             for batch in batches[:warmup]:
                 trainers[name].step(batch)
         except Exception as exc:  # noqa: BLE001 - a configuration that cannot train is reported, not fatal
