@@ -58,17 +58,22 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
+def job_results(raw: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``(part, result)`` for every job of the suite (the inference part is a single result)."""
+    parts = ("accuracy", "memory", "timing", "lowdata", "forgetting")
+    pairs = [(part, r) for part in parts for r in raw.get(part) or []]
+    return pairs + ([("inference", raw["inference"])] if raw.get("inference") else [])
+
+
 def failures(raw: dict[str, Any]) -> list[str]:
     """One line per failed process, for the report."""
     lines = []
-    for part in ("accuracy", "memory", "timing", "lowdata", "forgetting"):
-        for res in raw.get(part) or []:
-            if not res.get("ok"):
-                job = res.get("job", {})
-                lines.append(f"{part}: {job.get('method')}/{job.get('lib')}/{job.get('task', '')}: {res.get('error')}")
+    failed = [(part, res) for part, res in job_results(raw) if not res.get("ok")]
+    for part, res in failed:
+        if part != "inference":
+            job = res.get("job", {})
+            lines.append(f"{part}: {job.get('method')}/{job.get('lib')}/{job.get('task', '')}: {res.get('error')}")
     for res in _ok(raw.get("timing")):
         lines += [f"timing: {name}: {why}" for name, why in res.get("failed", {}).items()]
-    inf = raw.get("inference")
-    if inf and not inf.get("ok"):
-        lines.append(f"inference: {inf.get('error')}")
+    lines += [f"inference: {res.get('error')}" for part, res in failed if part == "inference"]
     return lines

@@ -18,6 +18,24 @@ def _plt() -> Any:
     return plt
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """Lay out, write ``path`` (PNG, 110 dpi) and close ``fig``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+def _accuracy_axes(ax: Any, xlabel: str, title: str) -> None:
+    """Log-scale x axis, test accuracy on y, grid and legend: the look of every accuracy chart."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
 def accuracy_chart(acc: dict, suite: str, folder: Path) -> Path | None:
     """Accuracy (mean ± std over seeds) against trainable share (log scale), one marker per task."""
     points = [(k, v) for k, v in acc.items() if k[1] == "deltatune"]
@@ -32,17 +50,9 @@ def accuracy_chart(acc: dict, suite: str, folder: Path) -> Path | None:
                     capsize=3, linestyle="none", label=TASK_NAMES.get(task, task))
         for x, (k, v) in zip(xs, rows):
             ax.annotate(k[0], (x, v["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (% of the model, log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("MiniLM: accuracy vs trainable share (deltatune)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    path = folder / f"{suite}_accuracy_vs_params.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    _accuracy_axes(ax, "trainable parameters (% of the model, log scale)",
+                   "MiniLM: accuracy vs trainable share (deltatune)")
+    return _save(fig, folder / f"{suite}_accuracy_vs_params.png")
 
 
 def cost_chart(cost: dict, suite: str, folder: Path) -> Path | None:
@@ -64,11 +74,7 @@ def cost_chart(cost: dict, suite: str, folder: Path) -> Path | None:
         ax.grid(axis="y", alpha=0.3)
         ax.legend()
     fig.suptitle(f"Training cost per method (MiniLM, {TASK_NAMES.get(task, task)}, 2 threads)")
-    path = folder / f"{suite}_cost.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, folder / f"{suite}_cost.png")
 
 
 def lowdata_chart(raw: dict[str, Any], acc: dict, folder: Path) -> Path | None:
@@ -86,17 +92,9 @@ def lowdata_chart(raw: dict[str, Any], acc: dict, folder: Path) -> Path | None:
         rows = sorted((k[3], v) for k, v in points.items() if k[0] == m)
         ax.errorbar([n for n, _ in rows], [v["mean"] for _, v in rows], yerr=[v["std"] for _, v in rows],
                     marker="o", capsize=3, label=METHODS[m].label)
-    ax.set_xscale("log")
-    ax.set_xlabel("training examples (log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Low-data regime: MiniLM on {TASK_NAMES.get(task, task)}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    path = folder / f"{raw['suite']}_lowdata.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    _accuracy_axes(ax, "training examples (log scale)",
+                   f"Low-data regime: MiniLM on {TASK_NAMES.get(task, task)}")
+    return _save(fig, folder / f"{raw['suite']}_lowdata.png")
 
 
 def write_charts(raw: dict[str, Any], acc: dict, cost: dict, folder: Path) -> list[Path]:

@@ -146,9 +146,8 @@ def header_section(raw: dict[str, Any]) -> list[str]:
              (f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m['memory_gb']} GB; {m['platform']}. torch threads: 2. "
              f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, "
              f"deltatune {m['deltatune']} (commit {m['commit']})."), ""]
-    results = [r for part in ("memory", "timing", "accuracy", "lowdata", "forgetting") for r in raw.get(part) or []]
-    results += [raw["inference"]] if raw.get("inference") else []
-    reused = sum(1 for r in results if r.get("reused"))
+    results = agg.job_results(raw)
+    reused = sum(1 for _, r in results if r.get("reused"))
     if reused:
         lines += [(f"Resumed run (`--resume`): {reused} of {len(results)} jobs were reused from the interrupted run; "
                    "their time is not in the total above."), ""]

@@ -117,7 +117,6 @@ def run_suite(s: Suite, parts: list[str], log: Any = _log, *, cache: JobCache | 
         t0 = time.perf_counter()
         body()
         out["part_seconds"][part] = time.perf_counter() - t0
-        out["wall_seconds"] = sum(out["part_seconds"].values())
         done.append(part)
         if on_part:
             on_part(out, list(done))
@@ -149,7 +148,6 @@ def run_suite(s: Suite, parts: list[str], log: Any = _log, *, cache: JobCache | 
     for part, body in (("cost", cost), ("accuracy", accuracy), ("lowdata", lowdata), ("forgetting", forgetting),
                        ("inference", inference)):
         run_part(part, body)
-    out["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     return out
 
 
