@@ -27,6 +27,7 @@ Which modules are the encoder self-attention / cross-attention and their project
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Iterator
@@ -134,7 +135,7 @@ class _Prefixer:
 
     def __init__(self, attention: nn.Module, keys: torch.Tensor, values: torch.Tensor, index: int) -> None:
         self.keys, self.values, self.index = keys, values, index
-        self.signature = inspect.signature(attention.forward)
+        self.signature = _forward_signature(getattr(attention.forward, "__func__", attention.forward))
         names = [k for k in CACHE_KWARGS if k in self.signature.parameters]
         if not names:
             raise TargetError(f"{type(attention).__name__} takes no key/value cache; encoder_prefix cannot reach it.")
@@ -175,6 +176,16 @@ class _Prefixer:
             if mask.shape[-1] == source.shape[1]:  # (B, 1, Q | 1, S) -> (B, 1, Q | 1, P + S)
                 given[name] = _widen(mask, self.keys.shape[0])
         return _rebuild(self.signature, args, kwargs, given)
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_signature(forward: Any) -> inspect.Signature:
+    """``forward``'s signature without ``self``; hooks are attached on every model call, so it is read once."""
+    signature = inspect.signature(forward)
+    params = list(signature.parameters.values())
+    if params and params[0].name == "self" and not inspect.ismethod(forward):
+        signature = signature.replace(parameters=params[1:])
+    return signature
 
 
 def _rebuild(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any], given: dict[str, Any]) -> tuple:
