@@ -1,4 +1,4 @@
-"""The ``deltatune`` command: train, eval, predict, generate, merge, inspect, demo.
+"""The ``deltatune`` command: train, eval, predict, generate, merge, inspect, demo, serve.
 
 Run ``deltatune <command> --help`` for every option. Nothing here downloads: models are bundled names
 (``minilm``, ``smollm2``) or local folders.
@@ -124,7 +124,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(p)
     _add_inference_commands(sub)
     _add_tool_commands(sub)
+    _add_serve_command(sub)
     return parser
+
+
+def _add_serve_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a base model and its adapters",
+                       formatter_class=_HelpFormatter, epilog=EPILOG,
+                       description="Serves /v1/completions, /v1/chat/completions and /v1/models; requests for any "
+                       "mix of adapters are decoded together (continuous batching). Needs deltatune[serve].")
+    p.add_argument("--model", required=True, help="base model: bundled name (smollm2) or a local folder")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="serve this adapter as model NAME "
+                   "(repeatable; PATH: run folder or adapter folder)")
+    p.add_argument("--adapters-dir", metavar="DIR", help="allow POST /v1/adapters to load adapters from inside DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--api-key", default=os.environ.get("DELTATUNE_API_KEY"), help="require 'Authorization: Bearer "
+                   "KEY' on every route but /health (default: $DELTATUNE_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (KV-cache slots)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt in tokens")
+    p.add_argument("--max-n", type=int, default=8, help="largest n (choices per request)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="log level")
 
 
 def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
@@ -304,8 +329,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .serve.server import run_server
+
+    return run_server(args)
+
+
 COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "generate": _generate, "merge": _merge,
-            "inspect": _inspect, "demo": _demo}
+            "inspect": _inspect, "demo": _demo, "serve": _serve}
 
 
 def _quiet_libraries() -> None:

@@ -1,0 +1,255 @@
+"""Continuous batching: one decoding loop in a thread serves every request, across adapters.
+
+Each loop turn (1) admits waiting jobs while slots are free: a job's prompt is prefilled alone (one
+forward with its adapter), its ``n`` choices pick their first tokens and join the batch, sharing the
+prompt's cache rows; (2) runs ONE forward for all running sequences, each row with its own adapter,
+its own cache row and position (:mod:`.batch_cache`, :mod:`.mixed_forward`); (3) lets sequences that
+finished (end-of-sequence token, a stop string, ``max_tokens``) or whose client went away leave at
+once, freeing their slots for the next turn.
+
+Faults stay with their request: a prefill that raises fails its job only; a batched step that raises
+is retried row by row, so only the rows that raise alone fail (their jobs get an error event) and
+every other sequence goes on. The HTTP layer sees a job only through the events it ``emit``s.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .batch_cache import BatchCache
+from .errors import ApiError
+from .mixed_forward import forward_rows
+from .sampling import SamplingParams, make_generator, pick_token
+from .text import TextTracker
+
+log = logging.getLogger("deltatune.serve")
+
+
+@dataclass
+class Event:
+    """What a job reports: new ``text`` of a choice, its ``finish`` (reason, tokens), or an ``error``."""
+
+    kind: str  # "text" | "finish" | "error"
+    choice: int = 0
+    text: str = ""
+    reason: str | None = None
+    tokens: int = 0
+
+
+@dataclass(eq=False)
+class Job:
+    """One prompt to continue ``n`` times with adapter ``adapter``; ``emit`` is called from the engine thread."""
+
+    adapter: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    n: int
+    emit: Callable[[Event], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    open_choices: int = 0
+
+
+@dataclass(eq=False)
+class _Sequence:
+    job: Job
+    choice: int
+    generator: torch.Generator | None
+    tracker: TextTracker
+    last_token: int = -1
+    generated: int = 0
+
+
+class Engine:
+    """The decoding loop; ``submit`` and ``cancel`` are safe to call from any thread."""
+
+    def __init__(self, registry: Any, tokenizer: Any, eos_ids: set[int], max_batch: int = 32,
+                 max_queue: int = 256) -> None:
+        self.registry = registry  # .lock (held around every forward) and .model
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.jobs: set[Job] = set()  # waiting or running
+        self.cond = threading.Condition()
+        self.batch = BatchCache()
+        self.seqs: list[_Sequence] = []  # one per batch row, in row order
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="deltatune-engine", daemon=True)
+
+    # -- called from the HTTP side ------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            if self.stopping:
+                raise ApiError(503, "The server is shutting down; no new requests are taken.")
+            if len(self.waiting) >= self.max_queue:
+                raise ApiError(429, f"The queue is full ({self.max_queue} requests waiting); retry shortly.")
+            job.open_choices = job.n
+            self.waiting.append(job)
+            self.jobs.add(job)
+            self.cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client is gone: the job's sequences leave before the next step."""
+        job.cancelled.set()
+        with self.cond:
+            if job in self.waiting:
+                self.waiting.remove(job)
+            self.jobs.discard(job)
+            self.cond.notify()
+
+    def jobs_using(self, adapter: str) -> int:
+        with self.cond:
+            return sum(job.adapter == adapter for job in self.jobs)
+
+    def stats(self) -> dict[str, int]:
+        with self.cond:
+            return {"running_sequences": len(self.seqs), "waiting_requests": len(self.waiting),
+                    "slots": self.max_batch}
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel what is left and end the loop (the HTTP server has already drained its requests)."""
+        with self.cond:
+            self.stopping = True
+            for job in list(self.jobs):
+                job.cancelled.set()
+            self.cond.notify()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopping and not self.waiting and not self.seqs:
+                    self.cond.wait()
+                if self.stopping:
+                    return
+                admitted = []
+                free = self.max_batch - len(self.seqs)
+                while self.waiting and self.waiting[0].n <= free:
+                    job = self.waiting.popleft()
+                    free -= job.n
+                    admitted.append(job)
+            for job in admitted:
+                self._prefill(job)
+            self._drop_cancelled()
+            if self.seqs:
+                self._decode_step()
+
+    def _prefill(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            return
+        ids = torch.tensor([job.prompt_ids], dtype=torch.long)  # (1, T)
+        try:
+            with self.registry.lock:
+                logits, tensors = forward_rows(self.registry.model, [job.adapter],
+                                               {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [])
+        except Exception as exc:  # noqa: BLE001 (the request fails, the server goes on)
+            self._fail(job, exc)
+            return
+        joined = []
+        for choice in range(job.n):
+            seq = _Sequence(job, choice, make_generator(job.params, choice),
+                            TextTracker(self.tokenizer, job.params.stop))
+            if self._take_token(seq, logits[0]):
+                joined.append(seq)
+        if joined and not job.cancelled.is_set():
+            self.batch.join(tensors, len(job.prompt_ids), copies=len(joined))
+            self.seqs.extend(joined)
+
+    def _decode_step(self) -> None:
+        names = [s.job.adapter for s in self.seqs]
+        inputs = self.batch.step_inputs([s.last_token for s in self.seqs])
+        try:
+            with self.registry.lock:
+                logits, tensors = forward_rows(self.registry.model, names, inputs, self.batch.tensors)
+            self.batch.advance(tensors)
+        except Exception:  # noqa: BLE001 (find the rows that fail alone; the others go on)
+            logits = self._retry_rows_alone(names, inputs)
+        keep = [row for row, seq in enumerate(self.seqs) if self._take_token(seq, logits[row])]
+        self._keep(keep)
+
+    def _retry_rows_alone(self, names: list[str], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        ok: list[int] = []
+        rows_logits: list[torch.Tensor] = []
+        rows_tensors: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        for row, seq in enumerate(self.seqs):
+            one = torch.tensor([row])
+            try:
+                with self.registry.lock:
+                    row_logits, row_tensors = forward_rows(
+                        self.registry.model, [names[row]], {k: v.index_select(0, one) for k, v in inputs.items()},
+                        [(k.index_select(0, one), v.index_select(0, one)) for k, v in self.batch.tensors])
+            except Exception as exc:  # noqa: BLE001
+                self._fail(seq.job, exc)
+                continue
+            ok.append(row)
+            rows_logits.append(row_logits)
+            rows_tensors.append(row_tensors)
+        self.seqs = [self.seqs[row] for row in ok]
+        if not ok:
+            self.batch = BatchCache()
+            return torch.zeros(0, 0)
+        layers = [(torch.cat([t[i][0] for t in rows_tensors]), torch.cat([t[i][1] for t in rows_tensors]))
+                  for i in range(len(rows_tensors[0]))]
+        self.batch.replace_rows(ok, layers)
+        return torch.cat(rows_logits)
+
+    def _take_token(self, seq: _Sequence, logits: torch.Tensor) -> bool:
+        """Pick, record and report one token of ``seq``; False when the sequence is over."""
+        job = seq.job
+        if job.cancelled.is_set():
+            return False
+        try:
+            token = pick_token(logits, job.params, seq.generator)
+            seq.generated += 1
+            seq.last_token = token
+            reason = "stop" if token in self.eos_ids else None
+            piece = "" if reason else seq.tracker.push(token)
+            if seq.tracker.stopped:
+                reason = "stop"
+            elif reason is None and seq.generated >= job.params.max_tokens:
+                reason = "length"
+            if reason:
+                piece += seq.tracker.finish()
+            if piece:
+                job.emit(Event("text", seq.choice, text=piece))
+        except Exception as exc:  # noqa: BLE001
+            self._fail(job, exc)
+            return False
+        if reason:
+            job.emit(Event("finish", seq.choice, reason=reason, tokens=seq.generated))
+            self._choice_done(job)
+            return False
+        return True
+
+    def _choice_done(self, job: Job) -> None:
+        job.open_choices -= 1
+        if job.open_choices <= 0:
+            with self.cond:
+                self.jobs.discard(job)
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        log.exception("generation failed (adapter %s): %s", job.adapter, exc, exc_info=exc)
+        if not job.cancelled.is_set():
+            job.emit(Event("error", text=f"{type(exc).__name__}: {exc}"))
+        self.cancel(job)
+
+    def _drop_cancelled(self) -> None:
+        self._keep([row for row, seq in enumerate(self.seqs) if not seq.job.cancelled.is_set()])
+
+    def _keep(self, rows: list[int]) -> None:
+        if len(rows) != len(self.seqs):
+            self.batch.keep(rows)
+            self.seqs = [self.seqs[row] for row in rows]

@@ -1,0 +1,93 @@
+"""``deltatune serve``: load the base and adapters, start the engine, run uvicorn until SIGTERM/SIGINT.
+
+On SIGTERM (or Ctrl-C) the server stops accepting connections, lets the requests in flight finish
+for up to ``--shutdown-timeout`` seconds (then cancels the rest), stops the engine and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..bundled import resolve_model_path
+from ..errors import ConfigError
+from .adapters import AdapterRegistry
+from .app import Limits, Server, create_app
+from .engine import Engine
+from .errors import ApiError
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The tokens that end a choice: the model's generation config (as ``generate`` uses), else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+def parse_adapter_arg(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise ConfigError(f"--adapter {text!r}: expected NAME=PATH (e.g. --adapter support=runs/support).")
+    return name, Path(path)
+
+
+def build_server(args: argparse.Namespace) -> Server:
+    """Everything but the HTTP listener: model, tokenizer, adapters, engine, limits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = resolve_model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    adapters_dir = Path(args.adapters_dir) if args.adapters_dir else None
+    if adapters_dir is not None and not adapters_dir.is_dir():
+        raise ConfigError(f"--adapters-dir {adapters_dir} is not a directory.")
+    registry = AdapterRegistry(model, Path(str(args.model).rstrip("/")).name or str(args.model), adapters_dir)
+    for text in args.adapter or []:
+        name, folder = parse_adapter_arg(text)
+        try:
+            registry.load(name, folder)
+        except ApiError as exc:
+            raise ConfigError(f"--adapter {text}: {exc.message}") from exc
+    positions = getattr(model.config, "max_position_embeddings", None) or 2048
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=min(args.max_prompt_tokens, positions),
+                    max_tokens=args.max_tokens_limit, max_n=min(args.max_n, args.max_batch), context_length=positions)
+    engine = Engine(registry, tokenizer, eos_ids(model, tokenizer), max_batch=args.max_batch,
+                    max_queue=args.max_queue)
+    return Server(engine, registry, tokenizer, limits, args.api_key or None)
+
+
+def run_server(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    server = build_server(args)
+    config = uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout, access_log=args.log_level == "debug")
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn re-raises the signal after its graceful shutdown; a drained server exits 0 instead."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    models = ", ".join(server.registry.model_names())
+    print(f"deltatune serve: http://{args.host}:{args.port}/v1 (models: {models})", file=sys.stderr, flush=True)
+    GracefulServer(config).run()
+    return 0
