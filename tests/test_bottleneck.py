@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
-from deltatune.methods.adapter import BottleneckLayer
+from deltatune.methods.bottleneck import BottleneckLayer
 
 KINDS = ["bert_seq_cls", "distilbert_seq_cls", "gpt2_lm", "llama_lm", "t5", "bart"]
 

@@ -284,3 +284,21 @@ def test_pissa_adapter_saves_as_plain_lora_for_its_residual_base(make_model, out
         theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "residual"),
                                                 tmp_path / "adapter")
     torch.testing.assert_close(output_of(theirs.eval(), inputs), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_saved_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    """Adapter files get ``0o666 & ~umask`` as with a plain ``open()``, not mkstemp's private 0o600."""
+    from deltatune.checkpoint.atomic import atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        model = dt.get_delta_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), dt.LoraConfig(r=2, target_modules=["0"]))
+        model.save_pretrained(tmp_path / "adapter")
+        atomic_write_text(tmp_path / "note.txt", "x")
+    finally:
+        os.umask(old)
+    files = [tmp_path / "note.txt", *(tmp_path / "adapter").iterdir()]
+    assert len(files) == 3
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path

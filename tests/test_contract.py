@@ -163,6 +163,14 @@ def _check_generate(model: dt.DeltaModel, kind: str, inputs: dict[str, torch.Ten
     assert not torch.allclose(result.logits[0], base_result.logits[0], atol=1e-4), "delta had no effect on generate()"
 
 
+def _check_module_apply(model: dt.DeltaModel) -> None:
+    """``nn.Module.apply(fn)`` (what transformers' weight init and users' custom init call) visits every
+    module once; no deltatune class may shadow it."""
+    visited: list[int] = []
+    model.apply(lambda m: visited.append(id(m)))
+    assert sorted(visited) == sorted(id(m) for m in model.modules())
+
+
 def _check_merge(model: dt.DeltaModel, method: str, inputs: dict[str, torch.Tensor], expected: torch.Tensor) -> None:
     """Mergeable methods fold in and out with the same outputs; the others refuse, naming the method."""
     if not dt.get_method(method).mergeable:
@@ -193,6 +201,7 @@ def test_contract(row: str, kind: str, tmp_path) -> None:
     model = dt.get_delta_model(base, config)
     if spec.identity_start:
         assert torch.equal(model_output(model, inputs), reference)
+    _check_module_apply(model)
     _perturb(model)
     assert not torch.allclose(_real_positions(model_output(model, inputs), reference), reference, atol=1e-5)
     _check_gradients(model, inputs)

@@ -38,7 +38,7 @@ class ScaleLayer(DeltaLayer):
         self.scale_g[name] = nn.Parameter(torch.full((out,), config.init_value))
         self.set_active(self.active_adapters)
 
-    def apply(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def add_delta(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return result * (1 + self.scale_g[name])
 
 

@@ -17,7 +17,7 @@ from .errors import (
     MergeError,
     TargetError,
 )
-from .methods.adapter import BottleneckConfig
+from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.p_tuning import PTuningConfig

@@ -102,12 +102,6 @@ class DeltaConfig:
         """``adapter_config.json``'s text: :meth:`to_dict` plus ``extra`` keys."""
         return json.dumps(self.to_dict() | (extra or {}), indent=2, sort_keys=False) + "\n"
 
-    def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> None:
-        """Write ``adapter_config.json`` into ``folder`` atomically (temp file, then rename)."""
-        from .checkpoint.atomic import atomic_write_text
-
-        atomic_write_text(Path(folder) / CONFIG_NAME, self.to_json(extra))
-
 
 @dataclass
 class TargetedConfig(DeltaConfig):

@@ -20,6 +20,7 @@ from torch import nn
 
 from .errors import BaseModelMismatchError
 from .model_interface import model_type
+from .targeting import unwrapped
 
 SAMPLE = 256
 FINGERPRINT_KEY = "deltatune_base_model_fingerprint"
@@ -82,19 +83,12 @@ def fingerprint_of(model: nn.Module, digests: list[Digest], skip: list[str]) -> 
     }
 
 
-def compute_fingerprint(model: nn.Module, skip: list[str]) -> dict[str, Any]:
-    """Fingerprint of ``model``'s base weights as they are now; ``skip`` lists module paths left out."""
-    return fingerprint_of(model, tensor_digests(model), skip)
-
-
 def target_shapes(model: nn.Module, paths: list[str]) -> dict[str, list[int] | None]:
     """Shapes of the original weights at ``paths`` (``None`` where the path or weight is missing)."""
     modules = dict(model.named_modules())
     shapes: dict[str, list[int] | None] = {}
     for path in paths:
-        module = modules.get(path)
-        while module is not None and getattr(module, "_delta_base_child", None):
-            module = getattr(module, module._delta_base_child)
+        module = unwrapped(modules[path]) if path in modules else None
         weight = getattr(module, "weight", None)
         shapes[path] = list(weight.shape) if isinstance(weight, torch.Tensor) else None
     return shapes

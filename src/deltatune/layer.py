@@ -5,7 +5,7 @@ keyed by adapter name and listed in ``adapter_attr_names`` (``("lora_A", "lora_B
 so that parameter names match the field's vocabulary and checkpoints interoperate. It implements:
 
 * ``add(name, config)`` — create an adapter's tensors;
-* ``apply(name, x, result)`` — add the adapter's contribution to the base output ``result``;
+* ``add_delta(name, x, result)`` — add the adapter's contribution to the base output ``result``;
 * ``delta_weight(name)`` — the change to ``base_layer.weight`` that merging applies (optional);
 
 and this class handles activation, disabling, merging, unmerging and deletion for all of them.
@@ -61,7 +61,7 @@ class DeltaLayer(nn.Module):
         """Create adapter ``name``'s tensors; ``path`` is this layer's module path (for per-module patterns)."""
         raise NotImplementedError
 
-    def apply(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def add_delta(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -191,7 +191,7 @@ class DeltaLayer(nn.Module):
             return result
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                result = self.apply(name, x, result, *args, **kwargs)
+                result = self.add_delta(name, x, result, *args, **kwargs)
         return result
 
     def extra_repr(self) -> str:

@@ -16,11 +16,10 @@ from typing import Any
 
 from torch import nn
 
-from .checkpoint.state import apply_tensors, check_base, load_adapter, read_adapter, save_adapter
+from .checkpoint.state import AdapterParts, apply_tensors, check_base, read_adapter, save_adapter
 from .config import DeltaConfig, TargetedConfig
 from .errors import AdapterNotFoundError, ConfigError, MergeError
 from .fingerprint import fingerprint_of, tensor_digests
-from .hooks import InputDelta
 from .inject import (
     head_paths,
     inject_layers,
@@ -29,6 +28,7 @@ from .inject import (
     unwrap,
     wrap_modules_to_save,
 )
+from .input_delta import InputDelta
 from .layer import DeltaLayer
 from .model_interface import head_names
 from .registry import all_methods, get_method
@@ -177,9 +177,8 @@ class DeltaModel(nn.Module):
         if adapter_name in self.input_deltas:
             params.extend(self.input_deltas[adapter_name].parameters())
         spec = get_method(self.peft_config[adapter_name])
-        extra = getattr(spec.config_cls, "extra_trainable", None)
-        if extra is not None:
-            params.extend(extra(self.peft_config[adapter_name], self.base_model).values())
+        if spec.extra_trainable is not None:
+            params.extend(spec.extra_trainable(self.peft_config[adapter_name], self.base_model).values())
         return list({id(p): p for p in params}.values())
 
     # -- counting --------------------------------------------------------------------------------
@@ -309,11 +308,17 @@ class DeltaModel(nn.Module):
         return self.base_model
 
     # -- files -----------------------------------------------------------------------------------
+    def adapter_parts(self, adapter_name: str) -> AdapterParts:
+        """What the file layer (:mod:`deltatune.checkpoint.state`) reads and writes of one adapter."""
+        self._check_known(adapter_name)
+        delta = self.input_deltas[adapter_name] if adapter_name in self.input_deltas else None
+        return AdapterParts(self.base_model, self.peft_config[adapter_name], delta)
+
     def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None) -> None:
         """Write each adapter in HF peft's format (``"default"`` at the top, others in subfolders)."""
         for name in selected_adapters or list(self.peft_config):
             self._check_known(name)
-            save_adapter(self, name, Path(save_directory))
+            save_adapter(self.adapter_parts(name), name, Path(save_directory), self.base_fingerprint(name))
 
     def load_adapter(
         self,
@@ -324,7 +329,16 @@ class DeltaModel(nn.Module):
         allow_pickle: bool = False,
     ) -> None:
         """Load an adapter folder as a new adapter ``adapter_name`` (not activated)."""
-        load_adapter(self, Path(model_id), adapter_name, is_trainable, ignore_base_mismatch, allow_pickle)
+        folder = Path(model_id)
+        config, tensors, fingerprint = read_adapter(folder, allow_pickle)
+        config.inference_mode = not is_trainable
+        check_base(self.base_model, fingerprint, str(folder), ignore_base_mismatch, digests=self.base_digests)
+        self.add_adapter(adapter_name, config)
+        try:
+            apply_tensors(self.adapter_parts(adapter_name), adapter_name, tensors, str(folder))
+        except BaseException:
+            self.delete_adapter(adapter_name)  # leave the model as it was
+            raise
 
     @classmethod
     def from_pretrained(
@@ -343,7 +357,7 @@ class DeltaModel(nn.Module):
         requires_grad = {id(p): p.requires_grad for p in model.parameters()}
         delta = cls(model, config, adapter_name)
         try:
-            apply_tensors(delta, adapter_name, tensors, str(model_id))
+            apply_tensors(delta.adapter_parts(adapter_name), adapter_name, tensors, str(model_id))
         except BaseException:
             unwrap(model)  # hand the caller's model back as it was
             for p in model.parameters():

@@ -32,7 +32,7 @@ class MethodSpec:
             returns a new :class:`~deltatune.layer.DeltaLayer` wrapping ``module`` or ``None`` when
             the method cannot wrap that module type.
         make_input: ``kind == "input"``: ``make_input(model, config, adapter_name)`` returns an
-            :class:`~deltatune.hooks.InputDelta` for ``model``.
+            :class:`~deltatune.input_delta.InputDelta` for ``model``.
         default_targets: ``default_targets(model, config)`` returns target names for an
             architecture when the user gave none (``None`` when the architecture is unknown).
         mergeable: whether the delta can be folded into the base weights.
@@ -41,6 +41,10 @@ class MethodSpec:
             *before* wrapping anything, so a config that fails on one target leaves the model untouched.
         prepare_config: ``prepare_config(model, config)`` fills in, before injection, config fields whose
             defaults depend on the architecture (so ``adapter_config.json`` records them resolved).
+        extra_trainable: ``extra_trainable(config, model)`` returns ``{path in model: parameter}`` for base
+            tensors the adapter trains beyond its own (LoRA's ``bias="all"``); they are saved with it.
+        loraplus_markers: name fragments (``".lora_B."``) of the tensors that LoRA+ (arXiv 2402.12354)
+            trains with ``lr * loraplus_lr_ratio``; empty when the method has no such tensors.
     """
 
     name: str
@@ -53,6 +57,8 @@ class MethodSpec:
     mergeable: bool = False
     can_wrap: Callable[[nn.Module, DeltaConfig, str], str | None] | None = None
     prepare_config: Callable[[nn.Module, DeltaConfig], None] | None = None
+    extra_trainable: Callable[[DeltaConfig, nn.Module], dict[str, nn.Parameter]] | None = None
+    loraplus_markers: tuple[str, ...] = ()
 
 
 _BY_NAME: dict[str, MethodSpec] = {}

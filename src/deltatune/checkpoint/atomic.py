@@ -1,6 +1,8 @@
 """Atomic file writes: write to a temporary file in the same folder, fsync, then rename.
 
-A crash during a save leaves either the old file or the new one, never half of one.
+A crash during a save leaves either the old file or the new one, never half of one. Files get the
+mode a plain ``open()`` would give them (``0o666`` minus the umask, so ``0o644`` under umask 022),
+not ``mkstemp``'s private ``0o600``: a saved adapter is readable by whoever may read the folder.
 """
 
 from __future__ import annotations
@@ -11,21 +13,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then atomically move ``tmp_path`` to ``path``."""
-    path = Path(path)
+def _current_umask() -> int:
+    """The process umask (read by setting it and putting it back: POSIX has no read-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temp_file_for(path: Path) -> str:
+    """An empty temporary file beside ``path`` (a unique name, so concurrent writers never collide)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    return tmp
 
 
 def atomic_write_many(writes: dict[Path, Callable[[str], None]]) -> None:
@@ -38,11 +38,9 @@ def atomic_write_many(writes: dict[Path, Callable[[str], None]]) -> None:
     temps: dict[Path, str] = {}
     try:
         for path, write in writes.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            temps[path] = tmp
-            write(tmp)
+            tmp = temps[Path(path)] = _temp_file_for(Path(path))
+            write(tmp)  # writers may replace the file (safetensors does), so the mode is set after
+            os.chmod(tmp, 0o666 & ~_current_umask())
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
     except BaseException:
@@ -52,6 +50,11 @@ def atomic_write_many(writes: dict[Path, Callable[[str], None]]) -> None:
         raise
     for path, tmp in temps.items():
         os.replace(tmp, path)
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then atomically move ``tmp_path`` to ``path``."""
+    atomic_write_many({Path(path): write})
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -8,7 +8,6 @@ in to a pickled ``adapter_model.bin``, which is then read with ``torch.load(weig
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import CheckpointError
-from .atomic import atomic_write
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -34,13 +32,6 @@ def tensor_writer(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | N
     # safetensors refuses tensors sharing memory; each saved tensor gets its own copy on the CPU.
     own = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     return lambda path: st.save_file(own, path, metadata={"format": "pt", **(metadata or {})})
-
-
-def save_tensors(folder: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
-    """Atomically write ``tensors`` as ``adapter_model.safetensors``; returns the file size in bytes."""
-    path = Path(folder) / WEIGHTS_NAME
-    atomic_write(path, tensor_writer(tensors, metadata))
-    return os.path.getsize(path)
 
 
 def load_tensors(folder: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

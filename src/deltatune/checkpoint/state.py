@@ -9,12 +9,14 @@ nothing is left over and every shape fits.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 
-from ..config import CONFIG_NAME, read_config_file
+from ..config import CONFIG_NAME, DeltaConfig, read_config_file
 from ..errors import CheckpointError, ConfigError
 from ..fingerprint import (
     FINGERPRINT_KEY,
@@ -24,61 +26,71 @@ from ..fingerprint import (
     target_shapes,
     tensor_digests,
 )
-from ..hooks import InputDelta
 from ..inject import iter_wrappers
+from ..input_delta import InputDelta
 from ..layer import DeltaLayer
 from ..registry import get_method
 from .atomic import atomic_write_many
 from .io import KEY_PREFIX, WEIGHTS_NAME, adapter_folder, load_tensors, tensor_writer
 
-if TYPE_CHECKING:
-    from ..config import DeltaConfig
-    from ..model import DeltaModel
-
 Owner = Any  # a wrapper, an input delta, or None for a plain tensor
 
 
-def adapter_entries(model: DeltaModel, name: str) -> dict[str, tuple[Owner, str, torch.Tensor]]:
+@dataclass(frozen=True)
+class AdapterParts:
+    """What the file layer needs of one adapter: the wrapped model, the adapter's config and its input
+    delta (input methods only). :class:`~deltatune.model.DeltaModel` hands these over; this module never
+    sees the DeltaModel itself."""
+
+    model: nn.Module
+    config: DeltaConfig
+    input_delta: InputDelta | None = None
+
+
+def adapter_entries(parts: AdapterParts, name: str) -> dict[str, tuple[Owner, str, torch.Tensor]]:
     """``{file key: (owner, key relative to owner, current tensor)}`` for adapter ``name``."""
     entries: dict[str, tuple[Owner, str, torch.Tensor]] = {}
     # HF peft keeps an input method's model (and so its modules_to_save) under "base_model." directly.
-    prefix = model.input_deltas[name].file_key_prefix if name in model.input_deltas else KEY_PREFIX
-    for path, wrapper in iter_wrappers(model.base_model):
+    delta = parts.input_delta
+    prefix = delta.file_key_prefix if delta is not None else KEY_PREFIX
+    for path, wrapper in iter_wrappers(parts.model):
         for rel, tensor in wrapper.adapter_state(name).items():
             entries[f"{prefix}{path}.{rel}"] = (wrapper, rel, tensor)
-    if name in model.input_deltas:
-        delta = model.input_deltas[name]
+    if delta is not None:
         for key, tensor in delta.adapter_state().items():
             entries[key] = (delta, key, tensor)
-    config = model.peft_config[name]
-    extra = getattr(type(config), "extra_trainable", None)
+    extra = get_method(parts.config).extra_trainable
     if extra is not None:
-        for path, param in extra(config, model.base_model).items():
+        for path, param in extra(parts.config, parts.model).items():
             entries[f"{KEY_PREFIX}{path}"] = (None, path, param)
     return entries
 
 
-def get_adapter_state_dict(model: DeltaModel, name: str) -> dict[str, torch.Tensor]:
+def get_adapter_state_dict(parts: AdapterParts, name: str) -> dict[str, torch.Tensor]:
     """Adapter ``name``'s tensors keyed as in HF peft's ``adapter_model.safetensors``."""
-    return {key: tensor for key, (_, _, tensor) in adapter_entries(model, name).items()}
+    return {key: tensor for key, (_, _, tensor) in adapter_entries(parts, name).items()}
 
 
-def save_adapter(model: DeltaModel, name: str, root: Path, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+def save_adapter(
+    parts: AdapterParts, name: str, root: Path, fingerprint: dict[str, Any],
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write adapter ``name`` under ``root``: both files go to temporary names first, then are renamed.
 
-    An error anywhere (or a crash before the renames) leaves an adapter saved earlier in that
-    folder intact. ``tensors`` (keyed as :func:`get_adapter_state_dict`) replaces the model's own
-    tensors, e.g. whole tensors gathered from a sharded (FSDP) model.
+    ``fingerprint`` describes the base model (:func:`~deltatune.fingerprint.fingerprint_of`); the shapes
+    of the wrapped weights are added here. An error anywhere (or a crash before the renames) leaves an
+    adapter saved earlier in that folder intact. ``tensors`` (keyed as :func:`get_adapter_state_dict`)
+    replaces the model's own tensors, e.g. whole tensors gathered from a sharded (FSDP) model.
     """
     folder = adapter_folder(root, name)
-    config = model.peft_config[name].checkpoint_config()
-    layer_paths = [p for p, w in iter_wrappers(model.base_model) if isinstance(w, DeltaLayer) and name in w.adapter_names]
-    fingerprint = dict(model.base_fingerprint(name), target_shapes=target_shapes(model.base_model, layer_paths))
+    config = parts.config.checkpoint_config()
+    layer_paths = [p for p, w in iter_wrappers(parts.model) if isinstance(w, DeltaLayer) and name in w.adapter_names]
+    fingerprint = dict(fingerprint, target_shapes=target_shapes(parts.model, layer_paths))
     saved = config.to_dict() | {"inference_mode": True}  # HF peft's convention: saved adapters load for inference
     type(config).from_dict(saved)  # the file we write must load back
     text = config.to_json(extra={"inference_mode": True, FINGERPRINT_KEY: fingerprint})
     writes = {
-        folder / WEIGHTS_NAME: tensor_writer(get_adapter_state_dict(model, name) if tensors is None else tensors),
+        folder / WEIGHTS_NAME: tensor_writer(get_adapter_state_dict(parts, name) if tensors is None else tensors),
         folder / CONFIG_NAME: lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
     }
     atomic_write_many(writes)
@@ -114,34 +126,34 @@ def check_base(
     check_fingerprint(fingerprint, current, folder)
 
 
-def _base_layer_entries(model: DeltaModel) -> dict[str, torch.Tensor]:
+def _base_layer_entries(model: nn.Module) -> dict[str, torch.Tensor]:
     """Base weights of wrapped modules by file key. HF peft saves these next to the adapter when it
     trains or resizes an embedding layer (``save_embedding_layers``); loading puts them back."""
     out: dict[str, torch.Tensor] = {}
-    for path, wrapper in iter_wrappers(model.base_model):
+    for path, wrapper in iter_wrappers(model):
         if isinstance(wrapper, DeltaLayer):
             for key, param in wrapper.get_base_layer().named_parameters():
                 out[f"{KEY_PREFIX}{path}.{wrapper._delta_base_child}.{key}"] = param
     return out
 
 
-def _head_internal_prefixes(model: DeltaModel) -> tuple[str, ...]:
+def _head_internal_prefixes(model: nn.Module) -> tuple[str, ...]:
     """Key prefixes inside modules-to-save wrappers. HF peft's ``bias="all"`` writes the head's bias
     again under ``<head>.original_module.bias`` and ``<head>.modules_to_save.bias``; the trained copy
     is loaded from the head's own keys, so these duplicates are skipped."""
     return tuple(
         f"{KEY_PREFIX}{path}.{part}."
-        for path, wrapper in iter_wrappers(model.base_model)
+        for path, wrapper in iter_wrappers(model)
         if not isinstance(wrapper, DeltaLayer)
         for part in ("original_module", "modules_to_save")
     )
 
 
-def apply_tensors(model: DeltaModel, name: str, tensors: dict[str, torch.Tensor], folder: str) -> None:
+def apply_tensors(parts: AdapterParts, name: str, tensors: dict[str, torch.Tensor], folder: str) -> None:
     """Copy saved ``tensors`` into adapter ``name``, after checking keys and shapes."""
-    entries = adapter_entries(model, name)
-    base_entries = _base_layer_entries(model)
-    heads = _head_internal_prefixes(model)
+    entries = adapter_entries(parts, name)
+    base_entries = _base_layer_entries(parts.model)
+    heads = _head_internal_prefixes(parts.model)
     for key in set(tensors) - set(entries):
         if key in base_entries:
             entries[key] = (None, key, base_entries[key])
@@ -181,17 +193,3 @@ def apply_tensors(model: DeltaModel, name: str, tensors: dict[str, torch.Tensor]
         else:
             owner.load_adapter_state(name, state)
 
-
-def load_adapter(
-    model: DeltaModel, folder: Path, name: str, is_trainable: bool, ignore_base_mismatch: bool, allow_pickle: bool
-) -> None:
-    """Add the adapter saved in ``folder`` to ``model`` as ``name``."""
-    config, tensors, fingerprint = read_adapter(folder, allow_pickle)
-    config.inference_mode = not is_trainable
-    check_base(model.base_model, fingerprint, str(folder), ignore_base_mismatch, digests=model.base_digests)
-    model.add_adapter(name, config)
-    try:
-        apply_tensors(model, name, tensors, str(folder))
-    except BaseException:
-        model.delete_adapter(name)  # leave the model as it was
-        raise

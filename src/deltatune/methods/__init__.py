@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-for _package in ("lora", "ia3", "adapter", "prompt_tuning", "p_tuning", "prefix_tuning"):
+for _package in ("lora", "ia3", "bottleneck", "prompt_tuning", "p_tuning", "prefix_tuning"):
     try:
         importlib.import_module(f"{__name__}.{_package}")
     except ModuleNotFoundError as exc:  # a method package not written yet

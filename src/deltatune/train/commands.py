@@ -18,7 +18,7 @@ from ..config import read_config_file
 from ..errors import BaseModelMismatchError, ConfigError
 from ..fingerprint import FINGERPRINT_KEY
 from ..model import DeltaModel
-from .data import BUILTIN_DATASETS, DataError
+from .data import DataError
 from .evaluate import evaluate, generate_texts, predict_proba
 from .files import load_file
 from .loop import seed_everything
@@ -197,10 +197,6 @@ def _check_base(folder: Path, base: str, fingerprint: dict | None) -> tuple[bool
     except BaseModelMismatchError as exc:
         return False, str(exc)
     return True, None
-
-
-def builtin_names() -> str:
-    return ", ".join(f"{k} ({v.description})" for k, v in BUILTIN_DATASETS.items())
 
 
 def dumps(data: Any) -> str:

@@ -326,11 +326,11 @@ class Distributed:
         from ..checkpoint.state import adapter_entries, save_adapter
 
         for name in list(model.peft_config):
-            entries = adapter_entries(model, name)  # type: ignore[arg-type]
+            entries = adapter_entries(model.adapter_parts(name), name)
             with self.guard("gathering the adapter for saving"):
                 tensors = {key: fsdp_lib.full_tensor(t) for key, (_, _, t) in entries.items()}
             if self.is_main:
-                save_adapter(model, name, folder, tensors=tensors)  # type: ignore[arg-type]
+                save_adapter(model.adapter_parts(name), name, folder, model.base_fingerprint(name), tensors=tensors)
                 shapes = {key: tuple(t.shape) for key, (_, _, t) in entries.items()}  # global shapes, even for DTensors
                 fsdp_lib.verify_saved(adapter_folder(folder, name) / WEIGHTS_NAME, tensors, shapes)
         self.barrier("waiting for rank 0 to save the adapter")

@@ -22,8 +22,12 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..registry import all_methods
 
-LORA_B_MARKERS = (".lora_B.", ".lora_embedding_B.")
+
+def loraplus_markers() -> tuple[str, ...]:
+    """Name fragments of the tensors LoRA+ speeds up, as the registered methods declare them."""
+    return tuple(m for spec in all_methods() for m in spec.loraplus_markers)
 
 
 def param_groups(
@@ -31,10 +35,11 @@ def param_groups(
 ) -> list[dict]:
     """AdamW groups over the trainable parameters; names are kept in ``"names"`` for inspection."""
     groups: dict[tuple[bool, bool], dict] = {}
+    markers = loraplus_markers()
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        is_b = loraplus_ratio is not None and any(m in f".{name}" for m in LORA_B_MARKERS)
+        is_b = loraplus_ratio is not None and any(m in f".{name}" for m in markers)
         decay = param.dim() >= 2
         group = groups.setdefault((is_b, decay), {
             "params": [], "names": [], "weight_decay": weight_decay if decay else 0.0,

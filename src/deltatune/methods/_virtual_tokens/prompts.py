@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
-from ...hooks import InputDelta, bind_call
+from ...input_delta import InputDelta, bind_call
 from .config import input_embeddings, is_encoder_decoder
 from .table import ReparamTable
 

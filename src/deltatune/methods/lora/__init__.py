@@ -14,6 +14,7 @@ from ...errors import TargetError
 from ...model_interface import is_linear_like, role_regex
 from ...registry import MethodSpec, register
 from ...targeting import find_targets, unwrapped
+from .bias import trained_biases
 from .config import LoraConfig
 from .layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, can_wrap, make_lora_layer
 
@@ -50,6 +51,8 @@ SPEC = register(
         mergeable=True,
         can_wrap=can_wrap,
         prepare_config=prepare_config,
+        extra_trainable=trained_biases,
+        loraplus_markers=(".lora_B.", ".lora_embedding_B."),
     )
 )
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
-from torch import nn
-
 from ...config import TargetedConfig
 from ...errors import ConfigError
 
@@ -68,24 +66,3 @@ class LoraConfig(TargetedConfig):
         they fit is the residual one, so a load must neither redo the SVD nor change the base again
         (HF peft's own advice is to save PiSSA adapters with ``init_lora_weights=True``)."""
         return replace(self, init_lora_weights=True) if self.init_lora_weights == "pissa" else self
-
-    def extra_trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        """Base biases trained (and saved) with the adapter, keyed by their path in the wrapped model.
-
-        Heads in ``modules_to_save`` are left out: their trained copy (bias included) is saved anyway.
-        """
-        if self.bias == "none":
-            return {}
-        from ...modules_to_save import ModulesToSaveWrapper
-        from .layer import LoraLayer
-
-        if self.bias == "all":
-            heads = tuple(f"{p}." for p, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper))
-            return {n: p for n, p in model.named_parameters()
-                    if (n == "bias" or n.endswith(".bias")) and not n.startswith(heads)}
-        out = {}
-        for path, module in model.named_modules():
-            bias = getattr(module.get_base_layer(), "bias", None) if isinstance(module, LoraLayer) else None
-            if isinstance(bias, nn.Parameter):
-                out[f"{path}.base_layer.bias"] = bias
-        return out

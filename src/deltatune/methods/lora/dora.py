@@ -13,6 +13,8 @@ and, with the row norm treated as a constant in the backward pass (the paper's s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -21,6 +23,7 @@ class DoraMixin:
     """Adds the magnitude vector and DoRA's forward/merge to a linear LoRA layer."""
 
     lora_magnitude_vector: nn.ParameterDict
+    row_major_delta: Callable[[str], torch.Tensor]  # s * B A as (out, in), from LoraLinear
 
     def add_magnitude(self, name: str) -> None:
         with torch.no_grad():
@@ -29,10 +32,9 @@ class DoraMixin:
 
     def _adapted_row_norm(self, name: str) -> torch.Tensor:
         """``||W + s B A||`` over the input dimension, one value per output row: ``(out,)``."""
-        lora = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]  # (out, in)
-        return (self.base_weight().float() + lora).norm(p=2, dim=1)
+        return (self.base_weight().float() + self.row_major_delta(name)).norm(p=2, dim=1)
 
-    def dora_apply(self, name: str, result: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    def dora_add_delta(self, name: str, result: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """``result`` is ``W x + bias``, ``update`` is ``s B A dropout(x)``."""
         scale = self.lora_magnitude_vector[name] / self._adapted_row_norm(name).detach()  # (out,)
         bias = self.get_base_layer().bias
@@ -48,7 +50,7 @@ class DoraMixin:
             scale = self.lora_magnitude_vector[name] / self._adapted_row_norm(name)  # (out,)
             self._dora_merge_scale = getattr(self, "_dora_merge_scale", {})
             self._dora_merge_scale[name] = scale
-            merged = scale[:, None] * (self.base_weight().float() + self._lora_row_major(name))
+            merged = scale[:, None] * (self.base_weight().float() + self.row_major_delta(name))
             weight.data.copy_((merged.T if self.fan_in_fan_out else merged).to(weight.dtype))
 
     def unmerge_one(self, name: str) -> None:
@@ -57,8 +59,6 @@ class DoraMixin:
         weight = self.get_base_layer().weight
         with torch.no_grad():
             scale = self._dora_merge_scale.pop(name)
-            original = self.base_weight().float() / scale[:, None] - self._lora_row_major(name)
+            original = self.base_weight().float() / scale[:, None] - self.row_major_delta(name)
             weight.data.copy_((original.T if self.fan_in_fan_out else original).to(weight.dtype))
 
-    def _lora_row_major(self, name: str) -> torch.Tensor:
-        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]  # (out, in)

@@ -13,28 +13,20 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ...errors import ConfigError
 
-if TYPE_CHECKING:
-    from .layer import LoraLayer
 
-
-def init_lora(layer: LoraLayer, name: str, mode: bool | str) -> None:
+def init_lora(a: torch.Tensor, b: torch.Tensor, mode: bool | str, r: int) -> None:
+    """Initialise a linear or convolution LoRA pair in place: ``a`` is ``A`` ``(r, in, ...)``, ``b`` is ``B``."""
+    if mode == "pissa":
+        raise ConfigError("init_lora_weights='pissa' supports linear layers only; use init_pissa for those.")
     with torch.no_grad():
-        if hasattr(layer, "lora_embedding_A"):
-            _init_embedding(layer, name, mode)
-            return
-        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-        if mode == "pissa":
-            _init_pissa(layer, name)
-            return
         if mode == "gaussian":
-            nn.init.normal_(a, std=1 / layer.r[name])
+            nn.init.normal_(a, std=1 / r)
         else:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         if mode is False:
@@ -43,26 +35,26 @@ def init_lora(layer: LoraLayer, name: str, mode: bool | str) -> None:
             nn.init.zeros_(b)
 
 
-def _init_embedding(layer: LoraLayer, name: str, mode: bool | str) -> None:
-    a, b = layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+def init_lora_embedding(a: torch.Tensor, b: torch.Tensor, mode: bool | str) -> None:
+    """Initialise an embedding LoRA pair in place: ``a`` is ``(r, vocab)``, ``b`` is ``(dim, r)``."""
     if mode == "pissa":
         raise ConfigError("init_lora_weights='pissa' supports linear layers only, not embeddings.")
-    nn.init.normal_(b)
-    if mode is False:
-        nn.init.normal_(a)
-    else:
-        nn.init.zeros_(a)
+    with torch.no_grad():
+        nn.init.normal_(b)
+        if mode is False:
+            nn.init.normal_(a)
+        else:
+            nn.init.zeros_(a)
 
 
-def _init_pissa(layer: LoraLayer, name: str) -> None:
-    if not hasattr(layer, "base_weight"):
-        raise ConfigError("init_lora_weights='pissa' supports linear layers only.")
-    r, s = layer.r[name], layer.scaling[name]
-    weight = layer.base_weight().float()  # (out, in)
-    u, sv, vh = torch.linalg.svd(weight, full_matrices=False)
-    root = (sv[:r] / s).sqrt()
-    layer.lora_A[name].weight.copy_(root[:, None] * vh[:r])  # (r, in)
-    layer.lora_B[name].weight.copy_(u[:, :r] * root[None, :])  # (out, r)
-    residual = weight - s * layer.lora_B[name].weight @ layer.lora_A[name].weight
-    base = layer.get_base_layer().weight
-    base.data.copy_((residual.T if layer.fan_in_fan_out else residual).to(base.dtype))
+def init_pissa(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, scaling: float) -> torch.Tensor:
+    """PiSSA: fill ``a`` ``(r, in)`` and ``b`` ``(out, r)`` from the top-r singular triplets of ``weight``
+    ``(out, in)`` and return the residual ``weight - s B A`` ``(out, in)``, which replaces the base weight."""
+    r = a.shape[0]
+    with torch.no_grad():
+        weight = weight.float()
+        u, sv, vh = torch.linalg.svd(weight, full_matrices=False)
+        root = (sv[:r] / scaling).sqrt()
+        a.copy_(root[:, None] * vh[:r])  # (r, in)
+        b.copy_(u[:, :r] * root[None, :])  # (out, r)
+        return weight - scaling * b @ a

@@ -20,7 +20,7 @@ from ...model_interface import is_linear_like
 from ...targeting import pattern_value, unwrapped
 from .config import LoraConfig
 from .dora import DoraMixin
-from .init import init_lora
+from .init import init_lora, init_lora_embedding, init_pissa
 
 
 class LoraLayer(DeltaLayer):
@@ -71,7 +71,12 @@ class LoraLinear(DoraMixin, LoraLayer):
         weight = self.get_base_layer().weight
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=torch.float32)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=torch.float32)
-        init_lora(self, name, config.init_lora_weights)
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if config.init_lora_weights == "pissa":
+            residual = init_pissa(a, b, self.base_weight(), self.scaling[name])  # (out, in)
+            weight.data.copy_((residual.T if self.fan_in_fan_out else residual).to(weight.dtype))
+        else:
+            init_lora(a, b, config.init_lora_weights, r)
         if config.use_dora:
             self.add_magnitude(name)
         self.set_active(self.active_adapters)
@@ -81,17 +86,21 @@ class LoraLinear(DoraMixin, LoraLayer):
         weight = self.get_base_layer().weight
         return weight.T if self.fan_in_fan_out else weight
 
+    def row_major_delta(self, name: str) -> torch.Tensor:
+        """``s * B A`` as ``(out, in)``: the one place LoRA's weight update is formed."""
+        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]  # (out, in)
+
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``s * B A`` as ``(out, in)``, transposed for fan-in-fan-out weights."""
-        delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]  # (out, in)
+        """``s * B A`` in the base weight's layout (transposed for fan-in-fan-out weights)."""
+        delta = self.row_major_delta(name)  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
-    def apply(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def add_delta(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         x_in = to_delta_dtype(self._dropout(name, x), lora_A.weight.dtype)
         down = lora_A(x_in)  # (..., r)
         if name in self.lora_magnitude_vector:
-            return self.dora_apply(name, result, lora_B(down) * self.scaling[name])
+            return self.dora_add_delta(name, result, lora_B(down) * self.scaling[name])
         if down.dtype == result.dtype and result.is_contiguous():
             # One fused kernel for  result + s * down @ B^T  (no separate scale and add, no (..., out) temporaries).
             fused = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]),
@@ -118,13 +127,13 @@ class LoraEmbedding(LoraLayer):
         weight = base.weight
         self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, base.num_embeddings, device=weight.device))
         self.lora_embedding_B[name] = nn.Parameter(torch.zeros(base.embedding_dim, r, device=weight.device))
-        init_lora(self, name, config.init_lora_weights)
+        init_lora_embedding(self.lora_embedding_A[name], self.lora_embedding_B[name], config.init_lora_weights)
         self.set_active(self.active_adapters)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]  # (vocab, dim)
 
-    def apply(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def add_delta(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
         rows = F.embedding(x, self.lora_embedding_A[name].T, base.padding_idx, base.max_norm, base.norm_type,
                            base.scale_grad_by_freq, base.sparse)  # (..., r)
@@ -151,7 +160,7 @@ class LoraConv(LoraLayer):
         self.lora_A[name] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
                                  padding_mode=base.padding_mode, **kw)
         self.lora_B[name] = conv(r, base.out_channels, 1, **kw)
-        init_lora(self, name, config.init_lora_weights)
+        init_lora(self.lora_A[name].weight, self.lora_B[name].weight, config.init_lora_weights, r)
         self.set_active(self.active_adapters)
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -160,7 +169,7 @@ class LoraConv(LoraLayer):
         b = self.lora_B[name].weight.flatten(1)  # (out, r)
         return torch.einsum("or,ri...->oi...", b, a) * self.scaling[name]
 
-    def apply(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def add_delta(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         x_in = to_delta_dtype(self._dropout(name, x), self.lora_A[name].weight.dtype)
         return result + (self.lora_B[name](self.lora_A[name](x_in)) * self.scaling[name]).to(result.dtype)
 

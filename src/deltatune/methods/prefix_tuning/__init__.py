@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
-from ...hooks import InputDelta, bind_call
+from ...input_delta import InputDelta, bind_call
 from ...registry import MethodSpec, register
 from .._virtual_tokens import ReparamTable, fill_from_model
 from .attention import ROLES, Site, attached, find_sites, flat_width
