@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+from . import quant
 from .config import DeltaConfig, TargetedConfig
 from .errors import (
     AdapterNotFoundError,
@@ -24,6 +25,7 @@ from .methods.p_tuning import PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .model import DeltaModel, get_delta_model
+from .quant import dequantize, prepare_for_kbit_training, quantize
 from .registry import MethodSpec, all_methods, get_method, register
 
 get_peft_model = get_delta_model  # the name users coming from HF peft type first
@@ -35,5 +37,5 @@ __all__ = [
     "DeltaConfig", "DeltaError", "DeltaModel", "IA3Config", "LoraConfig", "MergeError", "MethodSpec", "PTuningConfig",
     "PrefixTuningConfig", "PromptTuningConfig", "TargetError",
     "TargetedConfig",
-    "all_methods", "get_delta_model", "get_method", "get_peft_model", "register",
+    "all_methods", "dequantize", "get_delta_model", "get_method", "get_peft_model", "prepare_for_kbit_training", "quant", "quantize", "register",
 ]

@@ -21,6 +21,7 @@ from torch import nn
 from .errors import BaseModelMismatchError
 from .model_interface import model_type
 from .targeting import unwrapped
+from .weights import model_quantization, param_numel, param_tensors, quantization
 
 SAMPLE = 256
 FINGERPRINT_KEY = "deltatune_base_model_fingerprint"
@@ -37,11 +38,16 @@ def base_named_parameters(model: nn.Module, prefix: str = "") -> list[tuple[str,
     return out
 
 
-def _sample_digest(tensor: torch.Tensor) -> bytes:
-    flat = tensor.detach().reshape(-1)
-    step = max(1, flat.numel() // SAMPLE)
-    sample = flat[::step][:SAMPLE].float().to(torch.bfloat16).view(torch.int16)
-    return sample.cpu().numpy().tobytes()
+def _sample_digest(param: torch.Tensor) -> bytes:
+    """Sampled values of ``param``; a quantized weight is sampled from its stored (packed) tensors, so the
+    same model quantized the same way hashes alike, and any other quantization differently."""
+    out = b""
+    for tensor in param_tensors(param):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // SAMPLE)
+        sample = flat[::step][:SAMPLE].float().to(torch.bfloat16).view(torch.int16)
+        out += sample.cpu().numpy().tobytes()
+    return out
 
 
 #: What is hashed for one base tensor: (path, number of values, bytes hashed, identity shared by tied tensors).
@@ -59,7 +65,7 @@ def tensor_digests(model: nn.Module) -> list[Digest]:
     for name, param in base_named_parameters(model):
         ident = identity.setdefault(id(param), len(identity))
         data = name.encode() + str(tuple(param.shape)).encode() + _sample_digest(param)
-        out.append((name, param.numel(), data, ident))
+        out.append((name, param_numel(param), data, ident))
     return out
 
 
@@ -78,6 +84,7 @@ def fingerprint_of(model: nn.Module, digests: list[Digest], skip: list[str]) -> 
         "architecture": type(model).__name__,
         "model_type": model_type(model),
         "num_parameters": count,
+        "quantization": model_quantization(model),
         "excluded": sorted(skip),
         "sha256": digest.hexdigest(),
     }
@@ -90,13 +97,19 @@ def target_shapes(model: nn.Module, paths: list[str]) -> dict[str, list[int] | N
     for path in paths:
         module = unwrapped(modules[path]) if path in modules else None
         weight = getattr(module, "weight", None)
-        shapes[path] = list(weight.shape) if isinstance(weight, torch.Tensor) else None
+        if module is not None and quantization(module):  # the logical (out, in), not the packed storage
+            shapes[path] = [module.out_features, module.in_features]
+        else:
+            shapes[path] = list(weight.shape) if isinstance(weight, torch.Tensor) else None
     return shapes
 
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], folder: str) -> None:
     """Raise :class:`BaseModelMismatchError` when ``current`` is not the model ``saved`` was made on."""
     problems = []
+    if "quantization" in saved and saved["quantization"] != current.get("quantization"):
+        problems.append(f"quantization: adapter was trained on a {saved['quantization'] or 'float (unquantized)'} base, "
+                        f"this model is {current.get('quantization') or 'float (unquantized)'}")
     for key in ("architecture", "model_type", "num_parameters"):
         if saved.get(key) != current.get(key):
             problems.append(f"{key}: adapter was trained on {saved.get(key)!r}, this model has {current.get(key)!r}")

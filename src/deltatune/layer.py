@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterNotFoundError, MergeError
+from .weights import WeightSnapshot, add_to_weight, quantization, read_weight, restore_weight, snapshot_weight
 
 
 def to_delta_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -55,6 +56,7 @@ class DeltaLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self._merge_snapshots: dict[str, WeightSnapshot] = {}  # quantized bases: the weight before each merge
 
     # -- to implement -------------------------------------------------------------------------
     def add(self, name: str, config: Any, path: str = "") -> None:
@@ -146,14 +148,16 @@ class DeltaLayer(nn.Module):
 
     # -- merging ---------------------------------------------------------------------------------
     def merge_one(self, name: str) -> None:
-        """Fold adapter ``name`` into ``base_layer.weight``. Methods with a non-additive merge override."""
-        weight = self.get_base_layer().weight
-        weight.data += self.delta_weight(name).to(weight.dtype)
+        """Fold adapter ``name`` into the base weight. Methods with a non-additive merge override.
+
+        Reads and writes go through :mod:`deltatune.weights`, which dequantizes and re-quantizes a
+        quantized base weight.
+        """
+        add_to_weight(self.get_base_layer(), self.delta_weight(name))
 
     def unmerge_one(self, name: str) -> None:
         """Undo :meth:`merge_one` for adapter ``name``."""
-        weight = self.get_base_layer().weight
-        weight.data -= self.delta_weight(name).to(weight.dtype)
+        add_to_weight(self.get_base_layer(), -self.delta_weight(name))
 
     def merge(self, names: list[str] | None = None, safe: bool = False) -> None:
         """Merge ``names`` (default: the active adapters) into the base weights.
@@ -166,21 +170,30 @@ class DeltaLayer(nn.Module):
                 raise AdapterNotFoundError(f"Layer has no adapter {name!r}; it has {self.adapter_names}.")
             if name in self.merged_adapters:
                 continue
-            if safe:
-                weight = self.get_base_layer().weight
-                original = weight.data.clone()
-                self.merge_one(name)
-                if not torch.isfinite(weight).all():
-                    weight.data.copy_(original)
-                    raise MergeError(f"Merging adapter {name!r} gives NaN/inf weights; base left unchanged.")
-            else:
-                self.merge_one(name)
+            base = self.get_base_layer()
+            # A quantized weight cannot be un-merged by subtraction (re-quantizing rounds twice): keep the original.
+            kept = snapshot_weight(base) if safe or quantization(base) else None
+            self.merge_one(name)
+            if safe and not torch.isfinite(read_weight(base)).all():
+                restore_weight(base, kept)
+                raise MergeError(f"Merging adapter {name!r} gives NaN/inf weights; base left unchanged.")
+            if kept is not None and kept.quantized:
+                self._merge_snapshots[name] = kept
             self.merged_adapters.append(name)
+
+    def unmerge_last(self) -> None:
+        """Undo the most recent merge (a quantized base gets its original weight back bit for bit)."""
+        name = self.merged_adapters.pop()
+        kept = self._merge_snapshots.pop(name, None)
+        if kept is not None:
+            restore_weight(self.get_base_layer(), kept)
+        else:
+            self.unmerge_one(name)
 
     def unmerge(self) -> None:
         """Undo every merge, most recent first, restoring the base weights."""
         while self.merged_adapters:
-            self.unmerge_one(self.merged_adapters.pop())
+            self.unmerge_last()
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -30,8 +30,10 @@ from .inject import (
 )
 from .input_delta import InputDelta
 from .layer import DeltaLayer
+from .merge_check import MergeReport, default_probe, measure_merge
 from .model_interface import head_names
 from .registry import all_methods, get_method
+from .weights import quantization
 
 
 class DeltaModel(nn.Module):
@@ -50,6 +52,7 @@ class DeltaModel(nn.Module):
         self.input_deltas = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.saved_module_paths: dict[str, list[str]] = {}  # per adapter: heads it trains in full
+        self.merge_report: MergeReport | None = None  # set by verify_merge / merge_and_unload
         requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         for p, _ in requires_grad:
             p.requires_grad_(False)
@@ -274,7 +277,10 @@ class DeltaModel(nn.Module):
         All or nothing: if a layer fails (``safe_merge`` found NaN/inf, say), the layers merged by this
         call are unmerged again before the error is raised.
         """
-        names = list(adapter_names or self.active_adapters)
+        self._merge(list(adapter_names or self.active_adapters), safe_merge)
+
+    def _merge(self, names: list[str], safe_merge: bool) -> list[tuple[DeltaLayer, int]]:
+        """Merge ``names``; returns (layer, merges before) per layer, for :meth:`_undo_merge`."""
         self._check_mergeable(names)
         self._check_untied(names)
         done: list[tuple[DeltaLayer, int]] = []
@@ -284,10 +290,37 @@ class DeltaModel(nn.Module):
                     done.append((wrapper, len(wrapper.merged_adapters)))
                     wrapper.merge([n for n in names if n in wrapper.adapter_names], safe=safe_merge)
         except BaseException:
-            for wrapper, before in reversed(done):
-                while len(wrapper.merged_adapters) > before:
-                    wrapper.unmerge_one(wrapper.merged_adapters.pop())
+            self._undo_merge(done)
             raise
+        return done
+
+    @staticmethod
+    def _undo_merge(done: list[tuple[DeltaLayer, int]]) -> None:
+        for wrapper, before in reversed(done):
+            while len(wrapper.merged_adapters) > before:
+                wrapper.unmerge_last()
+
+    def verify_merge(
+        self,
+        adapter_names: list[str] | None = None,
+        probe: Any = None,
+        safe_merge: bool = False,
+        max_logit_error: float | None = None,
+    ) -> MergeReport:
+        """Merge like :meth:`merge_adapter` and measure what it changed on a probe batch.
+
+        The logits of the model with the adapters merged are compared with those of the same model
+        unmerged (see :mod:`deltatune.merge_check`); the report is returned and kept in
+        ``self.merge_report``. With ``max_logit_error``, a merge whose max logit difference is above it is
+        undone (the model is left exactly as before) and :class:`MergeError` is raised.
+
+        Args:
+            probe: keyword arguments for the model (``{"input_ids": ...}``) or one input tensor; default:
+                seeded random token ids of the model's vocabulary (transformers models).
+        """
+        report = measure_merge(self, list(adapter_names or self.active_adapters), probe, safe_merge, max_logit_error)
+        self.merge_report = report
+        return report
 
     def unmerge_adapter(self) -> None:
         """Restore the base weights by undoing every merge."""
@@ -295,11 +328,36 @@ class DeltaModel(nn.Module):
             if isinstance(wrapper, DeltaLayer):
                 wrapper.unmerge()
 
-    def merge_and_unload(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> nn.Module:
-        """Merge, then return the plain base model (trained task heads kept) with no wrappers left."""
-        self.merge_adapter(adapter_names, safe_merge)
+    def merge_and_unload(
+        self,
+        adapter_names: list[str] | None = None,
+        safe_merge: bool = False,
+        *,
+        probe: Any = None,
+        max_logit_error: float | None = None,
+    ) -> nn.Module:
+        """Merge, then return the plain base model (trained task heads kept) with no wrappers left.
+
+        When the merge is measured (a ``probe`` or ``max_logit_error`` is given, or a merged layer is
+        quantized) it goes through :meth:`verify_merge`: the report is in ``self.merge_report``, and a
+        merge above ``max_logit_error`` is refused, leaving the model unchanged and still wrapped.
+        """
+        names = list(adapter_names or self.active_adapters)
+        if probe is not None or max_logit_error is not None or self._merges_quantized(names):
+            if probe is None and default_probe(self.base_model) is None and max_logit_error is None:
+                warnings.warn("merge_and_unload: merging into quantized layers without a probe batch, so the "
+                              "merge error is not measured; pass probe=... to measure it.", stacklevel=2)
+                self.merge_adapter(names, safe_merge)
+            else:
+                self.verify_merge(names, probe, safe_merge, max_logit_error)
+        else:
+            self.merge_adapter(names, safe_merge)
         unwrap(self.base_model, keep_trained_copy=True)
         return self.base_model
+
+    def _merges_quantized(self, names: list[str]) -> bool:
+        return any(isinstance(w, DeltaLayer) and set(names) & set(w.adapter_names) and quantization(w.get_base_layer())
+                   for _, w in iter_wrappers(self.base_model))
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the original base model."""

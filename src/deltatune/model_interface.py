@@ -123,6 +123,8 @@ def linear_dims(module: nn.Module) -> tuple[int, int] | None:
     """``(in_features, out_features)`` of a linear-like module (``Conv1D`` stores its weight ``(in, out)``)."""
     if not is_linear_like(module):
         return None
+    if isinstance(module, nn.Linear):  # read the sizes, not the weight: a quantized weight is packed
+        return module.in_features, module.out_features
     rows, cols = module.weight.shape
     return (cols, rows) if isinstance(module, nn.Linear) else (rows, cols)
 

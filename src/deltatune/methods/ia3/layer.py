@@ -26,6 +26,7 @@ from ...errors import MergeError
 from ...layer import DeltaLayer, scale_activation
 from ...model_interface import is_linear_like, linear_dims
 from ...targeting import unwrapped
+from ...weights import WeightSnapshot, read_weight, restore_weight, snapshot_weight, write_weight
 from .config import IA3Config
 
 _TINY = 1e-12  # |l| below this cannot be divided out again: keep the original weights instead
@@ -58,7 +59,7 @@ class IA3Layer(DeltaLayer):
             self.in_features, self.out_features = linear_dims(base)
         self.ia3_l = nn.ParameterDict()
         self.feedforward: dict[str, bool] = {}
-        self._stash: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._stash: dict[str, WeightSnapshot] = {}
 
     def add(self, name: str, config: IA3Config, path: str = "") -> None:
         ff = is_feedforward(path, config.feedforward_modules)
@@ -117,33 +118,30 @@ class IA3Layer(DeltaLayer):
     def merge_one(self, name: str) -> None:
         """``W <- W * l`` (and ``b <- b * l`` for output scaling); refuses to write NaN/inf."""
         base = self.get_base_layer()
-        weight, bias = base.weight, getattr(base, "bias", None)
+        bias = getattr(base, "bias", None)
         scale = self._weight_scale(name)
-        new_weight = (weight.float() * scale).to(weight.dtype)
+        new_weight = read_weight(base).float() * scale
         scales_bias = bias is not None and not self.feedforward[name]
         new_bias = (bias.float() * scale.flatten()).to(bias.dtype) if scales_bias else None
         if not torch.isfinite(new_weight).all() or (new_bias is not None and not torch.isfinite(new_bias).all()):
             raise MergeError(f"Merging ia3 adapter {name!r} gives NaN/inf weights; base left unchanged.")
         if (scale.abs() < _TINY).any():  # cannot be divided out again: keep the originals
-            self._stash[name] = (weight.detach().clone(), None if bias is None else bias.detach().clone())
+            self._stash[name] = snapshot_weight(base)
         with torch.no_grad():
-            weight.copy_(new_weight)
+            write_weight(base, new_weight)
             if new_bias is not None:
                 bias.copy_(new_bias)
 
     def unmerge_one(self, name: str) -> None:
         """``W <- W / l`` (or the weights kept aside at merge time)."""
         base = self.get_base_layer()
-        weight, bias = base.weight, getattr(base, "bias", None)
+        bias = getattr(base, "bias", None)
         with torch.no_grad():
             if name in self._stash:
-                old_weight, old_bias = self._stash.pop(name)
-                weight.copy_(old_weight)
-                if old_bias is not None:
-                    bias.copy_(old_bias)
+                restore_weight(base, self._stash.pop(name))
                 return
             scale = self._weight_scale(name)
-            weight.copy_((weight.float() / scale).to(weight.dtype))
+            write_weight(base, read_weight(base).float() / scale)
             if bias is not None and not self.feedforward[name]:
                 bias.copy_((bias.float() / scale.flatten()).to(bias.dtype))
 

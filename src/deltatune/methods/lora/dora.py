@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ...weights import write_weight
+
 
 class DoraMixin:
     """Adds the magnitude vector and DoRA's forward/merge to a linear LoRA layer."""
@@ -45,20 +47,18 @@ class DoraMixin:
     def merge_one(self, name: str) -> None:
         if name not in self.lora_magnitude_vector:
             return super().merge_one(name)
-        weight = self.get_base_layer().weight
         with torch.no_grad():
             scale = self.lora_magnitude_vector[name] / self._adapted_row_norm(name)  # (out,)
             self._dora_merge_scale = getattr(self, "_dora_merge_scale", {})
             self._dora_merge_scale[name] = scale
             merged = scale[:, None] * (self.base_weight().float() + self.row_major_delta(name))
-            weight.data.copy_((merged.T if self.fan_in_fan_out else merged).to(weight.dtype))
+            write_weight(self.get_base_layer(), merged.T if self.fan_in_fan_out else merged)
 
     def unmerge_one(self, name: str) -> None:
         if name not in self.lora_magnitude_vector:
             return super().unmerge_one(name)
-        weight = self.get_base_layer().weight
         with torch.no_grad():
             scale = self._dora_merge_scale.pop(name)
             original = self.base_weight().float() / scale[:, None] - self.row_major_delta(name)
-            weight.data.copy_((original.T if self.fan_in_fan_out else original).to(weight.dtype))
+            write_weight(self.get_base_layer(), original.T if self.fan_in_fan_out else original)
 

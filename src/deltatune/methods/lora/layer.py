@@ -16,8 +16,9 @@ from torch import nn
 
 from ...errors import ConfigError
 from ...layer import DeltaLayer, to_delta_dtype
-from ...model_interface import is_linear_like
+from ...model_interface import is_linear_like, linear_dims
 from ...targeting import pattern_value, unwrapped
+from ...weights import quantization, read_weight
 from .config import LoraConfig
 from .dora import DoraMixin
 from .init import init_lora, init_lora_embedding, init_pissa
@@ -59,9 +60,8 @@ class LoraLinear(DoraMixin, LoraLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        weight = self.get_base_layer().weight
         self.fan_in_fan_out = not isinstance(self.get_base_layer(), nn.Linear)
-        self.out_features, self.in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
+        self.in_features, self.out_features = linear_dims(self.get_base_layer())
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()
@@ -82,8 +82,8 @@ class LoraLinear(DoraMixin, LoraLayer):
         self.set_active(self.active_adapters)
 
     def base_weight(self) -> torch.Tensor:
-        """The base weight as ``(out, in)``."""
-        weight = self.get_base_layer().weight
+        """The base weight as ``(out, in)`` (dequantized for a quantized base)."""
+        weight = read_weight(self.get_base_layer())
         return weight.T if self.fan_in_fan_out else weight
 
     def row_major_delta(self, name: str) -> torch.Tensor:
@@ -195,6 +195,10 @@ def can_wrap(module: nn.Module, config: LoraConfig, path: str) -> str | None:
         return f"use_dora supports linear layers only, this is an {kind}; exclude it or drop use_dora"
     if cls is not LoraLinear and config.init_lora_weights == "pissa":
         return f"init_lora_weights='pissa' supports linear layers only, this is an {kind}"
+    quantized = quantization(unwrapped(module))
+    if quantized and config.init_lora_weights == "pissa":
+        return (f"init_lora_weights='pissa' rewrites the base weight, which is quantized ({quantized}) here; "
+                "initialise on the float model, or use the default initialisation")
     return None
 
 

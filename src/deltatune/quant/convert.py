@@ -1,0 +1,152 @@
+"""Turn a float model into a quantised one and back, and get it ready for k-bit training.
+
+``quantize(model, kind)`` swaps each ``nn.Linear`` (except the output head and ``skip``) for the
+backend's module, quantising its weight: ``"nf4"`` / ``"fp4"`` (bitsandbytes 4-bit with double
+quantisation), ``"int8"`` (bitsandbytes LLM.int8()), ``"torchao-int8"`` (torchao int8 weight-only).
+This is what ``transformers``' ``BitsAndBytesConfig`` / ``TorchAoConfig`` do at load time; use it
+where loading that way is not possible (a model already in memory, a plain ``nn.Module``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..model_interface import output_head_paths
+from ..weights import quantization, read_weight
+
+#: kind -> (package, minimum version, what it is)
+KINDS: dict[str, tuple[str, str, str]] = {
+    "nf4": ("bitsandbytes", "0.46", "bitsandbytes 4-bit NormalFloat, double quantisation"),
+    "fp4": ("bitsandbytes", "0.46", "bitsandbytes 4-bit float, double quantisation"),
+    "int8": ("bitsandbytes", "0.46", "bitsandbytes LLM.int8() (int8 weights, one scale per row)"),
+    "torchao-int8": ("torchao", "0.10", "torchao int8 weight-only (one scale per row)"),
+}
+
+
+class QuantizationError(ConfigError):
+    """A quantisation kind is unknown, its package is missing, or the combination is not supported."""
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("+")[0].split(".")[:2] if p.isdigit())
+
+
+def require_backend(kind: str) -> None:
+    """Raise :class:`QuantizationError` (with the pip command) unless ``kind`` can run here."""
+    if kind not in KINDS:
+        raise QuantizationError(f"Unknown quantization {kind!r}; choose one of {', '.join(KINDS)}.")
+    package, minimum, _ = KINDS[kind]
+    if importlib.util.find_spec(package) is None:
+        raise QuantizationError(
+            f"--quantize {kind} needs the {package} package, which is not installed: "
+            f"pip install '{package}>={minimum}' (or pip install 'deltatune[quant]')."
+        )
+    from importlib.metadata import version
+
+    found = version(package)
+    if _version_tuple(found) < _version_tuple(minimum):
+        raise QuantizationError(
+            f"--quantize {kind} needs {package}>={minimum} (CPU support); {found} is installed: "
+            f"pip install -U '{package}>={minimum}'."
+        )
+
+
+def quantize(model: nn.Module, kind: str, compute_dtype: torch.dtype | None = None,
+             skip: Iterable[str] = ()) -> nn.Module:
+    """Quantise ``model``'s linear layers in place (and return it).
+
+    Args:
+        model: a float model without adapters (quantise first, then add adapters).
+        kind: ``"nf4"``, ``"fp4"``, ``"int8"`` or ``"torchao-int8"``.
+        compute_dtype: dtype of 4-bit matmuls (default: the model's weight dtype).
+        skip: module paths to keep in float, besides the output head.
+    """
+    require_backend(kind)
+    if any(getattr(m, "_delta_base_child", None) for m in model.modules()):
+        raise QuantizationError("quantize() the base model before adding adapters (get_delta_model), not after.")
+    if any(quantization(m) for m in model.modules()):
+        raise QuantizationError(f"The model is quantized already ({model_quantization_text(model)}); load it in float "
+                                "to quantize it another way.")
+    keep = set(skip) | output_head_paths(model)
+    if kind == "torchao-int8":
+        from .torchao import quantize_torchao_int8
+
+        done = quantize_torchao_int8(model, keep)
+    else:
+        from .bnb import make_bnb_linear
+
+        done = []
+        for path, module in list(model.named_modules()):
+            if type(module) is not nn.Linear or path in keep:
+                continue
+            dtype = compute_dtype or module.weight.dtype
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, make_bnb_linear(module, kind, dtype))
+            done.append(path)
+    if not done:
+        raise QuantizationError(f"quantize({kind!r}): the model has no nn.Linear layer to quantize (besides its head).")
+    if kind in ("nf4", "fp4", "int8"):  # what transformers sets on a bitsandbytes load (HF peft reads it)
+        setattr(model, "is_loaded_in_8bit" if kind == "int8" else "is_loaded_in_4bit", True)
+    return model
+
+
+def model_quantization_text(model: nn.Module) -> str:
+    kinds = sorted({k for k in (quantization(m) for m in model.modules()) if k})
+    return "+".join(kinds) if kinds else "float"
+
+
+def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every quantised linear layer (also inside adapter wrappers) by an ``nn.Linear`` holding
+    its dequantised weight in ``dtype``; adapters merged afterwards are merged in full precision."""
+    for path, module in list(model.named_modules()):
+        if not path or quantization(module) is None:
+            continue
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device="meta", dtype=dtype)
+        linear.weight = nn.Parameter(read_weight(module).to(dtype), requires_grad=False)  # (out, in)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+        if getattr(model, attr, False):
+            setattr(model, attr, False)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    return model
+
+
+def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = False,
+                              gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
+    """Get a quantised model ready for adapter training (what HF peft's function of this name does).
+
+    Freezes every base parameter, casts the float parameters kept in half precision (norms, embeddings,
+    the head) to float32 for stable training, and with ``use_gradient_checkpointing`` turns
+    checkpointing on (non-reentrant) with gradients flowing into the input embeddings, so that
+    adapters inside checkpointed blocks get gradients although every base weight is frozen.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for module in model.modules():
+        if quantization(module) is not None:
+            continue  # the quantised weight and its companions stay as the backend keeps them
+        for name, param in module.named_parameters(recurse=False):
+            if param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
+    if use_gradient_checkpointing:
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+        if enable is None:
+            raise QuantizationError(f"{type(model).__name__} has no gradient_checkpointing_enable(); "
+                                    "pass use_gradient_checkpointing=False.")
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})
+    return model
