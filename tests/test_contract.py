@@ -74,6 +74,8 @@ NO_KV_CACHE = (dt.TargetError, "takes no key/value cache",
                "the model's forward takes no key/value cache (past_key_values), so there is no place for prefixes")
 NO_FFN_BLOCK = ("BART has no feed-forward block module (fc1 -> act -> fc2 run inline in the layer's forward), so "
                 "there is nothing to sit beside without copying transformers code; explicit target_modules (e.g. ['fc2']) work")
+NO_BIAS = (dt.TargetError, "has no bias", "Llama and T5 use bias=False in every linear and norm layer: BitFit has nothing to train")
+NO_NORM = (dt.TargetError, "has no normalisation layer", "the plain MLP has no normalisation layer to tune")
 ROWS: dict[str, Row] = {
     "lora": Row("lora", lambda c, k, t: c(r=2, lora_alpha=4, target_modules=_mlp(k, ["fc1", "fc2"]), task_type=t)),
     "dora": Row("lora", lambda c, k, t: c(r=2, use_dora=True, target_modules=_mlp(k, ["fc1", "fc2"]), task_type=t)),
@@ -88,6 +90,9 @@ ROWS: dict[str, Row] = {
         lambda c, k, t: c(variant="parallel", bottleneck_size=4, scaling=4.0, target_modules=_mlp(k, ["fc2"]), task_type=t),
         cannot={"bart": (dt.TargetError, "BART computes its feed-forward block inline", NO_FFN_BLOCK)},
     ),
+    "bitfit": Row("bitfit", lambda c, k, t: c(target_modules=_mlp(k, ["fc1", "fc2"]), task_type=t),
+                  cannot={"llama_lm": NO_BIAS, "t5": NO_BIAS}),
+    "ln_tuning": Row("ln_tuning", lambda c, k, t: c(task_type=t), cannot={"mlp": NO_NORM}),
     "prompt_tuning": Row("prompt_tuning", lambda c, k, t: c(num_virtual_tokens=3, task_type=t),
                          cannot={"mlp": NO_EMBEDDINGS}, identity_start=False),
     "p_tuning": Row("p_tuning", lambda c, k, t: c(num_virtual_tokens=3, encoder_hidden_size=8, task_type=t),

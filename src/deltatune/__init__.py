@@ -18,8 +18,10 @@ from .errors import (
     MergeError,
     TargetError,
 )
+from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config
+from .methods.ln_tuning import LNTuningConfig
 from .methods.lora import LoraConfig
 from .methods.p_tuning import PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
@@ -33,8 +35,8 @@ get_peft_model = get_delta_model  # the name users coming from HF peft type firs
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterNotFoundError", "BaseModelMismatchError", "BottleneckConfig", "CheckpointError", "ConfigError",
-    "DeltaConfig", "DeltaError", "DeltaModel", "IA3Config", "LoraConfig", "MergeError", "MethodSpec", "PTuningConfig",
+    "AdapterNotFoundError", "BaseModelMismatchError", "BitFitConfig", "BottleneckConfig", "CheckpointError", "ConfigError",
+    "DeltaConfig", "DeltaError", "DeltaModel", "IA3Config", "LNTuningConfig", "LoraConfig", "MergeError", "MethodSpec", "PTuningConfig",
     "PrefixTuningConfig", "PromptTuningConfig", "TargetError",
     "TargetedConfig",
     "all_methods", "dequantize", "get_delta_model", "get_method", "get_peft_model", "prepare_for_kbit_training", "quant", "quantize", "register",

@@ -137,6 +137,18 @@ def is_linear_like(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and isinstance(weight, nn.Parameter) and weight.dim() == 2
 
 
+def is_norm_layer(module: nn.Module) -> bool:
+    """A normalisation layer with a learned scale (``nn.LayerNorm``, ``LlamaRMSNorm``, ``T5LayerNorm``, ...).
+
+    Recognised by structure, not by a list of classes: a class name ending in ``Norm`` (any case) that owns
+    a ``weight`` parameter. Batch/group norms are left out (their features live on dimension 1).
+    """
+    name = type(module).__name__
+    if not name.lower().endswith("norm") or name.lower().startswith(("batchnorm", "groupnorm", "instancenorm")):
+        return False
+    return isinstance(getattr(module, "weight", None), nn.Parameter)
+
+
 def output_head_paths(model: nn.Module) -> set[str]:
     """Module paths of the output head (the module holding the output embeddings), if any."""
     get = getattr(model, "get_output_embeddings", None)

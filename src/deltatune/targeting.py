@@ -62,6 +62,16 @@ def unwrapped(module: nn.Module) -> nn.Module:
     return module
 
 
+def unwrapped_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``{path: original module}`` for every module of ``model`` outside deltatune's wrappers' insides.
+
+    A wrapped module is listed once, under its own path, as the module it wraps.
+    """
+    modules = dict(model.named_modules())
+    delta_paths = [n for n, m in modules.items() if getattr(m, "_delta_base_child", None)]
+    return {p: unwrapped(m) for p, m in modules.items() if p and not _is_inside_delta(p, delta_paths)}
+
+
 def find_targets(
     model: nn.Module,
     config: TargetedConfig,

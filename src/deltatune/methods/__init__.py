@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-for _package in ("lora", "ia3", "bottleneck", "prompt_tuning", "p_tuning", "prefix_tuning"):
+for _package in ("lora", "ia3", "bottleneck", "prompt_tuning", "p_tuning", "prefix_tuning", "bitfit", "ln_tuning",
+                 "loha", "lokr", "vera", "oft", "adalora"):
     try:
         importlib.import_module(f"{__name__}.{_package}")
     except ModuleNotFoundError as exc:  # a method package not written yet
