@@ -22,6 +22,8 @@ from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config
 from .methods.ln_tuning import LNTuningConfig
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
 from .methods.lora import LoraConfig
 from .methods.p_tuning import PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
@@ -36,7 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterNotFoundError", "BaseModelMismatchError", "BitFitConfig", "BottleneckConfig", "CheckpointError", "ConfigError",
-    "DeltaConfig", "DeltaError", "DeltaModel", "IA3Config", "LNTuningConfig", "LoraConfig", "MergeError", "MethodSpec", "PTuningConfig",
+    "DeltaConfig", "DeltaError", "DeltaModel", "IA3Config", "LNTuningConfig", "LoHaConfig", "LoKrConfig", "LoraConfig", "MergeError", "MethodSpec", "PTuningConfig",
     "PrefixTuningConfig", "PromptTuningConfig", "TargetError",
     "TargetedConfig",
     "all_methods", "dequantize", "get_delta_model", "get_method", "get_peft_model", "prepare_for_kbit_training", "quant", "quantize", "register",

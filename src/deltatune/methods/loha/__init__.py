@@ -1,0 +1,38 @@
+"""LoHa: low-rank Hadamard product adaptation (FedPara, Hyeon-Woo et al., arXiv 2108.06098; LyCORIS).
+
+    h = W x + dW x,   dW = (alpha / r) * (W1a W1b) * (W2a W2b)   (* element-wise)
+
+Trains the four factors; ``W`` stays frozen. Mergeable: ``W <- W + dW``. Wraps ``nn.Linear`` and transformers' ``Conv1D`` (HF peft: ``nn.Linear`` only).
+Files are HF peft's: ``peft_type: "LOHA"``, tensors ``<module>.hada_w1_a`` etc. Default targets: the
+attention query and value projections (as LoRA).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ...model_interface import role_regex
+from ...registry import MethodSpec, register
+from .config import LoHaConfig
+from .layer import LoHaLinear, can_wrap, make_loha_layer
+
+
+def default_targets(model: nn.Module, config: LoHaConfig) -> str | None:
+    """Query and value projections of the attention."""
+    return role_regex(model, ["q", "v"])
+
+
+SPEC = register(
+    MethodSpec(
+        name="loha",
+        peft_type=LoHaConfig.PEFT_TYPE,
+        config_cls=LoHaConfig,
+        kind="layer",
+        make_layer=make_loha_layer,
+        default_targets=default_targets,
+        mergeable=True,
+        can_wrap=can_wrap,
+    )
+)
+
+__all__ = ["SPEC", "LoHaConfig", "LoHaLinear"]

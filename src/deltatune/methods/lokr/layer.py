@@ -1,0 +1,91 @@
+"""LoKr layer on linear layers: a Kronecker product of two small matrices.
+
+    dW = s * kron(W1, W2),   W1: (a, c),  W2: (b, d),  out = a * b,  in = c * d,  s = alpha / r
+
+``kron(W1, W2)[i * b + j, k * d + l] = W1[i, k] * W2[j, l]``. A factor is stored whole (``lokr_w1``,
+``lokr_w2``) or as a rank-r product (``lokr_w1_a @ lokr_w1_b``, ``lokr_w2_a @ lokr_w2_b``), chosen
+exactly as HF peft chooses, so files carry over.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .._weight_delta import WeightDeltaLayer, can_wrap_linear
+from .config import LoKrConfig
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """``(m, n)`` with ``m * n == dimension`` and ``m <= n``: ``factor`` itself when it divides, else the
+    pair with the smallest sum whose smaller member does not exceed ``factor`` (``-1``: no limit)."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    limit = dimension if factor == -1 else factor
+    m, n = 1, dimension
+    while m < n:
+        candidate = m + 1
+        while dimension % candidate:
+            candidate += 1
+        other = dimension // candidate
+        if candidate + other > m + n or candidate > limit:
+            break
+        m, n = candidate, other
+    return (n, m) if m > n else (m, n)
+
+
+class LoKrLinear(WeightDeltaLayer):
+    adapter_attr_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+    method_name = "lokr"
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        for attr in self.adapter_attr_names:
+            setattr(self, attr, nn.ParameterDict())
+
+    def create_factors(self, name: str, r: int, config: LoKrConfig) -> None:
+        a, b = factorization(self.out_features, config.decompose_factor)
+        c, d = factorization(self.in_features, config.decompose_factor)
+        whole_w1 = not (config.decompose_both and r < max(a, c) / 2)
+        whole_w2 = not r < max(b, d) / 2
+        if whole_w1:
+            self.lokr_w1[name] = self._factor((a, c))
+        else:
+            self.lokr_w1_a[name], self.lokr_w1_b[name] = self._factor((a, r)), self._factor((r, c))
+        if whole_w2:
+            self.lokr_w2[name] = self._factor((b, d))
+        else:
+            self.lokr_w2_a[name], self.lokr_w2_b[name] = self._factor((b, r)), self._factor((r, d))
+        with torch.no_grad():
+            for p in self.adapter_parameters(name):
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+            if config.init_weights is True:  # W1 (or W1a) = 0
+                nn.init.zeros_(self.lokr_w1[name] if whole_w1 else self.lokr_w1_a[name])
+            elif config.init_weights == "lycoris":  # W2 (or W2b) = 0
+                nn.init.zeros_(self.lokr_w2[name] if whole_w2 else self.lokr_w2_b[name])
+
+    def _w(self, name: str, which: str) -> torch.Tensor:
+        whole = getattr(self, f"lokr_{which}")
+        if name in whole:
+            return whole[name]
+        return getattr(self, f"lokr_{which}_a")[name] @ getattr(self, f"lokr_{which}_b")[name]
+
+    def raw_delta_weight(self, name: str) -> torch.Tensor:
+        return torch.kron(self._w(name, "w1"), self._w(name, "w2")) * self.scaling[name]  # (a*b, c*d) = (out, in)
+
+
+can_wrap = can_wrap_linear("LoKr")
+
+
+def make_lokr_layer(module: nn.Module, config: LoKrConfig, name: str, path: str) -> LoKrLinear | None:
+    """Wrap a linear ``module`` with LoKr, or ``None`` for other module types."""
+    if can_wrap(module, config, path) is not None:
+        return None
+    layer = LoKrLinear(module)
+    layer.add(name, config, path)
+    return layer
+
+
+__all__ = ["LoKrLinear", "can_wrap", "factorization", "make_lokr_layer"]
