@@ -62,6 +62,8 @@ TRAIN_HELP: dict[str, str] = {
     "overwrite": "replace an earlier run in --output-dir",
     "fsdp": "under torchrun: shard the frozen base model across ranks (FSDP) instead of replicating it (DDP)",
     "bf16": "compute in bfloat16 (autocast; FSDP: bf16 compute, fp32 gradient reduction)",
+    "quantize": "load the frozen base quantized: nf4, fp4, int8 (bitsandbytes) or torchao-int8 (QLoRA-style; needs "
+    "pip install 'deltatune[quant]')",
     "dist_timeout": "under torchrun: seconds a rank waits for the others before the job fails with an error",
 }
 
@@ -108,6 +110,12 @@ def _adapter_args(parser: argparse.ArgumentParser, required: bool = True) -> Non
                         help="run folder from 'deltatune train' or an adapter folder" + ("" if required else
                         " (omit to use the base model alone)"))
     parser.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    _quantize_arg(parser)
+
+
+def _quantize_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", choices=["nf4", "fp4", "int8", "torchao-int8"],
+                        help="load the base quantized (default: as the adapter's base was when it was trained)")
 
 
 def _column_args(parser: argparse.ArgumentParser) -> None:
@@ -196,6 +204,8 @@ def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
                        description="The output folder loads with plain transformers (AutoModel...from_pretrained).")
     _adapter_args(p)
     p.add_argument("output", metavar="OUTPUT", help="new folder for the merged model and tokenizer")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="dequantize a quantized base and write a "
+                   "full-precision merged model in this dtype (default: merge into the base as loaded)")
 
     p = sub.add_parser("inspect", help="what an adapter folder holds; optionally check it against a base model",
                        formatter_class=fmt, epilog=EPILOG)
@@ -240,7 +250,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     columns = {f"{n}_column": getattr(args, f"{n}_column") for n in ("text", "label", "prompt", "response")}
     result = run_evaluation(args.adapter, args.model, args.data, args.split, args.task, args.batch_size,
-                            args.max_examples, **columns)
+                            args.max_examples, args.quantize, **columns)
     if args.json:
         print(dumps(result))
         return 0
@@ -258,7 +268,7 @@ def _predict(args: argparse.Namespace) -> int:
     from .train.commands import load_for_inference, read_inputs, run_predict
 
     texts = read_inputs(args.text, args.file, args.text_column)
-    loaded = load_for_inference(args.adapter, args.model)
+    loaded = load_for_inference(args.adapter, args.model, quantize=args.quantize)
     for item in run_predict(loaded, texts, args.batch_size):
         if args.json:
             print(json.dumps(item))
@@ -274,7 +284,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     prompts = read_inputs(args.prompt, args.file, args.text_column)
     task = args.task or (None if args.adapter else "instruct")
-    loaded = load_for_inference(args.adapter, args.model, task)
+    loaded = load_for_inference(args.adapter, args.model, task, quantize=args.quantize)
     for item in run_generate(loaded, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_p=args.top_p, seed=args.seed):
         print(json.dumps(item) if args.json else f">>> {item['prompt']}\n{item['response']}\n")
@@ -284,7 +294,9 @@ def _generate(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from .train.commands import run_merge
 
-    out = run_merge(args.adapter, args.output, args.model)
+    out, report = run_merge(args.adapter, args.output, args.model, args.dtype, args.quantize)
+    if report is not None:
+        print(report)
     print(f"merged model written to {out} (load it with transformers' AutoModel...from_pretrained)")
     return 0
 

@@ -33,7 +33,7 @@ from .layer import DeltaLayer
 from .merge_check import MergeReport, default_probe, measure_merge
 from .model_interface import head_names
 from .registry import all_methods, get_method
-from .weights import quantization
+from .weights import param_numel, quantization
 
 
 class DeltaModel(nn.Module):
@@ -186,9 +186,10 @@ class DeltaModel(nn.Module):
 
     # -- counting --------------------------------------------------------------------------------
     def trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts; shared tensors count once."""
+        """(trainable, total) parameter counts; shared tensors count once, a quantized weight as the values
+        it stands for (a packed 4-bit tensor holds two per element)."""
         unique = {id(p): p for p in self.parameters()}.values()
-        return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
+        return sum(p.numel() for p in unique if p.requires_grad), sum(param_numel(p) for p in unique)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.trainable_parameters()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..model_interface import output_head_paths
+from ..model_interface import HEAD_NAMES, output_head_paths
 from ..weights import quantization, read_weight
 
 #: kind -> (package, minimum version, what it is)
@@ -64,7 +64,7 @@ def quantize(model: nn.Module, kind: str, compute_dtype: torch.dtype | None = No
         model: a float model without adapters (quantise first, then add adapters).
         kind: ``"nf4"``, ``"fp4"``, ``"int8"`` or ``"torchao-int8"``.
         compute_dtype: dtype of 4-bit matmuls (default: the model's weight dtype).
-        skip: module paths to keep in float, besides the output head.
+        skip: module paths to keep in float, besides the output head and task heads (``classifier``, ``score``...).
     """
     require_backend(kind)
     if any(getattr(m, "_delta_base_child", None) for m in model.modules()):
@@ -72,7 +72,8 @@ def quantize(model: nn.Module, kind: str, compute_dtype: torch.dtype | None = No
     if any(quantization(m) for m in model.modules()):
         raise QuantizationError(f"The model is quantized already ({model_quantization_text(model)}); load it in float "
                                 "to quantize it another way.")
-    keep = set(skip) | output_head_paths(model)
+    heads = {name for names in HEAD_NAMES.values() for name in names}  # task heads train in full: keep them float
+    keep = set(skip) | output_head_paths(model) | {p for p, _ in model.named_modules() if p.rpartition(".")[2] in heads}
     if kind == "torchao-int8":
         from .torchao import quantize_torchao_int8
 
@@ -113,15 +114,23 @@ def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modul
             linear.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, linear)
-    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+    _forget_quantization(model)
+    return model
+
+
+def _forget_quantization(model: nn.Module) -> None:
+    """Drop what transformers (or :func:`quantize`) recorded about a model's quantization, so it casts,
+    moves and saves as a plain float model (what transformers' own ``dequantize`` also removes)."""
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
         if getattr(model, attr, False):
             setattr(model, attr, False)
+    if "quantization_method" in vars(model):
+        del model.quantization_method
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
-    if hasattr(model, "hf_quantizer"):
+    if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
-    return model
 
 
 def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = False,

@@ -7,17 +7,23 @@ peft's) and/or a base model, and returns data; :mod:`deltatune.cli` does the pri
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..checkpoint.io import KEY_PREFIX, WEIGHTS_NAME
 from ..config import read_config_file
 from ..errors import BaseModelMismatchError, ConfigError
 from ..fingerprint import FINGERPRINT_KEY
+from ..merge_check import MergeReport, default_probe
 from ..model import DeltaModel
+from ..quant import dequantize
+from ..quant.load import adapter_quantization
 from .data import DataError
 from .evaluate import evaluate, generate_texts, predict_proba
 from .files import load_file
@@ -25,6 +31,8 @@ from .loop import seed_everything
 from .runs import RunInfo, adapter_dir, describe_adapter, folder_bytes, head_labels, resolve_base
 from .sources import DataSpec, infer_task, limit, load_splits
 from .tasks import Encoder, load_base_model, load_tokenizer, uses_chat
+
+MERGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -40,14 +48,16 @@ class Loaded:
 
 def load_for_inference(
     adapter: str | None, model: str | None = None, task: str | None = None, labels: list[str] | None = None,
-    max_length: int | None = None, prompt_format: str | None = None, seed: int = 42,
+    max_length: int | None = None, prompt_format: str | None = None, seed: int = 42, quantize: str | None = None,
 ) -> Loaded:
     """Load the base model (and the adapter, when given) for ``task``.
 
     Without an adapter the model is the base alone; a classification head is then freshly initialised
-    with ``seed`` (the same head a training run with that seed starts from).
+    with ``seed`` (the same head a training run with that seed starts from). The base is quantized as
+    ``quantize`` says, else as the adapter's base was at training time (recorded in its fingerprint).
     """
     folder = adapter_dir(adapter) if adapter else None
+    quantize = quantize or (adapter_quantization(folder) if folder else None)
     info = describe_adapter(folder) if folder else RunInfo(task=task or "")
     task = task or info.task
     if not task:
@@ -61,7 +71,7 @@ def load_for_inference(
     chat = task == "instruct" and uses_chat(tokenizer, prompt_format or info.prompt_format)
     encoder = Encoder(task, tokenizer, max_length or info.max_length, labels, chat)
     seed_everything(seed)
-    base = load_base_model(task, base_path, labels)
+    base = load_base_model(task, base_path, labels, quantize)
     module: nn.Module = DeltaModel.from_pretrained(base, folder) if folder else base
     module.eval()
     info.task, info.labels = task, labels
@@ -82,14 +92,14 @@ def data_spec(data: str | None, info: RunInfo | None, **columns: Any) -> DataSpe
 
 def run_evaluation(
     adapter: str | None, model: str | None, data: str | None, split: str, task: str | None,
-    batch_size: int, max_examples: int | None, **columns: Any,
+    batch_size: int, max_examples: int | None, quantize: str | None = None, **columns: Any,
 ) -> dict[str, Any]:
     """Metrics of an adapter (or the base alone) on one split of a data set."""
     info = describe_adapter(adapter_dir(adapter)) if adapter else None
     spec = data_spec(data, info, **columns)
     task = task or (info.task if info and info.task else None) or infer_task(spec)
     splits = load_splits(spec, task, labels=info.labels if info else None)
-    loaded = load_for_inference(adapter, model, task, splits.labels)
+    loaded = load_for_inference(adapter, model, task, splits.labels, quantize=quantize)
     rows = limit(splits.get(split), max_examples)
     if not rows:
         raise DataError(f"Split {split!r} of {spec.data!r} is empty.")
@@ -131,18 +141,42 @@ def run_generate(loaded: Loaded, prompts: list[str], **kwargs: Any) -> list[dict
     return [{"prompt": p, "response": r} for p, r in zip(prompts, outputs)]
 
 
-def run_merge(adapter: str, output: str, model: str | None = None) -> Path:
-    """Fold the adapter into the base weights and save a plain transformers model folder (+ tokenizer)."""
-    loaded = load_for_inference(adapter, model)
-    if not isinstance(loaded.model, DeltaModel):
-        raise ConfigError("merge needs an adapter.")
+def run_merge(adapter: str, output: str, model: str | None = None, dtype: str | None = None,
+              quantize: str | None = None) -> tuple[Path, MergeReport | None]:
+    """Fold the adapter into the base weights and save a plain transformers model folder (+ tokenizer).
+
+    ``dtype`` (``float32`` / ``bfloat16``): a quantized base is dequantized first, so the adapter is merged
+    in full precision and the model is written in ``dtype`` (the usual export of a QLoRA result). Without
+    it, a quantized base is merged by re-quantizing. Returns the folder and the merge-error report
+    (logits merged vs unmerged on a probe batch; ``None`` for models without a vocabulary to probe with).
+    The folder is written under a temporary name and renamed at the end: a failure leaves nothing behind.
+    """
+    if dtype is not None and dtype not in MERGE_DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: choose one of {', '.join(MERGE_DTYPES)}.")
     out = Path(output)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new folder for the merged model.")
-    merged = loaded.model.merge_and_unload()
-    merged.save_pretrained(out)
-    loaded.encoder.tokenizer.save_pretrained(out)
-    return out
+    loaded = load_for_inference(adapter, model, quantize=quantize)
+    if not isinstance(loaded.model, DeltaModel):
+        raise ConfigError("merge needs an adapter.")
+    if dtype is not None:
+        dequantize(loaded.model.base_model, torch.float32)  # merge in float32, then write in ``dtype``
+    probe = default_probe(loaded.model.base_model)
+    merged = loaded.model.merge_and_unload(probe=probe) if probe is not None else loaded.model.merge_and_unload()
+    if dtype is not None:
+        merged = merged.to(MERGE_DTYPES[dtype])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp)
+        loaded.encoder.tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out, loaded.model.merge_report
 
 
 def inspect_adapter(adapter: str, base: str | None = None) -> dict[str, Any]:
@@ -187,7 +221,8 @@ def _check_base(folder: Path, base: str, fingerprint: dict | None) -> tuple[bool
     path = resolve_base(base, None)
     if info.task:
         labels = info.labels or head_labels(folder)
-        model = load_base_model(info.task, path, labels if info.task == "seq_cls" else None)
+        model = load_base_model(info.task, path, labels if info.task == "seq_cls" else None,
+                                adapter_quantization(folder))
     else:  # no task recorded: the adapter was made for the bare model class
         from transformers import AutoModel
 

@@ -92,8 +92,8 @@ def build_run(options: TrainOptions, dist: Distributed | None = None) -> Run:
     chat = task == "instruct" and uses_chat(tokenizer, options.prompt_format)
     encoder = Encoder(task, tokenizer, options.max_length, splits.labels, chat)
     seed_everything(options.seed)
-    base = load_base_model(task, model_path, splits.labels)
     device = pick_device(options.device) if dist is None else dist.model_device(pick_device(options.device))
+    base = load_base_model(task, model_path, splits.labels, options.quantize, device)
     model = get_delta_model(base, options.method_config(task)).to(device)
     rows = {
         "train": limit(splits.train, options.max_train_examples),

@@ -52,6 +52,8 @@ class TrainOptions:
         fsdp / bf16 / dist_timeout: under ``torchrun``, shard the base model (FSDP) instead of replicating it
             (DDP); compute in bfloat16; seconds a rank waits for the others before the job fails
             (see :mod:`deltatune.train.distributed`). ``batch_size`` is per rank.
+        quantize: load the frozen base quantized (``nf4``, ``fp4``, ``int8``, ``torchao-int8``; QLoRA-style
+            training, see :mod:`deltatune.quant`); the adapter stays in float32.
     """
 
     model: str = "minilm"
@@ -98,6 +100,7 @@ class TrainOptions:
     fsdp: bool = False
     bf16: bool = False
     dist_timeout: float = 600.0
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -127,8 +130,23 @@ class TrainOptions:
             raise ConfigError("weight_decay and max_grad_norm must be >= 0 (max_grad_norm 0 disables clipping).")
         if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
             raise ConfigError(f"loraplus_lr_ratio must be > 0 (the paper uses 2..16), got {self.loraplus_lr_ratio!r}.")
+        self._validate_quantize()
         if not isinstance(self.method_options, dict):
             raise ConfigError(f"method_options must be a mapping of option -> value, got {self.method_options!r}.")
+
+    def _validate_quantize(self) -> None:
+        """Refuse what cannot run with ``quantize`` before anything is loaded or written."""
+        if self.quantize is None:
+            return
+        from ..quant import KINDS, QuantizationError, require_backend
+
+        _choice("quantize", self.quantize, (*KINDS, None))
+        require_backend(self.quantize)
+        if self.fsdp:
+            raise QuantizationError("--quantize cannot be combined with --fsdp (FSDP does not shard bitsandbytes/torchao "
+                                    "weights); drop --fsdp (quantized bases are small enough to replicate).")
+        if self.compile:
+            raise QuantizationError("--quantize cannot be combined with --compile in deltatune; drop --compile.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

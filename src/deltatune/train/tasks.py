@@ -37,8 +37,13 @@ AUTO_CLASS = {
 }
 
 
-def load_base_model(task: str, path: str, labels: list[str] | None = None) -> nn.Module:
-    """The transformers model for ``task`` from a local folder (a classification head is added if missing)."""
+def load_base_model(task: str, path: str, labels: list[str] | None = None, quantize: str | None = None,
+                    device: torch.device | str = "cpu") -> nn.Module:
+    """The transformers model for ``task`` from a local folder (a classification head is added if missing).
+
+    With ``quantize`` (``nf4``, ``fp4``, ``int8``, ``torchao-int8``) its linear layers are loaded quantized
+    on ``device`` (see :mod:`deltatune.quant.load`); heads stay in float.
+    """
     import transformers
 
     cls = getattr(transformers, AUTO_CLASS[task])
@@ -50,7 +55,12 @@ def load_base_model(task: str, path: str, labels: list[str] | None = None) -> nn
             "id2label": dict(enumerate(labels)),
             "label2id": {name: i for i, name in enumerate(labels)},
         }
-    model = cls.from_pretrained(path, dtype=torch.float32, **kwargs)
+    if quantize:
+        from ..quant.load import from_pretrained_quantized
+
+        model = from_pretrained_quantized(cls, path, quantize, device, **kwargs)
+    else:
+        model = cls.from_pretrained(path, dtype=torch.float32, **kwargs)
     if task in ("instruct", "causal_lm") and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model

@@ -1,0 +1,65 @@
+"""Load a transformers model quantized the ecosystem way, and tell how an adapter's base was quantized.
+
+``from_pretrained_quantized`` passes transformers a ``BitsAndBytesConfig`` (nf4/fp4 with double
+quantisation, or int8) or a ``TorchAoConfig`` (int8 weight-only), keeping the output and task heads
+in float. The layers it makes are those :func:`deltatune.quant.quantize` makes (the tests check the
+fingerprints agree), and a model loaded this way can be saved again with ``save_pretrained``. This is
+the one loader the CLI commands (train, eval, generate, merge, serve) call for ``--quantize``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..model_interface import HEAD_NAMES
+from .convert import KINDS, QuantizationError, require_backend
+
+#: Modules kept in float: the LM head and every task head (trained in full, or too small to matter).
+FLOAT_MODULES = sorted({"lm_head", *(name for names in HEAD_NAMES.values() for name in names)})
+
+
+def quantization_config(kind: str, compute_dtype: torch.dtype = torch.float32) -> Any:
+    """The transformers quantization config for ``kind`` (checks the backend package first)."""
+    require_backend(kind)
+    if kind == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=FLOAT_MODULES)
+    from transformers import BitsAndBytesConfig
+
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=FLOAT_MODULES)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=FLOAT_MODULES)
+
+
+def from_pretrained_quantized(cls: Any, path: str, kind: str, device: torch.device | str = "cpu",
+                              **kwargs: Any) -> nn.Module:
+    """``cls.from_pretrained(path, ...)`` with ``kind`` quantization, on ``device``."""
+    config = quantization_config(kind)
+    device = torch.device(device)
+    return cls.from_pretrained(path, quantization_config=config, dtype=torch.float32,
+                               device_map={"": device.index if device.type == "cuda" else device.type}, **kwargs)
+
+
+def adapter_quantization(folder: str | Path) -> str | None:
+    """The quantization the adapter in ``folder`` was trained on (from its saved fingerprint), if any."""
+    from ..fingerprint import FINGERPRINT_KEY
+
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        return None
+    try:
+        kind = json.loads(path.read_text(encoding="utf-8")).get(FINGERPRINT_KEY, {}).get("quantization")
+    except (ValueError, AttributeError):
+        return None
+    if kind is not None and kind not in KINDS:
+        raise QuantizationError(f"The adapter in {folder} was trained on a base quantized as {kind!r}, which the CLI "
+                                f"cannot reproduce (it loads one of {', '.join(KINDS)}); load that base in Python.")
+    return kind

@@ -1,0 +1,109 @@
+"""``--quantize`` on the CLI: train / eval / generate / merge on a quantized base, and bad input.
+
+A tiny Llama folder (dimensions multiples of 64, as bitsandbytes' CPU kernels want) with the offline
+word-level tokenizer of :mod:`_train_tiny`. The merged model written by ``merge --dtype float32`` is
+checked against the quantized adapter model it came from (dequantized in the test).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _train_tiny import VOCAB, make_tokenizer, write_pairs
+
+from deltatune.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _save_llama(folder: Path) -> Path:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                         initializer_range=0.3)
+    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qrun(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("qcli")
+    model, pairs = _save_llama(root / "llama"), write_pairs(root / "pairs.jsonl", 40)
+    assert main(["train", "--model", str(model), "--data", str(pairs), "--max-steps", "3", "--quantize", "nf4",
+                 "--output-dir", str(root / "run"), "--method-opt", "target_modules=all-linear", "--quiet",
+                 "--threads", "1", "--batch-size", "8", "--lr", "2e-2"]) == 0
+    return {"model": model, "pairs": pairs, "run": root / "run", "root": root}
+
+
+def test_quantized_run_records_its_quantization_and_eval_reuses_it(qrun: dict, capsys: pytest.CaptureFixture) -> None:
+    config = json.loads((qrun["run"] / "adapter" / "adapter_config.json").read_text())
+    assert config["deltatune_base_model_fingerprint"]["quantization"] == "nf4"
+    capsys.readouterr()
+    assert main(["eval", str(qrun["run"]), "--json"]) == 0  # loads the base as nf4 (fingerprint check passes)
+    result = json.loads(capsys.readouterr().out)
+    assert result["examples"] > 0 and result["perplexity"] > 1
+    assert main(["eval", str(qrun["run"]), "--quantize", "int8"]) == 2
+    assert "quantization: adapter was trained on a nf4 base, this model is int8" in capsys.readouterr().err
+    assert main(["generate", str(qrun["run"]), "--prompt", "the city is", "--max-new-tokens", "3", "--json"]) == 0
+    assert "response" in json.loads(capsys.readouterr().out)
+
+
+def test_merge_dtype_float32_writes_a_full_precision_model_equal_to_the_adapter(
+        qrun: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from transformers import AutoModelForCausalLM
+
+    import deltatune as dt
+    from deltatune.train.tasks import load_base_model
+
+    capsys.readouterr()
+    assert main(["merge", str(qrun["run"]), str(tmp_path / "merged"), "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "merge error on a probe batch" in out and "float weights" in out  # merged in float after dequantizing
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    assert getattr(merged.config, "quantization_config", None) is None
+    adapter = dt.DeltaModel.from_pretrained(load_base_model("instruct", str(qrun["model"]), quantize="nf4"),
+                                         qrun["run"] / "adapter")
+    adapter.train()  # bitsandbytes' float32 path (its CPU inference kernel computes in bfloat16)
+    ids = torch.randint(4, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, adapter(input_ids=ids).logits, atol=1e-4)
+
+
+def test_merge_into_the_quantized_base_reports_and_reloads(qrun: dict, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.quant import quantization
+
+    capsys.readouterr()
+    assert main(["merge", str(qrun["run"]), str(tmp_path / "merged4")]) == 0
+    out = capsys.readouterr().out
+    assert "14 quantized layers re-quantized" in out and "max |logit difference|" in out
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged4", device_map="cpu")
+    assert quantization(merged.model.layers[0].self_attn.q_proj) == "nf4"
+
+
+def test_bad_quantize_input_fails_before_anything_is_written(qrun: dict, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    common = ["train", "--model", str(qrun["model"]), "--data", str(qrun["pairs"]), "--max-steps", "1", "--quiet"]
+    capsys.readouterr()
+    assert main([*common, "--quantize", "nf4", "--fsdp", "--output-dir", str(tmp_path / "a")]) == 2
+    assert "--quantize cannot be combined with --fsdp" in capsys.readouterr().err
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    assert main([*common, "--quantize", "torchao-int8", "--output-dir", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "pip install 'torchao>=0.10'" in err
+    assert main([*common, "--quantize", "int4", "--output-dir", str(tmp_path / "c")]) == 2
+    assert "quantize='int4' is not allowed; choose one of ['nf4', 'fp4', 'int8', 'torchao-int8']" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in "abc")
