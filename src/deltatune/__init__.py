@@ -28,6 +28,7 @@ from .methods.lora import LoraConfig
 from .methods.p_tuning import PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
+from .methods.vera import VeraConfig
 from .model import DeltaModel, get_delta_model
 from .quant import dequantize, prepare_for_kbit_training, quantize
 from .registry import MethodSpec, all_methods, get_method, register
@@ -39,7 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterNotFoundError", "BaseModelMismatchError", "BitFitConfig", "BottleneckConfig", "CheckpointError", "ConfigError",
     "DeltaConfig", "DeltaError", "DeltaModel", "IA3Config", "LNTuningConfig", "LoHaConfig", "LoKrConfig", "LoraConfig", "MergeError", "MethodSpec", "PTuningConfig",
-    "PrefixTuningConfig", "PromptTuningConfig", "TargetError",
+    "PrefixTuningConfig", "PromptTuningConfig", "TargetError", "VeraConfig",
     "TargetedConfig",
     "all_methods", "dequantize", "get_delta_model", "get_method", "get_peft_model", "prepare_for_kbit_training", "quant", "quantize", "register",
 ]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 from .errors import ConfigError
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from .config import DeltaConfig
@@ -43,6 +44,9 @@ class MethodSpec:
             defaults depend on the architecture (so ``adapter_config.json`` records them resolved).
         extra_trainable: ``extra_trainable(config, model)`` returns ``{path in model: parameter}`` for base
             tensors the adapter trains beyond its own (LoRA's ``bias="all"``); they are saved with it.
+        shared_state: ``shared_state(config, model, adapter_name)`` returns ``{file key: tensor}`` for frozen
+            tensors one adapter shares across all its layers and saves once, under a full key of the file
+            (VeRA's random projections, ``base_model.vera_A``); loading copies the file's values into them.
         loraplus_markers: name fragments (``".lora_B."``) of the tensors that LoRA+ (arXiv 2402.12354)
             trains with ``lr * loraplus_lr_ratio``; empty when the method has no such tensors.
     """
@@ -59,6 +63,7 @@ class MethodSpec:
     prepare_config: Callable[[nn.Module, DeltaConfig], None] | None = None
     extra_trainable: Callable[[DeltaConfig, nn.Module], dict[str, nn.Parameter]] | None = None
     loraplus_markers: tuple[str, ...] = ()
+    shared_state: Callable[[DeltaConfig, nn.Module, str], dict[str, torch.Tensor]] | None = None
 
 
 _BY_NAME: dict[str, MethodSpec] = {}

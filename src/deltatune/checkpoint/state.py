@@ -59,10 +59,13 @@ def adapter_entries(parts: AdapterParts, name: str) -> dict[str, tuple[Owner, st
     if delta is not None:
         for key, tensor in delta.adapter_state().items():
             entries[key] = (delta, key, tensor)
-    extra = get_method(parts.config).extra_trainable
-    if extra is not None:
-        for path, param in extra(parts.config, parts.model).items():
+    spec = get_method(parts.config)
+    if spec.extra_trainable is not None:
+        for path, param in spec.extra_trainable(parts.config, parts.model).items():
             entries[f"{KEY_PREFIX}{path}"] = (None, path, param)
+    if spec.shared_state is not None:
+        for key, tensor in spec.shared_state(parts.config, parts.model, name).items():
+            entries[key] = (None, key, tensor)
     return entries
 
 
