@@ -107,3 +107,29 @@ def test_bad_quantize_input_fails_before_anything_is_written(qrun: dict, tmp_pat
     assert main([*common, "--quantize", "int4", "--output-dir", str(tmp_path / "c")]) == 2
     assert "quantize='int4' is not allowed; choose one of ['nf4', 'fp4', 'int8', 'torchao-int8']" in capsys.readouterr().err
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_serve_loads_a_quantized_base_and_decodes_a_mixed_batch(qrun: dict) -> None:
+    """``serve --quantize nf4`` with the nf4-trained adapter: one decoding step of a batch whose rows use the
+    adapter and the base alone equals each row run on its own (train-mode float32 kernel, see above)."""
+    pytest.importorskip("fastapi")
+    from deltatune.cli import build_parser
+    from deltatune.quant import quantization
+    from deltatune.serve.mixed_forward import BASE, forward_rows
+    from deltatune.serve.server import build_server
+
+    args = build_parser().parse_args(["serve", "--model", str(qrun["model"]), "--quantize", "nf4",
+                                      "--adapter", f"qa={qrun['run']}"])
+    server = build_server(args)
+    model = server.registry.model
+    assert quantization(model.base_model.model.layers[0].mlp.down_proj.get_base_layer()) == "nf4"
+    model.train()
+    ids = torch.randint(4, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        logits, _ = forward_rows(model, ["qa", BASE], inputs, [])
+        alone = model(input_ids=ids[:1]).logits[:, -1]
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits[:, -1]
+    assert torch.allclose(logits[0], alone[0], atol=1e-5) and torch.allclose(logits[1], base[1], atol=1e-5)
+    assert (alone[0] - base[0]).abs().max() > 1e-3  # the adapter does change row 0

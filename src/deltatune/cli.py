@@ -157,6 +157,8 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--quantize", choices=["nf4", "fp4", "int8", "torchao-int8"],
+                   help="load the base model quantized (adapters must have been trained on the same quantization)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="log level")
 
 

@@ -49,7 +49,12 @@ def build_server(args: argparse.Namespace) -> Server:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if getattr(args, "quantize", None):
+        from ..quant.load import from_pretrained_quantized
+
+        model = from_pretrained_quantized(AutoModelForCausalLM, path, args.quantize).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     adapters_dir = Path(args.adapters_dir) if args.adapters_dir else None
     if adapters_dir is not None and not adapters_dir.is_dir():
         raise ConfigError(f"--adapters-dir {adapters_dir} is not a directory.")
