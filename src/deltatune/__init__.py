@@ -25,6 +25,7 @@ from .methods.ln_tuning import LNTuningConfig
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
 from .methods.lora import LoraConfig
+from .methods.oft import OFTConfig
 from .methods.p_tuning import PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
@@ -38,9 +39,10 @@ get_peft_model = get_delta_model  # the name users coming from HF peft type firs
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterNotFoundError", "BaseModelMismatchError", "BitFitConfig", "BottleneckConfig", "CheckpointError", "ConfigError",
-    "DeltaConfig", "DeltaError", "DeltaModel", "IA3Config", "LNTuningConfig", "LoHaConfig", "LoKrConfig", "LoraConfig", "MergeError", "MethodSpec", "PTuningConfig",
-    "PrefixTuningConfig", "PromptTuningConfig", "TargetError", "VeraConfig",
-    "TargetedConfig",
-    "all_methods", "dequantize", "get_delta_model", "get_method", "get_peft_model", "prepare_for_kbit_training", "quant", "quantize", "register",
+    "AdapterNotFoundError", "BaseModelMismatchError", "BitFitConfig", "BottleneckConfig", "CheckpointError",
+    "ConfigError", "DeltaConfig", "DeltaError", "DeltaModel", "IA3Config", "LNTuningConfig", "LoHaConfig",
+    "LoKrConfig", "LoraConfig", "MergeError", "MethodSpec", "OFTConfig", "PTuningConfig",
+    "PrefixTuningConfig", "PromptTuningConfig", "TargetError", "TargetedConfig", "VeraConfig",
+    "all_methods", "dequantize", "get_delta_model", "get_method", "get_peft_model",
+    "prepare_for_kbit_training", "quant", "quantize", "register",
 ]

@@ -1,0 +1,148 @@
+"""OFT layer on linear layers (``nn.Linear``, transformers' ``Conv1D``): the input is rotated block by block.
+
+    x: (..., in) -> (..., n, b);  x_i <- x_i R_i (row vectors);  h = base(x)
+
+Merging folds the rotation into the weight, ``W <- W R^T`` (``nn.Linear``, ``(out, in)``) or
+``W <- R W`` (``Conv1D``, ``(in, out)``), where ``R = diag(R_1, ..., R_n)``; unmerging solves it back
+(``R`` from the truncated Cayley series is only nearly orthogonal, so no transpose shortcut).
+Tensor names are HF peft's: ``<module>.oft_R.weight``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...layer import DeltaLayer
+from ...model_interface import is_linear_like, linear_dims
+from ...targeting import unwrapped
+from .config import OFTConfig
+from .rotation import BlockRotation, cayley, constrain, skew
+
+
+def nearest_divisor(features: int, wanted: int) -> int:
+    """The divisor of ``features`` closest to ``wanted`` (ties go down); ``features`` when ``wanted`` exceeds it."""
+    if wanted >= features:
+        return features
+    above = wanted
+    while above <= features and features % above:
+        above += 1
+    below = wanted
+    while below > 1 and features % below:
+        below -= 1
+    return below if wanted - below <= above - wanted else above
+
+
+class OFTLinear(DeltaLayer):
+    adapter_attr_names = ("oft_R",)
+    method_name = "oft"
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        base = self.get_base_layer()
+        self.transposed = not isinstance(base, nn.Linear)
+        self.in_features, self.out_features = linear_dims(base)
+        self.oft_R = nn.ModuleDict()
+        self.blocks: dict[str, int] = {}
+        self.options: dict[str, OFTConfig] = {}
+
+    def add(self, name: str, config: OFTConfig, path: str = "") -> None:
+        size, n = config.oft_block_size, config.r
+        if n == 0:
+            if self.in_features % size:
+                size = nearest_divisor(self.in_features, size)
+                warnings.warn(f"oft_block_size={config.oft_block_size} does not divide {self.in_features} ({path}); "
+                              f"using {size}.", stacklevel=2)
+            n = self.in_features // size
+        else:
+            if self.in_features % n:
+                n = nearest_divisor(self.in_features, n)
+                warnings.warn(f"r={config.r} does not divide {self.in_features} ({path}); using {n}.", stacklevel=2)
+            size = self.in_features // n
+        rotation = BlockRotation(1 if config.block_share else n, size, init_zero=config.init_weights)
+        self.oft_R[name] = rotation.to(self.get_base_layer().weight.device)
+        self.blocks[name] = n
+        self.options[name] = config
+
+    def rotations(self, name: str) -> torch.Tensor:
+        """The ``(n or 1, b, b)`` rotation blocks of adapter ``name`` (COFT projection applied first)."""
+        module, config = self.oft_R[name], self.options[name]
+        if config.coft:
+            with torch.no_grad():
+                module.weight.copy_(constrain(module.weight, module.block_size, config.eps))
+        q = skew(module.weight, module.block_size)
+        return cayley(q, config.use_cayley_neumann, config.num_cayley_neumann_terms)
+
+    def _with_dropout(self, name: str, blocks: torch.Tensor) -> torch.Tensor:
+        """Multiplicative dropout: ``int(p * n)`` random blocks become the identity while training."""
+        p, n = self.options[name].module_dropout, blocks.shape[0]
+        if not (self.training and p > 0 and n > 1):
+            return blocks
+        mask = torch.zeros(n, device=blocks.device, dtype=blocks.dtype)
+        mask[torch.randperm(n, device=blocks.device)[: int(p * n)]] = 1
+        eye = torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype)
+        return (1 - mask)[:, None, None] * blocks + mask[:, None, None] * eye
+
+    def rotate(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        blocks = self._with_dropout(name, self.rotations(name))  # (n or 1, b, b)
+        n = self.blocks[name]
+        if blocks.shape[0] == 1 and n > 1:
+            blocks = blocks.expand(n, -1, -1)
+        parts = x.to(blocks.dtype).reshape(*x.shape[:-1], n, blocks.shape[-1])  # (..., n, b)
+        return torch.einsum("...nk,nkc->...nc", parts, blocks).reshape(x.shape).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled and self.merged_adapters:
+            self.unmerge()
+        if not self.disabled:
+            for name in self.active_adapters:
+                if name not in self.merged_adapters:
+                    x = self.rotate(name, x)
+        return self.base_layer(x, *args, **kwargs)
+
+    def full_rotation(self, name: str) -> torch.Tensor:
+        """``R = diag(R_1, ..., R_n)``: ``(in, in)``."""
+        blocks = self.rotations(name).detach().float()
+        n = self.blocks[name]
+        return torch.block_diag(*(blocks[0] for _ in range(n))) if blocks.shape[0] == 1 else torch.block_diag(*blocks)
+
+    def merge_one(self, name: str) -> None:
+        weight = self.get_base_layer().weight
+        rot = self.full_rotation(name)
+        merged = rot @ weight.float() if self.transposed else weight.float() @ rot.T
+        weight.data.copy_(merged.to(weight.dtype))
+
+    def unmerge_one(self, name: str) -> None:
+        weight = self.get_base_layer().weight
+        rot = self.full_rotation(name)
+        if self.transposed:  # W' = R W
+            original = torch.linalg.solve(rot, weight.float())
+        else:  # W' = W R^T
+            original = torch.linalg.solve(rot.T, weight.float(), left=False)
+        weight.data.copy_(original.to(weight.dtype))
+
+    def delete(self, name: str) -> None:
+        super().delete(name)
+        self.blocks.pop(name, None)
+        self.options.pop(name, None)
+
+
+def can_wrap(module: nn.Module, config: OFTConfig, path: str) -> str | None:
+    """``None`` when OFT can wrap ``module``, else why not."""
+    base = unwrapped(module)
+    return None if is_linear_like(base) else f"{type(base).__name__} is not supported (OFT wraps nn.Linear and Conv1D)"
+
+
+def make_oft_layer(module: nn.Module, config: OFTConfig, name: str, path: str) -> OFTLinear | None:
+    """Wrap a linear ``module`` with OFT, or ``None`` for other module types."""
+    if can_wrap(module, config, path) is not None:
+        return None
+    layer = OFTLinear(module)
+    layer.add(name, config, path)
+    return layer
+
+
+__all__ = ["OFTLinear", "can_wrap", "make_oft_layer", "nearest_divisor"]
