@@ -5,9 +5,9 @@ adapter ``names[b]`` (``BASE`` for the base model alone) and the cached keys/val
 returns each row's next-token logits and the grown cache.
 
 The mixed-batch path of the core (issue 12: ``delta_model(**batch, adapter_names=[...])``, HF peft's
-API) serves the whole batch in one call. Until it is on main, :func:`forward_rows` falls back to one
-call per adapter group (rows split by adapter, cache rows gathered and scattered back); that fallback
-is :func:`_forward_per_adapter`, and ``MIXED_BATCH_FORWARD`` switches between the two.
+API) serves the whole batch in one call. Where the core lacks it (before issue 12), :func:`forward_rows`
+falls back to one call per adapter group (rows split by adapter, cache rows gathered and scattered
+back): :func:`_forward_per_adapter`; :func:`core_mixes_adapters` decides which path runs.
 """
 
 from __future__ import annotations
@@ -24,8 +24,14 @@ from .batch_cache import layer_tensors
 
 BASE = "__base__"
 
-#: True once ``DeltaModel.forward(..., adapter_names=[...])`` (issue 12) routes rows per adapter.
-MIXED_BATCH_FORWARD = False
+
+
+def core_mixes_adapters() -> bool:
+    """Whether ``DeltaModel.forward(..., adapter_names=[...])`` (issue 12) routes each row to its adapter."""
+    return "adapter_names" in inspect.signature(DeltaModel.forward).parameters
+
+
+MIXED_BATCH_FORWARD = core_mixes_adapters()
 
 Tensors = list[tuple[torch.Tensor, torch.Tensor]]
 

@@ -1,0 +1,112 @@
+"""Pieces of ``deltatune serve`` checked in-process against independent references.
+
+- The batch cache + mixed forward: rows of different adapters and lengths, joining and leaving between
+  steps, give at every step the logits a plain full forward of that sequence alone gives.
+- Top-p sampling keeps exactly the nucleus written out in the test.
+- Streamed text holds back what could still become a stop string and never shows the stop string.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.serve.batch_cache import BatchCache
+from deltatune.serve.mixed_forward import BASE, forward_rows
+from deltatune.serve.sampling import SamplingParams, make_generator, pick_token
+from deltatune.serve.text import TextTracker
+
+
+def _two_adapter_model(make_model: Any) -> dt.DeltaModel:
+    model = dt.get_delta_model(make_model("llama_lm"), dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), "a")
+    model.add_adapter("b", dt.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-zero adapters: each changes the logits
+        for name, param in model.named_parameters():
+            if "lora_" in name or "ia3_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5 + (1.0 if "ia3_" in name else 0.0))
+    return model.eval()
+
+
+def _alone(model: dt.DeltaModel, name: str, tokens: list[int]) -> torch.Tensor:
+    """Reference: last-position logits of one full forward of ``tokens`` with adapter ``name`` (no cache)."""
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        if name == BASE:
+            with model.disable_adapter():
+                return model(input_ids=ids).logits[0, -1]
+        model.set_adapter(name)
+        return model(input_ids=ids).logits[0, -1]
+
+
+def test_batch_rows_joining_and_leaving_equal_each_sequence_alone(make_model: Any) -> None:
+    model = _two_adapter_model(make_model)
+    gen = torch.Generator().manual_seed(1)
+    batch, names, seqs = BatchCache(), [], []
+
+    def join(name: str, length: int) -> None:
+        prompt = torch.randint(1, 100, (length,), generator=gen).tolist()
+        ids = torch.tensor([prompt])
+        logits, tensors = forward_rows(model, [name], {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [])
+        torch.testing.assert_close(logits[0], _alone(model, name, prompt), atol=1e-4, rtol=1e-4)
+        batch.join(tensors, length)
+        names.append(name)
+        seqs.append(prompt + [int(logits[0].argmax())])
+
+    def step() -> None:
+        logits, tensors = forward_rows(model, names, batch.step_inputs([s[-1] for s in seqs]), batch.tensors)
+        batch.advance(tensors)
+        for row, seq in enumerate(seqs):
+            torch.testing.assert_close(logits[row], _alone(model, names[row], seq), atol=1e-4, rtol=1e-4)
+            seq.append(int(logits[row].argmax()))
+
+    for name, length in (("a", 5), (BASE, 3), ("b", 7)):
+        join(name, length)
+    step()
+    step()
+    batch.keep([0, 2])  # the base sequence leaves
+    del names[1], seqs[1]
+    join("b", 11)  # a longer newcomer: the batch is padded to its width
+    join("a", 2)
+    step()
+    batch.keep([1, 2, 3])  # the oldest leaves: its leading columns go
+    del names[0], seqs[0]
+    step()
+    assert batch.mask.shape == (3, 11 + 2) and batch.mask[:, 0].any()  # the 11-token newcomer, 2 steps on
+
+
+def test_top_p_samples_only_from_the_nucleus() -> None:
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.7, seed=3)
+    gen = make_generator(params, 0)
+    counts = collections.Counter(pick_token(probs.log(), params, gen) for _ in range(3000))
+    # nucleus: 0.5 (token 1), then 0.3 (token 3) reaches 0.8 >= 0.7; renormalised 0.625 / 0.375
+    assert set(counts) == {1, 3}
+    assert counts[1] / 3000 == pytest.approx(0.625, abs=0.04)
+    greedy = SamplingParams(max_tokens=1, temperature=0.0)
+    assert pick_token(probs.log(), greedy, make_generator(greedy, 0)) == 1
+
+
+class _PieceTokenizer:
+    """Token id i decodes to ``pieces[i]``."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.pieces = pieces
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_streamed_text_holds_back_a_possible_stop_string() -> None:
+    tracker = TextTracker(_PieceTokenizer(["Hel", "lo", " W", "orld", "!"]), stop=["o Wx", "ld!"])
+    out = [tracker.push(0), tracker.push(1), tracker.push(2), tracker.push(3), tracker.push(4)]
+    # "Hel": "l" may start "ld!", held; "Hello": "o" may start "o Wx"; "Hello W": "o W" held;
+    # "Hello World": "ld" held; "!" completes "ld!"
+    assert out == ["He", "ll", "", "o Wor", ""]
+    assert tracker.stopped and tracker.text == "Hello Wor" and tracker.finish() == ""
+    plain = TextTracker(_PieceTokenizer(["a", "\ufffd", "b"]), stop=[])
+    assert [plain.push(0), plain.push(1)] == ["a", ""]  # an incomplete character waits
