@@ -35,8 +35,8 @@ def prepare(job: dict[str, Any]) -> Prepared:
     from transformers import AutoTokenizer
 
     from deltatune.bundled import bundled_model_path
-    from deltatune.train.data import label_names, load_builtin
-    from deltatune.train.encoding import encode_classification
+    from deltatune.train.data.builtin import label_names, load_builtin
+    from deltatune.train.data.encoding import encode_classification
 
     path = bundled_model_path(job.get("model", "minilm"))
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -57,7 +57,7 @@ def kjv(n: int) -> list[str] | None:
 
 
 def bbc(n: int) -> list[str]:
-    from deltatune.train.data import load_builtin
+    from deltatune.train.data.builtin import load_builtin
 
     return [_clean(r["text"])[:400] for r in load_builtin("bbc", "test")[:n]]
 

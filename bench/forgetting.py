@@ -20,7 +20,7 @@ from bench.methods import METHODS, build, trainable_counts
 
 
 def _general_features(tokenizer: Any, texts: list[str], max_length: int) -> list[dict[str, Any]]:
-    from deltatune.train.encoding import encode_causal_lm
+    from deltatune.train.data.encoding import encode_causal_lm
 
     return encode_causal_lm([{"text": t} for t in texts], tokenizer, max_length=max_length)
 
@@ -40,8 +40,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deltatune.bundled import bundled_model_path
-    from deltatune.train.data import load_builtin
-    from deltatune.train.encoding import encode_instruction, pad_collate
+    from deltatune.train.data.builtin import load_builtin
+    from deltatune.train.data.encoding import encode_instruction, pad_collate
 
     path = bundled_model_path("smollm2")
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.train.encoding import pad_collate
+from deltatune.train.data.encoding import pad_collate
 
 Batch = dict[str, torch.Tensor]
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from deltatune import DeltaModel
 from deltatune.cli import COMMANDS, main
-from deltatune.train import encoding
+from deltatune.train.data import encoding
 from deltatune.train.options import TrainOptions
 
 

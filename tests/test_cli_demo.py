@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from deltatune.cli import main
-from deltatune.train.data import load_builtin
+from deltatune.train.data.builtin import load_builtin
 
 
 @pytest.mark.integration

@@ -1,4 +1,4 @@
-"""Tests for the built-in data sets and local data files (deltatune.train.data / .files).
+"""Tests for the built-in data sets and local data files (deltatune.train.data.builtin / .files).
 
 Facts are checked against the raw package files read independently here, not through the readers.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from deltatune.train.data import (
+from deltatune.train.data.builtin import (
     BUILTIN_DATASETS,
     SPLITS,
     DataError,
@@ -21,7 +21,7 @@ from deltatune.train.data import (
     load_builtin,
     split_rows,
 )
-from deltatune.train.files import infer_label_names, load_file
+from deltatune.train.data.files import infer_label_names, load_file
 
 
 def package_dir(name: str) -> Path:

@@ -1,4 +1,4 @@
-"""Tests for deltatune.train.encoding: token ids, label masks and padding, checked by hand.
+"""Tests for deltatune.train.data.encoding: token ids, label masks and padding, checked by hand.
 
 The unit tests use a word-level toy tokenizer built here, so every expected id is written out by hand.
 The integration tests use the bundled MiniLM and SmolLM2 tokenizers (SmolLM2 has a chat template).
@@ -13,8 +13,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from deltatune.train.data import DataError, label_names, load_builtin
-from deltatune.train.encoding import (
+from deltatune.train.data.builtin import DataError, label_names, load_builtin
+from deltatune.train.data.encoding import (
     IGNORE_INDEX,
     encode_causal_lm,
     encode_classification,

@@ -96,7 +96,7 @@ def test_ddp_on_two_ranks_matches_one_process_with_the_same_global_batch(runs: d
 
 
 def test_fsdp_adapter_is_whole_and_reloads_in_one_process_with_the_trained_outputs(runs: dict) -> None:
-    from deltatune.train.commands import run_evaluation
+    from deltatune.commands.inference import run_evaluation
 
     out = runs["root"] / "fsdp"
     args = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "deltatune", *runs["args"], "--batch-size", "3",

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from deltatune.errors import CheckpointError, ConfigError, DistributedError
-from deltatune.train.distributed import Distributed, is_comm_failure, launch_env
-from deltatune.train.distributed_fsdp import verify_saved
-from deltatune.train.distributed_sampler import ShardedSampler, epoch_permutation, shard_rows
+from deltatune.train.distributed.fsdp import verify_saved
+from deltatune.train.distributed.runtime import Distributed, is_comm_failure, launch_env
+from deltatune.train.distributed.sampler import ShardedSampler, epoch_permutation, shard_rows
 
 
 def _reference_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -127,7 +127,7 @@ def test_ddp_synchronises_only_the_delta_and_still_answers_the_models_attributes
     import torch.distributed as dist
 
     import deltatune as dt
-    from deltatune.train.distributed import _ddp_class
+    from deltatune.train.distributed.runtime import _ddp_class
 
     model = dt.get_delta_model(make_model("bert_seq_cls"), dt.LoraConfig(r=4, target_modules=["query", "value"],
                                                                         task_type="SEQ_CLS"))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from _train_tiny import save_tiny, write_pairs
 
 from deltatune import all_methods
-from deltatune.train.commands import run_evaluation
+from deltatune.commands.inference import run_evaluation
 from deltatune.train.loop import train
 from deltatune.train.options import TrainOptions
 from deltatune.train.tasks import IGNORE, loss_sum

@@ -12,8 +12,8 @@ from _train_tiny import save_tiny, write_classification, write_pairs, write_text
 from safetensors.torch import load_file
 
 from deltatune import all_methods, get_method
+from deltatune.commands.inference import run_evaluation
 from deltatune.errors import ConfigError
-from deltatune.train.commands import run_evaluation
 from deltatune.train.loop import train
 from deltatune.train.optim import lr_multiplier
 from deltatune.train.options import TrainOptions

@@ -11,7 +11,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.errors import ConfigError
-from deltatune.train import checkpoints
+from deltatune.train import resume as checkpoints
 from deltatune.train.loop import Schedule
 from deltatune.train.metrics import MetricsLog, accuracy, macro_f1, majority_baseline, perplexity
 from deltatune.train.optim import lr_multiplier, make_optimizer, make_scheduler, param_groups
@@ -203,7 +203,7 @@ def test_checkpoints_are_pruned_and_partial_folders_ignored(tmp_path: Path) -> N
 def test_demo_uses_only_free_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from deltatune.train import demo
+    from deltatune.commands import demo
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     for load, expected in ((0.1, 2), (0.9, 1), (5.5, 1)):

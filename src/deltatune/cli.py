@@ -248,7 +248,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .train.commands import dumps, run_evaluation
+    from .commands.inference import dumps, run_evaluation
 
     columns = {f"{n}_column": getattr(args, f"{n}_column") for n in ("text", "label", "prompt", "response")}
     result = run_evaluation(args.adapter, args.model, args.data, args.split, args.task, args.batch_size,
@@ -267,7 +267,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import json
 
-    from .train.commands import load_for_inference, read_inputs, run_predict
+    from .commands.inference import load_for_inference, read_inputs, run_predict
 
     texts = read_inputs(args.text, args.file, args.text_column)
     loaded = load_for_inference(args.adapter, args.model, quantize=args.quantize)
@@ -282,7 +282,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import json
 
-    from .train.commands import load_for_inference, read_inputs, run_generate
+    from .commands.inference import load_for_inference, read_inputs, run_generate
 
     prompts = read_inputs(args.prompt, args.file, args.text_column)
     task = args.task or (None if args.adapter else "instruct")
@@ -294,7 +294,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .train.commands import run_merge
+    from .commands.inference import run_merge
 
     out, report = run_merge(args.adapter, args.output, args.model, args.dtype, args.quantize)
     if report is not None:
@@ -304,7 +304,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .train.commands import dumps, inspect_adapter
+    from .commands.inference import dumps, inspect_adapter
 
     report = inspect_adapter(args.adapter, args.base)
     if args.json:
@@ -335,7 +335,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .train.demo import run_demo
+    from .commands.demo import run_demo
 
     run_demo(output_dir=args.output_dir, max_train_examples=args.max_train_examples,
              max_eval_examples=args.max_eval_examples, max_steps=args.max_steps, epochs=args.epochs,

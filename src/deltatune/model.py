@@ -370,7 +370,7 @@ class DeltaModel(nn.Module):
     def adapter_parts(self, adapter_name: str) -> AdapterParts:
         """What the file layer (:mod:`deltatune.checkpoint.state`) reads and writes of one adapter."""
         self._check_known(adapter_name)
-        delta = self.input_deltas[adapter_name] if adapter_name in self.input_deltas else None
+        delta = self.input_deltas[adapter_name] if adapter_name in self.input_deltas else None  # noqa: SIM401 (ModuleDict has no .get)
         return AdapterParts(self.base_model, self.peft_config[adapter_name], delta)
 
     def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None) -> None:

@@ -7,7 +7,7 @@ optimizer, the scheduler and the random generators (for dropout), and then conti
 Losses are token- (or example-) weighted over the whole accumulation group:
 ``L = sum_i loss_sum_i / sum_i count_i``, so accumulation equals one big batch.
 
-Several processes (``torchrun``): see :mod:`.distributed`. The loop asks a :class:`Distributed` object
+Several processes (``torchrun``): see :mod:`.distributed.runtime`. The loop asks a :class:`Distributed` object
 for this rank's rows, the module to call, metric sums and whether it is rank 0 (which alone writes);
 in a single process that object does nothing.
 
@@ -33,16 +33,16 @@ from torch import nn
 from ..bundled import resolve_model_path
 from ..errors import ConfigError
 from ..model import DeltaModel, get_delta_model
-from . import checkpoints
-from . import distributed_checkpoint as dist_checkpoints
-from .distributed import Distributed
+from . import resume as checkpoints
+from .data.sources import DataSpec, Splits, infer_task, limit, load_splits
+from .distributed import resume as dist_checkpoints
+from .distributed.runtime import Distributed
 from .evaluate import evaluate
 from .metrics import MetricsLog
 from .optim import make_optimizer, make_scheduler
 from .options import TrainOptions
 from .progress import Progress
 from .runs import ADAPTER_DIR, RunInfo, count_parameters, folder_bytes, peak_rss_bytes, prepare_output
-from .sources import DataSpec, Splits, infer_task, limit, load_splits
 from .tasks import (
     Encoder,
     Features,

@@ -9,7 +9,7 @@
       metrics.jsonl            one line per optimizer step ("train") and per evaluation ("eval")
       summary.json             final metrics, parameter counts, adapter size, wall time, peak memory
       loss.png, metric.png     plots of the curves in metrics.jsonl
-      checkpoints/step-N/      resumable checkpoints (see deltatune.train.checkpoints)
+      checkpoints/step-N/      resumable checkpoints (see deltatune.train.resume)
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import encoding
+from .data import encoding
 
 IGNORE = encoding.IGNORE_INDEX
 Features = dict[str, Any]
@@ -78,7 +78,7 @@ def load_tokenizer(path: str) -> Any:
 
 @dataclass
 class Encoder:
-    """Turns rows into token ids for one task, through :mod:`deltatune.train.encoding`.
+    """Turns rows into token ids for one task, through :mod:`deltatune.train.data.encoding`.
 
     Attributes:
         task: one of ``seq_cls``, ``instruct``, ``causal_lm``, ``seq2seq``.

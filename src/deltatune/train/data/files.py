@@ -1,7 +1,7 @@
 """Read training data from local files: JSONL, CSV/TSV, or plain text (one example per line).
 
 Every bad row is collected and reported together, by file and line number, in one
-:class:`~deltatune.train.data.DataError`; nothing is dropped silently and nothing fails half-way through
+:class:`~deltatune.train.data.builtin.DataError`; nothing is dropped silently and nothing fails half-way through
 a training run. What counts as bad: a line that is not valid JSON (or not a JSON object), a CSV row with
 the wrong number of fields, a missing or empty text/prompt/response, a missing label, or a label that
 is not in the ``label_set`` you gave. Blank lines are ignored in every format.
@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from deltatune.train.data import DataError
+from .builtin import DataError
 
 __all__ = ["Task", "infer_label_names", "load_file"]
 

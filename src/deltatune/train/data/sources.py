@@ -1,8 +1,8 @@
 """Where the rows of a run come from: a built-in data set or local files, resolved into three splits.
 
 * built-in name (``trec``, ``rt``, ``bbc``, ``sms``, ``chatterbot``): the documented seeded 80/10/10 split
-  of :mod:`deltatune.train.data`.
-* one local file: validated by :func:`deltatune.train.files.load_file` and split 80/10/10 the same way
+  of :mod:`deltatune.train.data.builtin`.
+* one local file: validated by :func:`deltatune.train.data.files.load_file` and split 80/10/10 the same way
   (stratified by label for classification, grouped by prompt for pairs).
 * local files for ``validation_data`` / ``test_data`` too: the main file is used whole for training.
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import BUILTIN_DATASETS, DataError, label_names, load_builtin, split_rows
+from .builtin import BUILTIN_DATASETS, DataError, label_names, load_builtin, split_rows
 from .files import infer_label_names, load_file
 
 ROW_KIND = {"seq_cls": "classification", "instruct": "pairs", "seq2seq": "pairs", "causal_lm": "text"}

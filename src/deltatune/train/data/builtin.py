@@ -6,7 +6,7 @@ Rows are plain dicts of strings:
 * question/answer pairs (instruction tuning, seq2seq): ``{"prompt": str, "response": str}``
 * causal-LM text: ``{"text": str}``
 
-Built-in data sets (read from installed packages by :mod:`deltatune.train.readers`):
+Built-in data sets (read from installed packages by :mod:`deltatune.train.data.readers`):
 
 ==============  =======================================  =====================================
 name            content                                  labels
@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, TypeVar
 
-from deltatune.errors import DeltaError
-from deltatune.train import readers
+from ...errors import DeltaError
+from . import readers
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -72,7 +72,7 @@ class BuiltinDataset:
     Attributes:
         name: key for :func:`load_builtin` and the CLI.
         task: ``"classification"`` (rows ``{"text", "label"}``) or ``"pairs"`` (``{"prompt", "response"}``).
-        read: returns every raw row in file order (see :mod:`deltatune.train.readers`).
+        read: returns every raw row in file order (see :mod:`deltatune.train.data.readers`).
         labels: the class names in a fixed order (label id = position), or ``None`` for pairs.
         description: one line for help texts.
     """

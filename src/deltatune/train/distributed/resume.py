@@ -1,6 +1,6 @@
 """Resumable checkpoints under torchrun: every rank takes part, rank 0 writes the files.
 
-The files are those of :mod:`deltatune.train.checkpoints` (a single-process run's format), plus in
+The files are those of :mod:`deltatune.train.resume` (a single-process run's format), plus in
 ``state.json``:
 
 * ``world_size``: a checkpoint resumes only with the same number of ranks, since the rows of step
@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from . import checkpoints
-from . import distributed_fsdp as fsdp_lib
+from ...errors import ConfigError
+from .. import resume as checkpoints
+from . import fsdp as fsdp_lib
 
 if TYPE_CHECKING:
-    from .distributed import Distributed
+    from .runtime import Distributed
 
 
 class _WholeModel:

@@ -34,9 +34,9 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError, DistributedError
-from . import distributed_fsdp as fsdp_lib
-from .distributed_sampler import shard_rows
+from ...errors import ConfigError, DistributedError
+from . import fsdp as fsdp_lib
+from .sampler import shard_rows
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 600.0
@@ -322,8 +322,8 @@ class Distributed:
         Every rank must call this (gathering is a collective under FSDP). Rank 0 checks that each
         saved tensor is non-empty, has the parameter's full shape and equals the gathered value.
         """
-        from ..checkpoint.io import WEIGHTS_NAME, adapter_folder
-        from ..checkpoint.state import adapter_entries, save_adapter
+        from ...checkpoint.io import WEIGHTS_NAME, adapter_folder
+        from ...checkpoint.state import adapter_entries, save_adapter
 
         for name in list(model.peft_config):
             entries = adapter_entries(model.adapter_parts(name), name)

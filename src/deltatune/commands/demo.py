@@ -13,13 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .commands import load_for_inference
-from .data import label_names
-from .evaluate import evaluate
-from .loop import train
-from .metrics import macro_f1, majority_baseline
-from .options import TrainOptions
-from .sources import DataSpec, limit, load_splits
+from ..train.data.builtin import label_names
+from ..train.data.sources import DataSpec, limit, load_splits
+from ..train.evaluate import evaluate
+from ..train.loop import train
+from ..train.metrics import macro_f1, majority_baseline
+from ..train.options import TrainOptions
+from .inference import load_for_inference
 
 DEMO = {
     "model": "minilm", "data": "trec", "task": "seq_cls", "method": "lora",

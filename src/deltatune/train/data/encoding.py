@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from deltatune.train.data import DataError
+from .builtin import DataError
 
 __all__ = [
     "IGNORE_INDEX",

@@ -1,7 +1,7 @@
 """Raw readers for the real data sets that ship as installed PyPI packages (no network, no hub).
 
 Each reader returns every row of its source, in file order, before deduplication or splitting
-(:mod:`deltatune.train.data` does both). Rows are ``{"text", "label"}`` for classification and
+(:mod:`deltatune.train.data.builtin` does both). Rows are ``{"text", "label"}`` for classification and
 ``{"prompt", "response"}`` for question/answer pairs; every value is a ``str``.
 
 Sources (package, file) and what was found in them:
@@ -34,7 +34,7 @@ import html
 from itertools import pairwise
 from pathlib import Path
 
-from deltatune.bundled import installed_package_dir
+from ...bundled import installed_package_dir
 
 __all__ = ["read_bbc", "read_chatterbot", "read_rt", "read_sms", "read_trec"]
 

@@ -24,13 +24,13 @@ from ..merge_check import MergeReport, default_probe
 from ..model import DeltaModel
 from ..quant import dequantize
 from ..quant.load import adapter_quantization
-from .data import DataError
-from .evaluate import evaluate, generate_texts, predict_proba
-from .files import load_file
-from .loop import seed_everything
-from .runs import RunInfo, adapter_dir, describe_adapter, folder_bytes, head_labels, resolve_base
-from .sources import DataSpec, infer_task, limit, load_splits
-from .tasks import Encoder, load_base_model, load_tokenizer, uses_chat
+from ..train.data.builtin import DataError
+from ..train.data.files import load_file
+from ..train.data.sources import DataSpec, infer_task, limit, load_splits
+from ..train.evaluate import evaluate, generate_texts, predict_proba
+from ..train.loop import seed_everything
+from ..train.runs import RunInfo, adapter_dir, describe_adapter, folder_bytes, head_labels, resolve_base
+from ..train.tasks import Encoder, load_base_model, load_tokenizer, uses_chat
 
 MERGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
