@@ -137,7 +137,7 @@ def test_not_mergeable(make_model) -> None:
 
 
 def test_parallel_on_bart_explains_and_accepts_explicit_targets(make_model, output_of) -> None:
-    with pytest.raises(dt.TargetError, match="BART computes its feed-forward block inline"):
+    with pytest.raises(dt.TargetError, match="computes its feed-forward block inline"):
         dt.get_delta_model(make_model("bart"), dt.BottleneckConfig(variant="parallel"))
     model = dt.get_delta_model(make_model("bart"), dt.BottleneckConfig(variant="parallel", target_modules=["fc2"],
                                                                        init_weights=False))

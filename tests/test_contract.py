@@ -88,7 +88,7 @@ ROWS: dict[str, Row] = {
     "bottleneck-parallel": Row(
         "bottleneck",
         lambda c, k, t: c(variant="parallel", bottleneck_size=4, scaling=4.0, target_modules=_mlp(k, ["fc2"]), task_type=t),
-        cannot={"bart": (dt.TargetError, "BART computes its feed-forward block inline", NO_FFN_BLOCK)},
+        cannot={"bart": (dt.TargetError, "computes its feed-forward block inline", NO_FFN_BLOCK)},
     ),
     "bitfit": Row("bitfit", lambda c, k, t: c(target_modules=_mlp(k, ["fc1", "fc2"]), task_type=t),
                   cannot={"llama_lm": NO_BIAS, "t5": NO_BIAS}),

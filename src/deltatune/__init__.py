@@ -31,6 +31,7 @@ from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.vera import VeraConfig
 from .model import DeltaModel, get_delta_model
+from .model_interface import register_architecture
 from .quant import dequantize, prepare_for_kbit_training, quantize
 from .registry import MethodSpec, all_methods, get_method, register
 
@@ -44,5 +45,5 @@ __all__ = [
     "LoKrConfig", "LoraConfig", "MergeError", "MethodSpec", "OFTConfig", "PTuningConfig",
     "PrefixTuningConfig", "PromptTuningConfig", "TargetError", "TargetedConfig", "VeraConfig",
     "all_methods", "dequantize", "get_delta_model", "get_method", "get_peft_model",
-    "prepare_for_kbit_training", "quant", "quantize", "register",
+    "prepare_for_kbit_training", "quant", "quantize", "register", "register_architecture",
 ]

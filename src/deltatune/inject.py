@@ -14,6 +14,7 @@ from torch import nn
 from .config import DeltaConfig, TargetedConfig
 from .errors import ConfigError, TargetError
 from .layer import DeltaLayer
+from .model_interface import structure_summary
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import MethodSpec
 from .targeting import ALL_LINEAR, find_targets, name_matches, unwrapped
@@ -51,8 +52,9 @@ def resolve_targets(model: nn.Module, spec: MethodSpec, config: TargetedConfig) 
     if default is None:
         mtype = getattr(getattr(model, "config", None), "model_type", None)
         raise ConfigError(
-            f"{spec.name}: no default target modules for {type(model).__name__} (model_type={mtype!r}). "
-            "Pass target_modules=[...] (module names or suffixes), a regex, or 'all-linear'."
+            f"{spec.name}: no default target modules for {type(model).__name__} (model_type={mtype!r}): "
+            f"{structure_summary(model)}. Pass target_modules=[...] (module names or suffixes), a regex, or "
+            "'all-linear', or describe the architecture once with deltatune.register_architecture(...)."
         )
     return default
 

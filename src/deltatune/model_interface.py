@@ -1,88 +1,49 @@
-"""Where a model keeps what the methods need: the one per-architecture table.
+"""Which module of a model plays which role: the one place methods ask about an architecture.
 
-Methods ask for *roles* (``"q"``, ``"v"``, ``"down"``, ...) and get a regular expression over module
-paths for the model at hand; the core and the methods never spell an architecture's module names
-themselves. Architectures missing here still work when the user names target modules explicitly.
+Methods ask for *roles*, never module names; roles are read from the model's structure
+(:mod:`deltatune.structure.infer`: module tree, config head counts, shapes), so any transformers
+architecture whose attention and feed-forward follow the common patterns works without an entry
+here. :func:`register_architecture` overrides roles where the structure is ambiguous (or a user
+wants other defaults); nothing in a method package changes when an architecture is added.
 
-Each role maps to a regex fragment that must match the *end* of a module path (after a dot):
+Roles (:func:`role_paths` returns module paths of the unwrapped model; :func:`role_regex` a regex
+matching exactly those paths, with layer numbers generalised):
 
-* ``q`` / ``k`` / ``v``: the attention's query / key / value projections (GPT-2 fuses them in ``c_attn``);
-* ``o``: the attention's output projection (self- and cross-attention);
-* ``up``: the feed-forward block's input projection(s) (gated MLPs: gate and up);
-* ``gate``: the gate projection of a gated MLP;
-* ``down``: the feed-forward block's output projection;
-* ``attn_block``: the attention sub-module;
-* ``enc_self_attn`` / ``cross_attn``: encoder-decoder models' encoder self-attention modules and
-  decoder cross-attention modules (each holding its own ``k`` / ``v`` projections);
-* ``ffn_block``: the module computing the whole feed-forward block from its input, ``FFN(x)``
-  (BERT-style ``*Output`` modules are the exception: see :data:`RESIDUAL_INPUT_BLOCKS`).
-
-Where an architecture has no module for a role, :data:`MISSING_ROLES` says why, so a method can
-raise an error that explains it.
+* ``q`` / ``k`` / ``v``: query / key / value projections (a fused projection, GPT-2's ``c_attn``,
+  plays all three; ``qkv`` lists fused ones only, :func:`fused_qkv_rows` splits their output rows);
+* ``o``: attention output projections; ``attn_block``: the modules holding the projections
+  (``self_attn`` / ``enc_self_attn`` / ``cross_attn``: decoder-or-encoder self-attention, the encoder's
+  self-attention of an encoder-decoder model, cross-attention);
+* ``up`` (with ``gate``), ``gate``, ``down``: feed-forward projections; ``ffn_block``: modules computing
+  the whole feed-forward block ``FFN(x)`` (:func:`missing_role_reason` explains inline ones);
+  ``ffn_out``: what returns the feed-forward output (the down projection; a mixture-of-experts block,
+  whose experts are 3-D parameters, as a whole);
+* ``norm``, ``embed`` (input embedding), ``head`` (output head), ``layer`` (numbered layers);
+* ``experts``: 3-D expert *parameters* (``mlp.experts.gate_up_proj``), ``router``: their routers.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
-_LLAMA_LIKE = {
-    "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-    "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
-    "attn_block": r"self_attn", "ffn_block": r"mlp",
-}
+from .errors import ConfigError
+from .structure import (
+    ModelRoles,
+    infer_roles,
+    is_linear_like,
+    is_norm_layer,
+    linear_dims,
+    original_modules,
+    residual_input_arg,
+    text_config,
+)
 
-ROLE_TABLE: dict[str, dict[str, str]] = {
-    "bert": {
-        "q": "query", "k": "key", "v": "value", "o": r"attention\.output\.dense",
-        "up": r"intermediate\.dense", "down": r"\d+\.output\.dense",
-        "attn_block": r"\d+\.attention", "ffn_block": r"\d+\.output",
-    },
-    "distilbert": {
-        "q": "q_lin", "k": "k_lin", "v": "v_lin", "o": "out_lin", "up": "lin1", "down": "lin2",
-        "attn_block": "attention", "ffn_block": "ffn",
-    },
-    "gpt2": {
-        "q": "c_attn", "k": "c_attn", "v": "c_attn", "o": r"attn\.c_proj",
-        "up": "c_fc", "down": r"mlp\.c_proj", "attn_block": "attn", "ffn_block": "mlp",
-    },
-    "llama": _LLAMA_LIKE,
-    "t5": {
-        "q": r"(SelfAttention|EncDecAttention)\.q", "k": r"(SelfAttention|EncDecAttention)\.k",
-        "v": r"(SelfAttention|EncDecAttention)\.v", "o": r"(SelfAttention|EncDecAttention)\.o",
-        "up": r"DenseReluDense\.wi(_0|_1)?", "down": r"DenseReluDense\.wo",
-        "attn_block": r"(SelfAttention|EncDecAttention)", "ffn_block": r"DenseReluDense",
-        "enc_self_attn": r"encoder\.block\.\d+\.layer\.\d+\.SelfAttention", "cross_attn": r"EncDecAttention",
-    },
-    "bart": {
-        "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj", "up": "fc1", "down": "fc2",
-        "attn_block": r"(self_attn|encoder_attn)",
-        "enc_self_attn": r"encoder\.layers\.\d+\.self_attn", "cross_attn": r"encoder_attn",
-    },
-}
-#: Roles an architecture has no module for, and why (methods quote the reason in their errors).
-MISSING_ROLES: dict[str, dict[str, str]] = {
-    "bart": {
-        "ffn_block": "BART computes its feed-forward block inline in the decoder/encoder layer's forward "
-        "(fc1 -> activation -> fc2), so no single module takes the block's input and returns its output",
-    },
-}
-
-#: Block modules (by class name) whose forward is ``f(h, residual) = LayerNorm(FFN_out(h) + residual)``:
-#: the block's input ``x`` arrives as the positional argument given here (BERT's ``BertOutput(h, x)``
-#: gets the intermediate activation ``h`` and the residual ``x``). Something added "beside" such a
-#: block is added to that argument, which equals adding it to the block's output before the norm.
-RESIDUAL_INPUT_BLOCKS: dict[str, int] = {
-    name: 1 for name in ("BertOutput", "RobertaOutput", "XLMRobertaOutput", "ElectraOutput", "CamembertOutput")
-}
-
-for _alias, _same_as in {
-    "roberta": "bert", "xlm-roberta": "bert", "electra": "bert", "camembert": "bert",
-    "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama", "gemma2": "llama",
-    "olmo": "llama", "mt5": "t5", "mbart": "bart",
-}.items():
-    ROLE_TABLE[_alias] = ROLE_TABLE[_same_as]
+ROLES = ("q", "k", "v", "qkv", "o", "attn_block", "self_attn", "enc_self_attn", "cross_attn", "up", "gate", "down",
+         "ffn_out", "ffn_block", "norm", "embed", "head", "layer", "experts", "router")
 
 #: Names under which task heads sit (trained in full and saved with the adapter for SEQ_CLS).
 HEAD_NAMES: dict[str, list[str]] = {
@@ -91,62 +52,154 @@ HEAD_NAMES: dict[str, list[str]] = {
     "QUESTION_ANS": ["qa_outputs"],
 }
 
+#: How a fused query/key/value projection orders its output rows (default ``"concat"``: all query
+#: rows, then all key rows, then all value rows). ``"per_head"``: ``(H, 3, d)``, each head's q, k, v
+#: in turn. ``"grouped"``: ``(KV, H / KV + 2, d)``, each key/value group's queries, key, value.
+FUSED_LAYOUTS = ("concat", "per_head", "grouped")
+
+
+@dataclass
+class ArchitectureOverride:
+    """What :func:`register_architecture` recorded for one ``model_type``."""
+
+    roles: dict[str, str] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+    fused_qkv_layout: str | None = None
+
+
+_OVERRIDES: dict[str, ArchitectureOverride] = {}
+
+
+def register_architecture(model_type: str, roles: dict[str, str] | None = None, missing: dict[str, str] | None = None,
+                          fused_qkv_layout: str | None = None) -> None:
+    """Override what structure inference finds for models of ``model_type`` (the config's ``model_type``).
+
+    Args:
+        roles: ``{role: regex}``; the role's modules become those whose path ends with a match
+            (``{"q": "query", "v": "value"}``; ``"q_proj|wq"`` or ``r"attn\\.c_proj"`` work too).
+        missing: ``{role: reason}`` for roles the architecture has no module for; methods quote it.
+        fused_qkv_layout: row order of fused query/key/value projections (see :data:`FUSED_LAYOUTS`).
+
+    Example::
+
+        dt.register_architecture("my_model", roles={"q": "wq", "k": "wk", "v": "wv", "o": "wo"})
+    """
+    unknown = sorted(set(roles or {}) - set(ROLES))
+    if unknown:
+        raise ConfigError(f"register_architecture: unknown roles {unknown}; roles are {list(ROLES)}.")
+    if fused_qkv_layout is not None and fused_qkv_layout not in FUSED_LAYOUTS:
+        raise ConfigError(f"fused_qkv_layout must be one of {FUSED_LAYOUTS}; got {fused_qkv_layout!r}.")
+    for role, pattern in (roles or {}).items():
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"register_architecture: the regex for role {role!r} ({pattern!r}) is invalid: {err}.") from err
+    _OVERRIDES[model_type] = ArchitectureOverride(dict(roles or {}), dict(missing or {}), fused_qkv_layout)
+
+
+# Where the structure cannot tell: fused projections whose rows interleave heads.
+for _mtype in ("gpt_neox", "gpt_neox_japanese", "bloom", "persimmon", "deberta"):
+    register_architecture(_mtype, fused_qkv_layout="per_head")
+register_architecture("falcon", fused_qkv_layout="grouped")  # (KV, H / KV + 2, d): covers its MQA and per-head variants
+
 
 def model_type(model: nn.Module) -> str | None:
     """The transformers ``config.model_type`` of ``model`` (``None`` for a plain ``nn.Module``)."""
-    config = getattr(model, "config", None)
-    return getattr(config, "model_type", None)
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def model_roles(model: nn.Module) -> ModelRoles:
+    """Everything structure inference finds in ``model`` (overrides not applied; see :func:`role_paths`)."""
+    return infer_roles(model)
+
+
+def _inferred_paths(roles: ModelRoles, role: str) -> list[str]:
+    att, ffn = roles.attention, roles.feed_forward
+    by_role: dict[str, list[str | None]] = {
+        "q": [s.q or s.qkv for s in att], "k": [s.k or s.qkv for s in att], "v": [s.v or s.qkv for s in att],
+        "qkv": [s.qkv for s in att], "o": [s.o for s in att], "attn_block": [s.path for s in att],
+        "self_attn": [s.path for s in att if not s.cross], "enc_self_attn": [s.path for s in att if s.encoder],
+        "cross_attn": [s.path for s in att if s.cross],
+        "up": [p for s in ffn for p in (*s.gate, *s.up)], "gate": [p for s in ffn for p in s.gate],
+        "down": [s.down for s in ffn], "ffn_block": [s.block for s in ffn],
+        "ffn_out": [s.down or s.block for s in ffn],
+        "norm": list(roles.norms), "embed": [roles.input_embedding], "head": list(roles.output_head),
+        "layer": [s.layer for s in att], "experts": list(roles.experts), "router": list(roles.routers),
+    }
+    return list(dict.fromkeys(p for p in by_role[role] if p))
+
+
+def role_paths(model: nn.Module, role: str, roles: ModelRoles | None = None) -> list[str]:
+    """Paths (in the unwrapped model) of the modules playing ``role`` (see the module docstring)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; roles are {list(ROLES)}")
+    override = _OVERRIDES.get(model_type(model) or "")
+    if override and role in override.roles:
+        pattern = re.compile(rf"(.*\.)?(?:{override.roles[role]})")
+        return [p for p in original_modules(model) if p and pattern.fullmatch(p)]
+    return _inferred_paths(roles or model_roles(model), role)
+
+
+def paths_regex(paths: list[str]) -> str | None:
+    """A regex full-matching ``paths`` with layer numbers generalised (``model\\.layers\\.\\d+\\.self_attn\\.q_proj``)."""
+    parts = [r"\.".join(r"\d+" if c.isdigit() else re.escape(c) for c in p.split(".")) for p in paths]
+    unique = list(dict.fromkeys(parts))
+    return "(?:" + "|".join(unique) + ")" if unique else None
 
 
 def role_regex(model: nn.Module, roles: list[str]) -> str | None:
-    """A full-match regex over module paths selecting ``roles`` of ``model``, or ``None`` if unknown."""
-    table = ROLE_TABLE.get(model_type(model) or "")
-    if table is None:
-        return None
-    fragments = sorted({table[r] for r in roles if r in table})
-    if not fragments:
-        return None
-    return r"(.*\.)?(" + "|".join(f"(?:{f})" for f in fragments) + ")"
+    """A full-match regex over module paths selecting ``roles`` of ``model`` (``None``: no such module)."""
+    found = model_roles(model)
+    return paths_regex([p for role in roles for p in role_paths(model, role, found)])
 
 
 def missing_role_reason(model: nn.Module, role: str) -> str | None:
-    """Why ``model``'s architecture has no module for ``role`` (``None`` if it has one or is unknown)."""
-    return MISSING_ROLES.get(model_type(model) or "", {}).get(role)
-
-
-def residual_input_arg(module: nn.Module) -> int | None:
-    """Positional index of the residual input of a BERT-style output block (see :data:`RESIDUAL_INPUT_BLOCKS`)."""
-    return RESIDUAL_INPUT_BLOCKS.get(type(module).__name__)
-
-
-def linear_dims(module: nn.Module) -> tuple[int, int] | None:
-    """``(in_features, out_features)`` of a linear-like module (``Conv1D`` stores its weight ``(in, out)``)."""
-    if not is_linear_like(module):
+    """Why ``model`` has no module for ``role`` (``None`` if it has one, or nothing is known)."""
+    override = _OVERRIDES.get(model_type(model) or "")
+    if override and role in override.missing:
+        return override.missing[role]
+    roles = model_roles(model)
+    if role_paths(model, role, roles):
         return None
-    if isinstance(module, nn.Linear):  # read the sizes, not the weight: a quantized weight is packed
-        return module.in_features, module.out_features
-    rows, cols = module.weight.shape
-    return (cols, rows) if isinstance(module, nn.Linear) else (rows, cols)
+    return roles.notes.get(role) or roles.notes.get("attention")
 
 
-def is_linear_like(module: nn.Module) -> bool:
-    """``nn.Linear`` or a transposed linear layer (transformers' GPT-2 style ``Conv1D``)."""
-    if isinstance(module, nn.Linear):
-        return True
-    weight = getattr(module, "weight", None)
-    return type(module).__name__ == "Conv1D" and isinstance(weight, nn.Parameter) and weight.dim() == 2
+def structure_summary(model: nn.Module) -> str:
+    """One sentence on what inference found in ``model``: for errors that ask the user to name modules."""
+    roles = model_roles(model)
+    linear = sorted({p.rsplit(".", 1)[-1] for p, m in original_modules(model).items() if p and is_linear_like(m)})
+    found = (f"found {len(roles.attention)} attention module(s), {len(roles.feed_forward)} feed-forward block(s), "
+             f"{len(roles.experts)} expert parameter(s)")
+    why = f" ({roles.notes['attention']})" if "attention" in roles.notes else ""
+    return f"{found}{why}; linear layer names: {linear[:20]}{' ...' if len(linear) > 20 else ''}"
 
 
-def is_norm_layer(module: nn.Module) -> bool:
-    """A normalisation layer with a learned scale (``nn.LayerNorm``, ``LlamaRMSNorm``, ``T5LayerNorm``, ...).
+def fused_qkv_rows(model: nn.Module, path: str) -> dict[str, torch.Tensor]:
+    """``{"q" | "k" | "v": output-row indices}`` of the fused projection at ``path``.
 
-    Recognised by structure, not by a list of classes: a class name ending in ``Norm`` (any case) that owns
-    a ``weight`` parameter. Batch/group norms are left out (their features live on dimension 1).
+    Uses the config's ``H`` query heads and the row count ``(H + 2 KV) d`` (``d`` from the output
+    projection's width ``H d``); the row order is ``"concat"`` unless :func:`register_architecture`
+    says otherwise for the model type.
     """
-    name = type(module).__name__
-    if not name.lower().endswith("norm") or name.lower().startswith(("batchnorm", "groupnorm", "instancenorm")):
-        return False
-    return isinstance(getattr(module, "weight", None), nn.Parameter)
+    roles = model_roles(model)
+    site = next((s for s in roles.attention if s.qkv == path), None)
+    if site is None or site.o is None:
+        raise ConfigError(f"{path} is not a fused query/key/value projection of {type(model).__name__}.")
+    mods = original_modules(model)
+    heads = next(getattr(text_config(model), n) for n in ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
+                 if isinstance(getattr(text_config(model), n, None), int))
+    width = linear_dims(mods[site.o])[0]  # type: ignore[index]
+    d = width // heads
+    kv = (linear_dims(mods[path])[1] - width) // (2 * d)  # type: ignore[index]
+    override = _OVERRIDES.get(model_type(model) or "")
+    layout = (override.fused_qkv_layout if override else None) or "concat"
+    rows = torch.arange((heads + 2 * kv) * d)
+    if layout == "concat":
+        return {"q": rows[: heads * d], "k": rows[heads * d: (heads + kv) * d], "v": rows[(heads + kv) * d:]}
+    group = heads // kv if layout == "grouped" else 1
+    blocks = rows.view(kv if layout == "grouped" else heads, group + 2 if layout == "grouped" else 3, d)
+    q_part = blocks[:, :group] if layout == "grouped" else blocks[:, :1]
+    return {"q": q_part.reshape(-1), "k": blocks[:, -2].reshape(-1), "v": blocks[:, -1].reshape(-1)}
 
 
 def output_head_paths(model: nn.Module) -> set[str]:
@@ -174,3 +227,10 @@ def layer_index(path: str, layers_pattern: list[str] | str | None) -> int | None
         return None
     match = re.search(r"\.(\d+)(?:\.|$)", "." + path)
     return int(match.group(1)) if match else None
+
+
+__all__ = [
+    "FUSED_LAYOUTS", "HEAD_NAMES", "ROLES", "fused_qkv_rows", "head_names", "is_linear_like", "is_norm_layer", "layer_index",
+    "linear_dims", "missing_role_reason", "model_roles", "model_type", "output_head_paths", "paths_regex",
+    "register_architecture", "residual_input_arg", "role_paths", "role_regex", "structure_summary",
+]

@@ -19,6 +19,7 @@ from .config import TargetedConfig
 from .errors import TargetError
 from .model_interface import is_linear_like, layer_index, output_head_paths
 from .modules_to_save import ModulesToSaveWrapper
+from .structure import unwrapped
 
 ALL_LINEAR = "all-linear"
 
@@ -53,13 +54,6 @@ def pattern_value(path: str, patterns: dict[str, object] | None) -> object | Non
 def _is_inside_delta(path: str, delta_paths: list[str]) -> bool:
     """Inside a wrapper (its base module or adapter tensors); the wrapper itself may be targeted again."""
     return any(path.startswith(p + ".") for p in delta_paths)
-
-
-def unwrapped(module: nn.Module) -> nn.Module:
-    """The original module under any deltatune wrappers."""
-    while getattr(module, "_delta_base_child", None):
-        module = getattr(module, module._delta_base_child)
-    return module
 
 
 def unwrapped_modules(model: nn.Module) -> dict[str, nn.Module]:

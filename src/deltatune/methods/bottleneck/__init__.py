@@ -6,8 +6,8 @@
 Trains ``W_down``, ``W_up`` and their biases (``adapter_down``, ``adapter_up``); the model stays
 frozen. ``W_up`` starts at zero, so the wrapped model starts exactly equal to the base. Placement
 comes from :mod:`deltatune.model_interface` (roles): Houlsby wraps the attention output projection
-(``o``) and the feed-forward output projection (``down``) of every layer, Pfeiffer only the
-latter, parallel sits beside the feed-forward block (``ffn_block``). Adapters are inserted by
+(``o``) and the feed-forward output (``ffn_out``: the down projection, or a mixture-of-experts block as
+a whole) of every layer, Pfeiffer only the latter, parallel sits beside the feed-forward block (``ffn_block``). Adapters are inserted by
 wrapping those modules; no transformers forward code is copied. Where an architecture has no
 module for the placement (BART has no feed-forward block module), a clear error says so.
 
@@ -29,7 +29,7 @@ from .config import BottleneckConfig
 from .layer import BottleneckLayer, can_wrap, make_bottleneck_layer
 
 #: Roles of :mod:`deltatune.model_interface` each variant wraps by default.
-VARIANT_ROLES: dict[str, list[str]] = {"houlsby": ["o", "down"], "pfeiffer": ["down"], "parallel": ["ffn_block"]}
+VARIANT_ROLES: dict[str, list[str]] = {"houlsby": ["o", "ffn_out"], "pfeiffer": ["ffn_out"], "parallel": ["ffn_block"]}
 
 
 def default_targets(model: nn.Module, config: BottleneckConfig) -> str | None:

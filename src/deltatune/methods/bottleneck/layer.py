@@ -7,7 +7,7 @@ With ``a(h) = s * W_up f(W_down dropout(h))``, ``W_down: (b, d_in)``, ``W_up: (d
 
 ``M`` is a linear layer (the attention output or feed-forward output projection) or a whole block
 (a feed-forward block module). BERT-style output blocks ``M(h, r) = LayerNorm(dense(h) + r)`` get the
-block input as the residual ``r`` (see :data:`deltatune.model_interface.RESIDUAL_INPUT_BLOCKS`); there the
+block input as the residual ``r`` (see :func:`deltatune.model_interface.residual_input_arg`); there the
 parallel adapter is added to ``r``, which equals adding it to the block's output before the norm.
 Several active adapters on one module: parallel ones are summed, sequential ones applied in turn.
 """

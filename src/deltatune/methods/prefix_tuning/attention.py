@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,7 +38,8 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError, TargetError
-from ...model_interface import linear_dims, model_type, role_regex
+from ...model_interface import linear_dims, model_roles, model_type, role_paths, structure_summary
+from ...structure import original_modules
 from .cache import CACHE_KWARGS
 
 ROLES = ("enc_self_attn", "cross_attn")  # the two groups, in the order their tables are stored
@@ -57,34 +57,29 @@ class Site:
     width: int
 
 
-def _only(path: str, children: list[tuple[str, nn.Module]], regex: str, what: str) -> nn.Module:
-    found = [m for p, m in children if re.fullmatch(regex, p)]
-    if len(found) != 1 or linear_dims(found[0]) is None:
-        raise TargetError(f"{path} should hold one linear {what} projection; found {len(found)}.")
-    return found[0]
-
-
 def find_sites(model: nn.Module, role: str) -> list[Site]:
     """The attention modules of ``role`` (``enc_self_attn`` / ``cross_attn``), in model order."""
-    regex, k_rx, v_rx = (role_regex(model, [r]) for r in (role, "k", "v"))
-    if regex is None or k_rx is None or v_rx is None:
-        raise TargetError(
-            f"encoder_prefix does not know where the {role.replace('_', ' ')} layers of "
-            f"{type(model).__name__} (model_type {model_type(model)!r}) are; model_interface.py lists them for T5 and "
-            "BART-style models. Use encoder_prefix=False (decoder self-attention prefixes only)."
-        )
+    found = model_roles(model)
+    wanted = set(role_paths(model, role, found))
     sites = []
-    for path, module in model.named_modules():
-        if not re.fullmatch(regex, path):
+    modules = original_modules(model)
+    for site in found.attention:
+        if site.path not in wanted:
             continue
-        children = [(f"{path}.{name}", child) for name, child in module.named_children()]
-        key, value = _only(path, children, k_rx, "key"), _only(path, children, v_rx, "value")
+        if site.k is None or site.v is None:
+            raise TargetError(f"{site.path} computes keys and values in one fused projection ({site.qkv}); "
+                              "encoder_prefix needs separate key and value projections.")
+        key, value = modules[site.k], modules[site.v]
         width = linear_dims(key)[1]  # type: ignore[index]
         if linear_dims(value)[1] != width:  # type: ignore[index]
-            raise TargetError(f"{path}: key and value projections differ in width; cannot give them one prefix.")
-        sites.append(Site(module, key, value, width))
+            raise TargetError(f"{site.path}: key and value projections differ in width; cannot give them one prefix.")
+        sites.append(Site(modules[site.path], key, value, width))
     if not sites:
-        raise TargetError(f"{type(model).__name__} has no module in the role {role!r}; encoder_prefix needs both.")
+        raise TargetError(
+            f"encoder_prefix found no {role.replace('_', ' ')} layer in {type(model).__name__} "
+            f"(model_type {model_type(model)!r}): {structure_summary(model)}. Use encoder_prefix=False (decoder "
+            "self-attention prefixes only), or name the modules with deltatune.register_architecture(...)."
+        )
     return sites
 
 

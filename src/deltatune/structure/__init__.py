@@ -1,0 +1,21 @@
+"""Reading a model's structure: which module plays which role (attention projections, feed-forward, ...).
+
+See :mod:`deltatune.model_interface` for the API methods use (roles, regexes, overrides).
+"""
+
+from __future__ import annotations
+
+from .infer import AttentionSite, FeedForwardSite, ModelRoles, infer_roles, text_config
+from .modules import (
+    is_linear_like,
+    is_norm_layer,
+    linear_dims,
+    original_modules,
+    residual_input_arg,
+    unwrapped,
+)
+
+__all__ = [
+    "AttentionSite", "FeedForwardSite", "ModelRoles", "infer_roles", "is_linear_like", "is_norm_layer", "linear_dims",
+    "original_modules", "residual_input_arg", "text_config", "unwrapped",
+]
