@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .routing import Routing
 
 
 class InputDelta(nn.Module):
@@ -37,6 +38,19 @@ class InputDelta(nn.Module):
     def generate(self, model: nn.Module, kwargs: dict[str, Any]) -> Any:
         """Call ``model.generate(**kwargs)`` with this delta's vectors present at every step."""
         raise NotImplementedError
+
+    @classmethod
+    def run_routed(cls, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], routing: Routing,
+                   deltas: dict[str, InputDelta]) -> Any:
+        """Call ``model`` on a mixed batch: rows of an adapter in ``deltas`` get its vectors, others none
+        (their layer deltas, if any, are applied by the layers through ``routing``)."""
+        raise ConfigError(f"{cls.method_name} adapters cannot be used in a mixed-adapter batch (adapter_names).")
+
+    @classmethod
+    def generate_routed(cls, model: nn.Module, kwargs: dict[str, Any], routing: Routing,
+                        deltas: dict[str, InputDelta]) -> Any:
+        """``model.generate`` on a mixed batch (see :meth:`run_routed`)."""
+        raise ConfigError(f"{cls.method_name} adapters cannot be used in a mixed-adapter batch (adapter_names).")
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Tensors to save, keyed exactly as in HF peft's files (``"prompt_embeddings"``)."""

@@ -7,19 +7,28 @@ so that parameter names match the field's vocabulary and checkpoints interoperat
 * ``add(name, config)`` — create an adapter's tensors;
 * ``add_delta(name, x, result)`` — add the adapter's contribution to the base output ``result``;
 * ``delta_weight(name)`` — the change to ``base_layer.weight`` that merging applies (optional);
+* ``add_routed_delta(names, slots, x, result)`` — a mixed-adapter batch (row ``i`` uses adapter
+  ``names[slots[i]]``, none where ``slots[i] == len(names)``) served at once, typically one gathered
+  ``bmm`` over the adapters' stacked tensors (see :meth:`DeltaLayer.stacked`); the default runs
+  ``add_delta`` once per adapter on its rows.
 
-and this class handles activation, disabling, merging, unmerging and deletion for all of them.
+and this class handles activation, disabling, merging, unmerging, deletion and per-example routing
+(:mod:`deltatune.routing`) for all of them.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from .errors import AdapterNotFoundError, MergeError
+from .routing import Routing, current_routing
 from .weights import WeightSnapshot, add_to_weight, quantization, read_weight, restore_weight, snapshot_weight
+
+T = TypeVar("T")
 
 
 def to_delta_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -35,6 +44,15 @@ def to_delta_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def scale_activation(h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``h * scale`` in ``h``'s dtype; the (small) scale vector is cast, never the (large) activation."""
     return h * scale if scale.dtype == h.dtype else h * scale.to(h.dtype)
+
+
+def row_dropout(x: torch.Tensor, p: Sequence[float], slots: torch.Tensor, training: bool) -> torch.Tensor:
+    """Inverted dropout with probability ``p[slots[i]]`` on row ``i`` (none for the zero slot)."""
+    if not training or not any(q > 0 for q in p):
+        return x
+    prob = torch.tensor([*p, 0.0], device=x.device)[slots].view(-1, *([1] * (x.dim() - 1)))  # (n, 1..)
+    keep = (torch.rand_like(x) >= prob).to(x.dtype)
+    return x * keep / (1 - prob).to(x.dtype)
 
 
 class DeltaLayer(nn.Module):
@@ -65,6 +83,17 @@ class DeltaLayer(nn.Module):
 
     def add_delta(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError
+
+    def add_routed_delta(self, names: list[str], slots: torch.Tensor, x: torch.Tensor, result: torch.Tensor,
+                         *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Add, to each row ``i`` of ``result``, the delta of adapter ``names[slots[i]]`` (none where
+        ``slots[i] == len(names)``). Fallback: one :meth:`add_delta` per adapter on its rows."""
+        for i, name in enumerate(names):
+            rows = (slots == i).nonzero().flatten()  # (n_i,)
+            if rows.numel():
+                part = self.add_delta(name, x.index_select(0, rows), result.index_select(0, rows), *args, **kwargs)
+                result = result.index_copy(0, rows, part)
+        return result
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """The additive change to ``base_layer.weight`` equivalent to adapter ``name``."""
@@ -195,10 +224,61 @@ class DeltaLayer(nn.Module):
         while self.merged_adapters:
             self.unmerge_last()
 
+    # -- mixed-adapter batches --------------------------------------------------------------------
+    def routed_names(self, routing: Routing) -> tuple[list[str], bool]:
+        """``(stack, uniform)``: the adapters to stack for ``routing``, and whether every row uses ``stack[0]``.
+
+        With gradients the stack holds the batch's adapters (built from the live tensors in every
+        forward, so gradients reach them); without, all of this layer's adapters in a fixed order, so
+        one cached stack (:meth:`stacked`) serves every batch until a tensor changes.
+        """
+        mine = self.adapter_names
+        if routing.uniform is not None:
+            return ([routing.uniform], True) if routing.uniform in mine else ([], True)
+        present = [n for n in routing.names if n in mine]
+        if not present or torch.is_grad_enabled():
+            return present, False
+        return mine, False
+
+    def stacked(self, names: Sequence[str], build: Callable[[Sequence[str]], T]) -> T:
+        """``build(names)``: the adapters' tensors stacked for a gathered matmul.
+
+        Without gradients the result is cached until an adapter is added or deleted or one of its
+        tensors changes (optimizer step, load: every in-place write bumps ``Tensor._version``).
+        With gradients it is built from the live parameters every time, so that they receive gradients.
+        """
+        if torch.is_grad_enabled():
+            return build(names)
+        versions = tuple((id(p), p._version, p.data_ptr()) for n in names for p in self.adapter_parameters(n))
+        cache: dict[tuple[Any, ...], tuple[Any, Any]] = self.__dict__.setdefault("_stack_cache", {})
+        key = (build.__name__, tuple(names))
+        hit = cache.get(key)
+        if hit is not None and hit[0] == versions:
+            return hit[1]
+        if len(cache) >= 4:  # a layer serves one or two stacks (per placement); keep the last few
+            cache.pop(next(iter(cache)))
+        value = build(names)
+        cache[key] = (versions, value)
+        return value
+
+    def routed_forward(self, routing: Routing, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base output plus, for every row, its own adapter's delta (the active adapters are not used)."""
+        result = self.base_layer(x, *args, **kwargs)
+        stack, uniform = self.routed_names(routing)
+        if not stack:
+            return result
+        if uniform:  # one adapter for the whole batch: the single-adapter fast path
+            return self.add_delta(stack[0], x, result, *args, **kwargs)
+        slots = routing.slots(stack, x.shape[0], x.device)  # (B,)
+        return self.add_routed_delta(stack, slots, x, result, *args, **kwargs)
+
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disabled and self.merged_adapters:
             self.unmerge()
+        routing = None if self.disabled else current_routing()
+        if routing is not None:
+            return self.routed_forward(routing, x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result

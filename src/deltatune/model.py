@@ -31,6 +31,7 @@ from .inject import (
 from .input_delta import InputDelta
 from .layer import DeltaLayer
 from .merge_check import MergeReport, default_probe, measure_merge
+from .mixed_batch import mixed_forward, mixed_generate
 from .model_interface import head_names
 from .registry import all_methods, get_method
 from .weights import param_numel, quantization
@@ -102,8 +103,6 @@ class DeltaModel(nn.Module):
         config = copy.deepcopy(config)
         saved = head_paths(self.base_model, config, head_names(config.task_type))
         config.modules_to_save = saved or None
-        if spec.kind == "input" and any(get_method(c).kind == "input" for c in self.peft_config.values()):
-            raise ConfigError("Only one input-method adapter (prompt/prefix/P-tuning) per model is supported.")
         try:
             if spec.kind == "layer":
                 assert isinstance(config, TargetedConfig)
@@ -125,8 +124,6 @@ class DeltaModel(nn.Module):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             self._check_known(name)
-        if sum(name in self.input_deltas for name in names) > 1:
-            raise ConfigError("At most one input-method adapter can be active at a time.")
         self.active_adapters = names
         unmerged = False
         for _, wrapper in iter_wrappers(self.base_model):
@@ -199,21 +196,31 @@ class DeltaModel(nn.Module):
     def _active_input_delta(self) -> InputDelta | None:
         if getattr(self, "_adapters_disabled", False):
             return None
-        for name in self.active_adapters:
-            if name in self.input_deltas:
-                return self.input_deltas[name]
-        return None
+        active = [name for name in self.active_adapters if name in self.input_deltas]
+        if len(active) > 1:
+            raise ConfigError(
+                f"Input-method adapters {active} are all active; a model call can prepend only one. Pass "
+                "adapter_names=[...] (one adapter per example) or set_adapter() one of them."
+            )
+        return self.input_deltas[active[0]] if active else None
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward with the active adapters; with ``adapter_names`` (one name per
+        example, ``"__base__"`` for none) every example uses its own adapter (:mod:`.mixed_batch`)."""
+        if adapter_names is not None:
+            return mixed_forward(self, adapter_names, args, kwargs)
         delta = self._active_input_delta()
         if delta is None:
             return self.base_model(*args, **kwargs)
         return delta.run(self.base_model, args, kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """``base_model.generate`` with the active adapters in place at every decoding step."""
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """``base_model.generate`` with the active adapters (or, with ``adapter_names``, each example's
+        own adapter) in place at every decoding step."""
         if args:
             kwargs["input_ids"] = args[0]
+        if adapter_names is not None:
+            return mixed_generate(self, adapter_names, kwargs)
         delta = self._active_input_delta()
         if delta is None:
             return self.base_model.generate(**kwargs)

@@ -15,7 +15,7 @@ Several active adapters on one module: parallel ones are summed, sequential ones
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -23,9 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import TargetError
-from ...layer import DeltaLayer, to_delta_dtype
+from ...layer import DeltaLayer, row_dropout, to_delta_dtype
 from ...model_interface import is_linear_like, linear_dims, residual_input_arg
+from ...routing import Routing, current_routing
 from ...targeting import unwrapped
+from .batched import BottleneckStack, routed_bottleneck, stack_bottleneck
 from .config import BottleneckConfig
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -115,24 +117,61 @@ class BottleneckLayer(DeltaLayer):
         return (up(act(down(x))) * self.scaling[name]).to(h.dtype)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        live = [] if self.disabled else self.active_adapters
+        routing = None if self.disabled else current_routing()
+        if routing is not None:
+            names, uniform = self.routed_names(routing)
+            if names and not uniform:
+                return self._routed_forward(routing, names, args, kwargs)
+            return self._forward_with(names, args, kwargs)
+        return self._forward_with([] if self.disabled else self.active_adapters, args, kwargs)
+
+    def _forward_with(self, live: list[str], args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
         parallel = [n for n in live if self.parallel[n]]
         if parallel:
-            args, out = self._run_parallel(parallel, args, kwargs)
+            args, out = self._run_parallel(lambda x: sum(self.adapt(name, x) for name in parallel), args, kwargs)
         else:
             out = self.base_layer(*args, **kwargs)
-        if live and not isinstance(out, torch.Tensor):
-            raise TargetError(
-                f"bottleneck adapters need modules that return one tensor; {type(self.get_base_layer()).__name__} "
-                f"returns {type(out).__name__}. Target its output projection instead."
-            )
+        self._check_tensor(live, out)
         for name in live:
             if not self.parallel[name]:
                 out = out + self.adapt(name, out)  # (..., d_out)
         return out
 
-    def _run_parallel(self, names: list[str], args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, Any]:
-        """Call the wrapped module with the parallel adapters' sum added beside it."""
+    def _check_tensor(self, live: list[str], out: Any) -> None:
+        if live and not isinstance(out, torch.Tensor):
+            raise TargetError(
+                f"bottleneck adapters need modules that return one tensor; {type(self.get_base_layer()).__name__} "
+                f"returns {type(out).__name__}. Target its output projection instead."
+            )
+
+    def _routed_forward(self, routing: Routing, names: list[str], args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        """A mixed batch: each row through its own adapter, parallel ones beside and sequential ones after
+        the module, each placement in one gathered ``bmm`` pair (:func:`.batched.routed_bottleneck`)."""
+        parallel = [n for n in names if self.parallel[n]]
+        sequential = [n for n in names if not self.parallel[n]]
+        if parallel:
+            args, out = self._run_parallel(lambda x: self._adapt_rows(routing, parallel, x), args, kwargs)
+        else:
+            out = self.base_layer(*args, **kwargs)
+        self._check_tensor(names, out)
+        if sequential:
+            out = out + self._adapt_rows(routing, sequential, out)  # (B, ..., d_out)
+        return out
+
+    def _adapt_rows(self, routing: Routing, names: list[str], h: torch.Tensor) -> torch.Tensor:
+        slots = routing.slots(names, h.shape[0], h.device)  # (B,)
+        stack = self.stacked(names, self._bottleneck_stack)
+        x = row_dropout(to_delta_dtype(h, stack.down.dtype), [self.dropout_p[n] for n in names], slots, self.training)
+        acts = [ACTIVATIONS[self.non_linearity[n]] for n in names]
+        return routed_bottleneck(stack, slots, x, acts).to(h.dtype)
+
+    def _bottleneck_stack(self, names: Sequence[str]) -> BottleneckStack:
+        return stack_bottleneck([self.adapter_down[n] for n in names], [self.adapter_up[n] for n in names],
+                                [self.scaling[n] for n in names])
+
+    def _run_parallel(self, extra_of: Callable[[torch.Tensor], torch.Tensor], args: tuple,
+                      kwargs: dict[str, Any]) -> tuple[tuple, Any]:
+        """Call the wrapped module with the parallel adapters' output ``extra_of(x)`` added beside it."""
         k = self.residual_arg if self.residual_arg is not None else 0
         if len(args) > k:
             x = args[k]
@@ -140,7 +179,7 @@ class BottleneckLayer(DeltaLayer):
             x = next(iter(kwargs.values()))
         else:
             raise TargetError(f"bottleneck: {type(self.get_base_layer()).__name__} was called without its input.")
-        extra = sum(self.adapt(name, x) for name in names)  # (..., d_out)
+        extra = extra_of(x)  # (..., d_out)
         if self.residual_arg is not None:  # BERT-style block: add to the residual it adds before its norm
             args = (*args[:k], x + extra, *args[k + 1 :])
             return args, self.base_layer(*args, **kwargs)

@@ -17,6 +17,7 @@ Vectors are stored as HF peft stores them: ``(out, 1)`` or ``(1, in)`` for linea
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 from ...errors import MergeError
 from ...layer import DeltaLayer, scale_activation
 from ...model_interface import is_linear_like, linear_dims
+from ...routing import Routing, current_routing
 from ...targeting import unwrapped
 from ...weights import WeightSnapshot, read_weight, restore_weight, snapshot_weight, write_weight
 from .config import IA3Config
@@ -40,6 +42,13 @@ def is_feedforward(path: str, feedforward_modules: list[str] | str | None) -> bo
     if isinstance(feedforward_modules, str):
         return re.fullmatch(feedforward_modules, path) is not None
     return any(path.endswith(name) for name in feedforward_modules)
+
+
+def _per_row(scale: torch.Tensor, dim: int, channel: int) -> torch.Tensor:
+    """``(B, C)`` row vectors shaped to broadcast over a ``dim``-D activation with features at ``channel``."""
+    shape = [scale.shape[0]] + [1] * (dim - 1)
+    shape[channel] = scale.shape[1]
+    return scale.view(shape)
 
 
 class IA3Layer(DeltaLayer):
@@ -87,10 +96,41 @@ class IA3Layer(DeltaLayer):
             scale = vec if scale is None else scale * vec
         return scale
 
+    def _routed_scales(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input and output vectors of ``names`` stacked, plus a last all-ones slot (no adapter):
+        ``(K+1, in)`` and ``(K+1, out)``; an adapter of the other kind has ones in the stack it does not use."""
+        ones_in = self.ia3_l[names[0]].new_ones(self.in_features)
+        ones_out = self.ia3_l[names[0]].new_ones(self.out_features)
+        vec = {n: self.ia3_l[n].flatten() for n in names}
+        ins = [vec[n] if self.feedforward[n] else ones_in for n in names]
+        outs = [ones_out if self.feedforward[n] else vec[n] for n in names]
+        return torch.stack([*ins, ones_in]), torch.stack([*outs, ones_out])
+
+    def _routed_forward(self, routing: Routing, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each row scaled by its own adapter's gathered vector: ``h_b = l^out_b * W (l^in_b * x_b) + ...``."""
+        names, uniform = self.routed_names(routing)
+        if not names or uniform:
+            return self._forward_with(names, x, *args, **kwargs)
+        slots = routing.slots(names, x.shape[0], x.device)  # (B,)
+        scale_in, scale_out = self.stacked(names, self._routed_scales)
+        channel = 1 if self.is_conv else -1  # where the features are
+        if any(self.feedforward[n] for n in names):
+            x = scale_activation(x, _per_row(scale_in[slots], x.dim(), channel))  # (B, ..., in)
+        result = self.base_layer(x, *args, **kwargs)
+        if not all(self.feedforward[n] for n in names):
+            result = scale_activation(result, _per_row(scale_out[slots], result.dim(), channel))  # (B, ..., out)
+        return result
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disabled and self.merged_adapters:
             self.unmerge()
+        routing = None if self.disabled else current_routing()
+        if routing is not None:
+            return self._routed_forward(routing, x, *args, **kwargs)
         live = [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
+        return self._forward_with(live, x, *args, **kwargs)
+
+    def _forward_with(self, live: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         in_scale = self._scale([n for n in live if self.feedforward[n]])
         out_scale = self._scale([n for n in live if not self.feedforward[n]])
         if in_scale is not None:

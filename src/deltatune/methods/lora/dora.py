@@ -36,9 +36,13 @@ class DoraMixin:
         """``||W + s B A||`` over the input dimension, one value per output row: ``(out,)``."""
         return (self.base_weight().float() + self.row_major_delta(name)).norm(p=2, dim=1)
 
+    def _dora_factor(self, name: str) -> torch.Tensor:
+        """``m / ||W + s B A||_row`` with the norm detached (section 4.3): ``(out,)``."""
+        return self.lora_magnitude_vector[name] / self._adapted_row_norm(name).detach()
+
     def dora_add_delta(self, name: str, result: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """``result`` is ``W x + bias``, ``update`` is ``s B A dropout(x)``."""
-        scale = self.lora_magnitude_vector[name] / self._adapted_row_norm(name).detach()  # (out,)
+        scale = self._dora_factor(name)  # (out,)
         bias = self.get_base_layer().bias
         base_only = result if bias is None else result - bias
         out = result + (scale - 1) * base_only + scale * update  # = scale * (W x + s B A x) + bias

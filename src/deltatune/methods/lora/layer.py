@@ -8,6 +8,7 @@ For a frozen weight ``W`` the layer computes ``h = W x + s * B (A dropout(x))`` 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError
-from ...layer import DeltaLayer, to_delta_dtype
+from ...layer import DeltaLayer, row_dropout, to_delta_dtype
 from ...model_interface import is_linear_like, linear_dims
 from ...targeting import pattern_value, unwrapped
 from ...weights import quantization, read_weight
+from .batched import LoraStack, routed_lora, stack_lora
 from .config import LoraConfig
 from .dora import DoraMixin
 from .init import init_lora, init_lora_embedding, init_pissa
@@ -46,6 +48,10 @@ class LoraLayer(DeltaLayer):
     def _dropout(self, name: str, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout_p[name]
         return F.dropout(x, p, training=True) if p > 0 and self.training else x  # no identity call when p == 0
+
+    def _routed_dropout(self, names: list[str], slots: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Dropout with each row's own adapter's probability (rows of no adapter: none)."""
+        return row_dropout(x, [self.dropout_p[n] for n in names], slots, self.training)
 
     def delete(self, name: str) -> None:
         super().delete(name)
@@ -107,6 +113,18 @@ class LoraLinear(DoraMixin, LoraLayer):
                                 lora_B.weight.t(), alpha=self.scaling[name])
             return fused.view(result.shape)
         return result + (lora_B(down) * self.scaling[name]).to(result.dtype)
+
+    def add_routed_delta(self, names: list[str], slots: torch.Tensor, x: torch.Tensor, result: torch.Tensor,
+                         *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Every row with its own adapter in two gathered ``bmm`` (see :mod:`.batched`)."""
+        stack = self.stacked(names, self._lora_stack)
+        x_in = to_delta_dtype(self._routed_dropout(names, slots, x), stack.a.dtype)
+        return routed_lora(stack, slots, x_in, result, self.get_base_layer().bias)
+
+    def _lora_stack(self, names: Sequence[str]) -> LoraStack:
+        dora = [self._dora_factor(n) if n in self.lora_magnitude_vector else None for n in names]
+        return stack_lora([self.lora_A[n].weight for n in names], [self.lora_B[n].weight for n in names],
+                          [self.scaling[n] for n in names], dora)
 
 
 class LoraEmbedding(LoraLayer):

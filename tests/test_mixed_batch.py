@@ -1,0 +1,193 @@
+"""Mixed-adapter batches (``adapter_names=[...]``) for layer methods, task heads and ``generate``.
+
+Reference: the same examples run one at a time with their adapter alone (``set_adapter``) or with
+adapters disabled for ``"__base__"``; HF peft's own ``adapter_names`` for LoRA. Every adapter starts
+from non-zero weights and is checked to change the output, so an adapter that was skipped would fail.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.errors import AdapterNotFoundError, ConfigError, MergeError
+
+BASE = "__base__"
+
+
+def build(make_model: Any, kind: str, configs: dict[str, Any]) -> dt.DeltaModel:
+    names = iter(configs)
+    first = next(names)
+    model = dt.get_delta_model(make_model(kind), configs[first], first)
+    for name in names:
+        model.add_adapter(name, configs[name])
+    return model.eval()
+
+
+def logits(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def solo(model: dt.DeltaModel, name: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``inputs`` through adapter ``name`` alone (the base model for ``"__base__"``)."""
+    with torch.no_grad():
+        if name == BASE:
+            with model.disable_adapter():
+                return logits(model(**inputs))
+        model.set_adapter(name)
+        return logits(model(**inputs))
+
+
+def assert_mixed_equals_solo(model: dt.DeltaModel, inputs: dict[str, torch.Tensor], names: list[str]) -> None:
+    with torch.no_grad():
+        mixed = logits(model(**inputs, adapter_names=names))
+    base = solo(model, BASE, inputs)
+    for name in dict.fromkeys(names):
+        rows = [i for i, n in enumerate(names) if n == name]
+        ref = solo(model, name, {k: v[rows] for k, v in inputs.items()})
+        torch.testing.assert_close(mixed[rows], ref, atol=1e-5, rtol=1e-5, msg=f"adapter {name}")
+        if name != BASE:  # the adapter really acts: a skipped adapter would look like the base
+            assert (ref - base[rows]).abs().max() > 1e-4, name
+
+
+def lora(r: int, alpha: float, **kw: Any) -> dt.LoraConfig:
+    return dt.LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", init_lora_weights=False, **kw)
+
+
+@pytest.mark.parametrize("kind", ["llama_lm", "gpt2_lm", "bert_seq_cls", "t5"])
+def test_lora_ranks_alphas_dora_rslora(make_model: Any, kind: str) -> None:
+    configs = {"a": lora(4, 8), "b": lora(2, 3, use_rslora=True), "c": lora(6, 5, use_dora=True), "d": lora(1, 16)}
+    model = build(make_model, kind, configs)
+    names = ["a", BASE, "c", "b", "a", "d", "c"]
+    assert_mixed_equals_solo(model, make_model.inputs(kind, batch=len(names)), names)
+
+
+@pytest.mark.parametrize("kind", ["llama_lm", "bert_seq_cls", "gpt2_lm"])
+def test_ia3_and_lora_in_one_batch(make_model: Any, kind: str) -> None:
+    configs = {"i": dt.IA3Config(init_ia3_weights=False), "l": lora(4, 8), "i2": dt.IA3Config(init_ia3_weights=False)}
+    model = build(make_model, kind, configs)
+    names = ["i", "l", BASE, "i2", "i"]
+    assert_mixed_equals_solo(model, make_model.inputs(kind, batch=len(names)), names)
+
+
+@pytest.mark.parametrize("kind", ["llama_lm", "bert_seq_cls", "t5"])
+def test_bottleneck_variants_sizes_activations(make_model: Any, kind: str) -> None:
+    def bottleneck(variant: str, size: int, act: str) -> dt.BottleneckConfig:
+        return dt.BottleneckConfig(variant=variant, bottleneck_size=size, non_linearity=act, init_weights=False)
+
+    model = build(make_model, kind, {"h": bottleneck("houlsby", 4, "relu"), "p": bottleneck("parallel", 6, "tanh"),
+                                     "h2": bottleneck("houlsby", 3, "gelu")})
+    names = ["h", "p", BASE, "h2", "p"]
+    assert_mixed_equals_solo(model, make_model.inputs(kind, batch=len(names)), names)
+    model = build(make_model, kind, {"h": bottleneck("houlsby", 4, "relu"), "f": bottleneck("pfeiffer", 2, "swish")})
+    assert_mixed_equals_solo(model, make_model.inputs(kind, batch=4), ["f", "h", BASE, "f"])
+
+
+def test_each_example_uses_its_adapters_head(make_model: Any) -> None:
+    config = {"target_modules": ["query", "value"], "task_type": "SEQ_CLS", "init_lora_weights": False}
+    model = build(make_model, "bert_seq_cls", {"a": dt.LoraConfig(r=2, **config), "b": dt.LoraConfig(r=4, **config)})
+    with torch.no_grad():  # heads that differ from each other and from the original
+        for name in ("a", "b"):
+            for p in model.base_model.classifier.modules_to_save[name].parameters():
+                p.add_(torch.randn_like(p))
+    names = ["b", "a", BASE, "a", "b"]
+    assert_mixed_equals_solo(model, make_model.inputs("bert_seq_cls", batch=len(names)), names)
+
+
+def test_gradients_reach_only_each_examples_adapter(make_model: Any) -> None:
+    configs = {"a": lora(2, 4), "b": lora(4, 4), "i": dt.IA3Config(init_ia3_weights=False)}
+    model = build(make_model, "llama_lm", configs)
+    model.set_adapter(["a", "b", "i"])  # all trainable
+    model.train()
+    inputs = make_model.inputs("llama_lm", batch=3)
+    out = logits(model(**inputs, adapter_names=["a", BASE, "i"]))
+    out[0].pow(2).sum().backward()  # only example 0 (adapter "a") in the loss
+    for name in ("a", "b", "i"):
+        grads = [p.grad for p in model.adapter_parameters(name)]
+        if name == "a":
+            assert all(g is not None and g.abs().sum() > 0 for g in grads)
+        else:
+            assert all(g is None or g.abs().sum() == 0 for g in grads), name
+    # and the gradient equals the one of the example run alone with its adapter
+    mixed = [p.grad.clone() for p in model.adapter_parameters("a")]
+    model.zero_grad()
+    model.set_adapter("a")
+    logits(model(**{k: v[:1] for k, v in inputs.items()}))[0].pow(2).sum().backward()
+    for got, want in zip(mixed, [p.grad for p in model.adapter_parameters("a")]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_generate_greedy_beams_and_returned_sequences(make_model: Any) -> None:
+    model = build(make_model, "llama_lm", {"a": lora(4, 16), "b": lora(2, 16, use_dora=True)})
+    ids = make_model.inputs("llama_lm", batch=3, seq=5)["input_ids"]
+    names = ["b", BASE, "a"]
+    for kw in ({}, {"num_beams": 3, "num_return_sequences": 2}, {"num_beams": 2}):
+        gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, **kw)
+        with torch.no_grad():
+            mixed = model.generate(input_ids=ids, adapter_names=names, **gen)
+        per = mixed.shape[0] // len(names)
+        for i, name in enumerate(names):
+            with torch.no_grad():
+                if name == BASE:
+                    with model.disable_adapter():
+                        ref = model.generate(input_ids=ids[i : i + 1], **gen)
+                else:
+                    model.set_adapter(name)
+                    ref = model.generate(input_ids=ids[i : i + 1], **gen)
+            assert torch.equal(mixed[i * per : (i + 1) * per, : ref.shape[1]], ref), (name, kw)
+
+
+def test_generate_encoder_decoder(make_model: Any) -> None:
+    model = build(make_model, "t5", {"a": lora(4, 16), "b": dt.IA3Config(init_ia3_weights=False)})
+    ids = make_model.inputs("t5", batch=3)["input_ids"]
+    names = ["a", "b", BASE]
+    gen = {"max_new_tokens": 5, "do_sample": False, "num_beams": 2}
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids, adapter_names=names, **gen)
+        for i, name in enumerate(names):
+            if name == BASE:
+                with model.disable_adapter():
+                    ref = model.generate(input_ids=ids[i : i + 1], **gen)
+            else:
+                model.set_adapter(name)
+                ref = model.generate(input_ids=ids[i : i + 1], **gen)
+            assert torch.equal(mixed[i, : ref.shape[1]], ref[0]), name
+
+
+def test_same_as_peft_adapter_names(make_model: Any, tmp_path: Any) -> None:
+    peft = pytest.importorskip("peft")
+    configs = {"a": lora(4, 8), "b": lora(2, 5, use_rslora=True), "c": lora(3, 6)}
+    model = build(make_model, "llama_lm", configs)
+    model.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(make_model("llama_lm"), tmp_path / "a", adapter_name="a")
+    for name in ("b", "c"):
+        theirs.load_adapter(tmp_path / name, adapter_name=name)
+    theirs.eval()
+    names = ["c", "a", BASE, "b", "c", "a"]
+    inputs = make_model.inputs("llama_lm", batch=len(names))
+    with torch.no_grad():
+        want = theirs(**inputs, adapter_names=names).logits
+        got = model(**inputs, adapter_names=names).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_input_is_refused_before_work(make_model: Any) -> None:
+    model = build(make_model, "llama_lm", {"a": lora(2, 4), "b": lora(2, 4)})
+    inputs = make_model.inputs("llama_lm", batch=2)
+    with pytest.raises(AdapterNotFoundError, match=r"\['typo'\].*\['a', 'b'\]"):
+        model(**inputs, adapter_names=["a", "typo"])
+    with pytest.raises(ConfigError, match="3 names but the batch has 2"):
+        model(**inputs, adapter_names=["a", "b", "a"])
+    with pytest.raises(ConfigError, match="one adapter name per example"):
+        model(**inputs, adapter_names="a")
+    model.merge_adapter(["b"])
+    with pytest.raises(MergeError, match="unmerge_adapter"):
+        model(**inputs, adapter_names=["a", "b"])
+    model.unmerge_adapter()
+    model.base_model.gradient_checkpointing_enable()
+    model.train()
+    with pytest.raises(ConfigError, match="gradient checkpointing"):
+        model(**inputs, adapter_names=["a", "b"])
