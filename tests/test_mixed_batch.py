@@ -191,3 +191,33 @@ def test_bad_input_is_refused_before_work(make_model: Any) -> None:
     model.train()
     with pytest.raises(ConfigError, match="gradient checkpointing"):
         model(**inputs, adapter_names=["a", "b"])
+
+
+def perturbed(model: dt.DeltaModel) -> dt.DeltaModel:
+    """Every adapter tensor moved away from its initial value (some methods start as the identity)."""
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name in model.peft_config:
+            for p in model.adapter_parameters(name):
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr", "vera", "bitfit"])
+def test_other_layer_methods_use_the_per_adapter_fallback(make_model: Any, method: str) -> None:
+    make = {"loha": lambda r: dt.LoHaConfig(r=r, target_modules=["q_proj", "v_proj"]),
+            "lokr": lambda r: dt.LoKrConfig(r=r, target_modules=["q_proj", "v_proj"]),
+            "vera": lambda r: dt.VeraConfig(r=4 * r, target_modules=["q_proj", "v_proj"]),
+            "bitfit": lambda r: dt.BitFitConfig(target_modules=["c_attn", "c_proj"])}[method]
+    kind = "gpt2_lm" if method == "bitfit" else "llama_lm"  # Llama's linears have no bias
+    model = perturbed(build(make_model, kind, {"a": make(2), "b": make(4)}))
+    names = ["b", BASE, "a", "b"]
+    assert_mixed_equals_solo(model, make_model.inputs(kind, batch=len(names)), names)
+
+
+@pytest.mark.parametrize("config", [dt.OFTConfig(r=4, oft_block_size=0, target_modules=["q_proj"]),
+                                    dt.LNTuningConfig(target_modules=["input_layernorm"])], ids=["oft", "ln_tuning"])
+def test_methods_without_routing_are_refused(make_model: Any, config: Any) -> None:
+    model = build(make_model, "llama_lm", {"a": config, "l": lora(2, 4)})
+    with pytest.raises(ConfigError, match="cannot share a mixed-adapter batch"):
+        model(**make_model.inputs("llama_lm", batch=2), adapter_names=["a", "l"])

@@ -65,6 +65,8 @@ class DeltaLayer(nn.Module):
     """
 
     adapter_attr_names: ClassVar[tuple[str, ...]] = ()
+    #: a subclass that overrides ``forward`` sets this once its forward serves mixed-adapter batches itself
+    routes_rows: ClassVar[bool] = False
     method_name: ClassVar[str] = "this method"
     _delta_base_child: ClassVar[str] = "base_layer"
 
@@ -225,6 +227,11 @@ class DeltaLayer(nn.Module):
             self.unmerge_last()
 
     # -- mixed-adapter batches --------------------------------------------------------------------
+    @property
+    def serves_mixed_batches(self) -> bool:
+        """Layers using this class's ``forward`` route rows (:meth:`add_routed_delta`); others must say so."""
+        return type(self).forward is DeltaLayer.forward or self.routes_rows
+
     def routed_names(self, routing: Routing) -> tuple[list[str], bool]:
         """``(stack, uniform)``: the adapters to stack for ``routing``, and whether every row uses ``stack[0]``.
 

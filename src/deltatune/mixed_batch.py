@@ -18,6 +18,7 @@ from torch import nn
 from .errors import ConfigError, MergeError
 from .inject import iter_wrappers
 from .input_delta import InputDelta
+from .layer import DeltaLayer
 from .routing import Routing, routed
 
 _INPUT_KEYS = ("input_ids", "inputs_embeds", "x", "pixel_values")
@@ -44,11 +45,19 @@ def make_routing(model: nn.Module, adapter_names: list[str], batch: int) -> Rout
             f"adapter_names has {routing.batch_size} names but the batch has {batch} examples; give exactly one "
             "adapter name per example (\"__base__\" for the base model)."
         )
-    merged = sorted({n for _, w in iter_wrappers(model.base_model) for n in getattr(w, "merged_adapters", [])})
+    wrappers = [w for _, w in iter_wrappers(model.base_model)]
+    merged = sorted({n for w in wrappers for n in getattr(w, "merged_adapters", [])})
     if merged:
         raise MergeError(
             f"Adapter(s) {merged} are merged into the base weights, so every example would see them; a mixed "
             "batch needs unmerged adapters. Call unmerge_adapter() first."
+        )
+    unrouted = sorted({w.method_name for w in wrappers if isinstance(w, DeltaLayer) and not w.serves_mixed_batches
+                       and any(n in w.adapter_names for n in routing.names)})
+    if unrouted:
+        raise ConfigError(
+            f"{unrouted} adapters cannot share a mixed-adapter batch yet (their layers run one adapter for the "
+            "whole batch); call them without adapter_names, one adapter at a time (set_adapter)."
         )
     if torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) is True
                                        for m in model.base_model.modules()):

@@ -65,6 +65,7 @@ class BottleneckLayer(DeltaLayer):
     """Bottleneck adapters after (sequential) or beside (parallel) one module of the model."""
 
     adapter_attr_names = ("adapter_down", "adapter_up")
+    routes_rows = True
     method_name = "bottleneck"
 
     def __init__(self, base_layer: nn.Module) -> None:

@@ -55,6 +55,7 @@ class IA3Layer(DeltaLayer):
     """(IA)^3 on a linear-like or (ungrouped) convolution module; several adapters multiply."""
 
     adapter_attr_names = ("ia3_l",)
+    routes_rows = True
     method_name = "ia3"
 
     def __init__(self, base_layer: nn.Module) -> None:
