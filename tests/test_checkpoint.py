@@ -33,7 +33,10 @@ def structure(model: torch.nn.Module) -> list[str]:
 
 def test_fingerprint_is_saved_and_checked(make_model, tmp_path) -> None:
     expected = saved_adapter(make_model, tmp_path)
-    saved = json.loads((tmp_path / "adapter_config.json").read_text())[FINGERPRINT_KEY]
+    # In the safetensors header, where HF peft does not look; adapter_config.json holds only peft's fields.
+    assert FINGERPRINT_KEY not in json.loads((tmp_path / "adapter_config.json").read_text())
+    with safetensors.safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as handle:
+        saved = json.loads(handle.metadata()[FINGERPRINT_KEY])
     assert saved["architecture"] == "BertModel" and saved["model_type"] == "bert"
     assert saved["target_shapes"]["encoder.layer.0.attention.self.query"] == [32, 32]
     loaded = dt.DeltaModel.from_pretrained(make_model("bert", seed=0), tmp_path)
@@ -41,6 +44,20 @@ def test_fingerprint_is_saved_and_checked(make_model, tmp_path) -> None:
     assert loaded.trainable_parameters()[0] == 0 and not loaded.training  # is_trainable=False: inference only
     trainable = dt.DeltaModel.from_pretrained(make_model("bert", seed=0), tmp_path, is_trainable=True)
     assert trainable.trainable_parameters()[0] == 2 * 2 * (4 * 32 + 32 * 4)
+
+
+def test_fingerprint_in_old_config_key_is_still_checked(make_model, tmp_path) -> None:
+    """Folders saved before the fingerprint moved keep it in adapter_config.json; it is still honoured."""
+    saved_adapter(make_model, tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    with safetensors.safe_open(str(weights), "pt") as handle:
+        fingerprint = json.loads(handle.metadata()[FINGERPRINT_KEY])
+    safetensors.torch.save_file(safetensors.torch.load_file(weights), weights, metadata={"format": "pt"})
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {FINGERPRINT_KEY: fingerprint}))
+    with pytest.raises(dt.BaseModelMismatchError, match="different weights"):
+        dt.DeltaModel.from_pretrained(make_model("bert", seed=1), tmp_path)
+    assert "default" in dt.DeltaModel.from_pretrained(make_model("bert", seed=0), tmp_path).peft_config
 
 
 def test_other_weights_raise_unless_overridden(make_model, tmp_path) -> None:
@@ -299,6 +316,6 @@ def test_saved_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
     finally:
         os.umask(old)
     files = [tmp_path / "note.txt", *(tmp_path / "adapter").iterdir()]
-    assert len(files) == 3
+    assert len(files) == 4  # note.txt, adapter_config.json, adapter_model.safetensors, README.md
     for path in files:
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path

@@ -77,9 +77,10 @@ def test_deltatune_adapter_loads_in_peft(case, make_model, output_of, train, tmp
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         loaded = peft.PeftModel.from_pretrained(make_model(kind, seed=0), tmp_path / "dt").eval()
-    # peft names our fingerprint key as unexpected and ignores it; every other key is one peft knows.
-    unexpected = [str(w.message) for w in record if "Unexpected keyword arguments" in str(w.message)]
-    assert all("['deltatune_base_model_fingerprint']" in m for m in unexpected), unexpected
+    # Every key of adapter_config.json is one peft knows (the fingerprint lives in the safetensors header).
+    # (transformers' own deprecation notices, raised inside peft whatever the adapter, are not about it.)
+    about_adapter = [str(w.message) for w in record if "deprecated" not in str(w.message)]
+    assert about_adapter == [], about_adapter
     torch.testing.assert_close(output_of(loaded, inputs), expected, atol=1e-5, rtol=0)
     loaded.save_pretrained(tmp_path / "peft")
     assert_same_files(tmp_path / "dt", tmp_path / "peft")

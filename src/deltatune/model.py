@@ -16,9 +16,16 @@ from typing import Any
 
 from torch import nn
 
-from .checkpoint.state import AdapterParts, apply_tensors, check_base, read_adapter, save_adapter
+from .checkpoint.state import (
+    AdapterParts,
+    apply_tensors,
+    check_base,
+    read_adapter,
+    same_adapter_config,
+    save_adapter,
+)
 from .config import DeltaConfig, TargetedConfig
-from .errors import AdapterNotFoundError, ConfigError, MergeError
+from .errors import AdapterNotFoundError, CheckpointError, ConfigError, MergeError
 from .fingerprint import fingerprint_of, tensor_digests
 from .inject import (
     head_paths,
@@ -29,6 +36,8 @@ from .inject import (
     wrap_modules_to_save,
 )
 from .input_delta import InputDelta
+from .integrations.model_card import AdapterSummary, write_model_card
+from .integrations.peft_identity import recognised_class
 from .layer import DeltaLayer
 from .merge_check import MergeReport, default_probe, measure_merge
 from .mixed_batch import mixed_forward, mixed_generate
@@ -40,14 +49,25 @@ from .weights import param_numel, quantization
 class DeltaModel(nn.Module):
     """A base model whose weights stay frozen, plus one or more named adapters.
 
+    ``base_model`` is the wrapped model itself (the adapters live inside it), and calling the DeltaModel
+    calls it, as calling HF peft's ``PeftModel.base_model`` does. ``get_base_model()`` returns the same
+    module (peft's name for it, the one transformers' Trainer and TRL use); a transformers model's own
+    ``base_model`` is its backbone, which TRL's fused LM head calls.
+
+    When HF peft is installed, instances are also ``peft.PeftModel`` instances, so transformers' Trainer,
+    TRL and accelerate treat them as PEFT models (see :mod:`deltatune.integrations.peft_identity`).
+
     Args:
         model: any ``torch.nn.Module`` (a transformers model or a plain one).
         config: the first adapter's config (``dt.LoraConfig(...)`` etc.).
         adapter_name: its name (``"default"``).
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> DeltaModel:  # noqa: PYI034 (an instance of a subclass)
+        return nn.Module.__new__(recognised_class(cls))
+
     def __init__(self, model: nn.Module, config: DeltaConfig, adapter_name: str = "default") -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # never PeftModel.__init__: this class is its own tuner
         self.base_model = model
         self.peft_config: dict[str, DeltaConfig] = {}
         self.input_deltas = nn.ModuleDict()
@@ -69,11 +89,15 @@ class DeltaModel(nn.Module):
 
     def __getattr__(self, name: str) -> Any:
         try:
-            return super().__getattr__(name)
+            return nn.Module.__getattr__(self, name)
         except AttributeError:
             if name in {"base_model", "input_deltas"}:
                 raise
             return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model, adapters inside (HF peft's name; what Trainer and TRL inspect and patch)."""
+        return self.base_model
 
     # -- adapters --------------------------------------------------------------------------------
     def base_fingerprint(self, adapter_name: str) -> dict[str, Any]:
@@ -101,6 +125,8 @@ class DeltaModel(nn.Module):
             )
         spec = get_method(config)
         config = copy.deepcopy(config)
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = base_name_or_path(self.base_model)
         saved = head_paths(self.base_model, config, head_names(config.task_type))
         config.modules_to_save = saved or None
         try:
@@ -380,11 +406,47 @@ class DeltaModel(nn.Module):
         delta = self.input_deltas[adapter_name] if adapter_name in self.input_deltas else None  # noqa: SIM401 (ModuleDict has no .get)
         return AdapterParts(self.base_model, self.peft_config[adapter_name], delta)
 
-    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None) -> None:
-        """Write each adapter in HF peft's format (``"default"`` at the top, others in subfolders)."""
-        for name in selected_adapters or list(self.peft_config):
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        selected_adapters: list[str] | None = None,
+        *,
+        state_dict: dict[str, Any] | None = None,
+        is_main_process: bool = True,
+        safe_serialization: bool = True,
+    ) -> None:
+        """Write each adapter in HF peft's format (``"default"`` at the top, others in subfolders) and a
+        ``README.md`` model card.
+
+        The keywords are those transformers' Trainer passes: ``is_main_process=False`` writes nothing (other
+        ranks); ``state_dict`` must be ``None`` (the Trainer passes one only from sharded FSDP/DeepSpeed
+        models, which this path does not gather: use ``deltatune train --fsdp``); files are always safetensors.
+        """
+        if state_dict is not None:
+            raise ConfigError(
+                "save_pretrained(state_dict=...) is not supported: a DeltaModel saves its own adapter tensors. "
+                "Sharded (FSDP/DeepSpeed) training through transformers' Trainer cannot save adapters here; "
+                "use 'deltatune train --fsdp', or gather the model on one rank first."
+            )
+        if not safe_serialization:
+            raise ConfigError("deltatune writes adapters as safetensors only; drop safe_serialization=False.")
+        if not is_main_process:
+            return
+        names = list(selected_adapters or self.peft_config)
+        for name in names:
             self._check_known(name)
+        for name in names:
             save_adapter(self.adapter_parts(name), name, Path(save_directory), self.base_fingerprint(name))
+        write_model_card(Path(save_directory), self.peft_config[names[0]].base_model_name_or_path,
+                         [self._summary(name) for name in names])
+
+    def _summary(self, name: str) -> AdapterSummary:
+        config = self.peft_config[name]
+        spec = get_method(config)
+        trainable = sum(p.numel() for p in self.adapter_parameters(name))
+        total = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        return AdapterSummary(name, spec.name, spec.peft_type, config.task_type,
+                              getattr(config, "target_modules", None), trainable, total)
 
     def load_adapter(
         self,
@@ -394,11 +456,28 @@ class DeltaModel(nn.Module):
         ignore_base_mismatch: bool = False,
         allow_pickle: bool = False,
     ) -> None:
-        """Load an adapter folder as a new adapter ``adapter_name`` (not activated)."""
+        """Load an adapter folder as a new adapter ``adapter_name`` (not activated).
+
+        If ``adapter_name`` exists already (transformers' Trainer does this when it resumes from a
+        checkpoint), the folder's tensors replace its values, after checking that the folder holds an
+        adapter of the same layout; ``is_trainable=True`` then makes it trainable again.
+        """
         folder = Path(model_id)
         config, tensors, fingerprint = read_adapter(folder, allow_pickle)
         config.inference_mode = not is_trainable
         check_base(self.base_model, fingerprint, str(folder), ignore_base_mismatch, digests=self.base_digests)
+        if adapter_name in self.peft_config:
+            if not same_adapter_config(self.peft_config[adapter_name], config):
+                raise CheckpointError(
+                    f"{folder} holds a different adapter ({config.peft_type}, target_modules="
+                    f"{getattr(config, 'target_modules', None)}) than this model's {adapter_name!r}; load it under "
+                    "another adapter_name, or resume from a checkpoint of this same adapter."
+                )
+            apply_tensors(self.adapter_parts(adapter_name), adapter_name, tensors, str(folder))
+            if is_trainable:
+                self.peft_config[adapter_name].inference_mode = False
+                self._refresh_trainable()
+            return
         self.add_adapter(adapter_name, config)
         try:
             apply_tensors(self.adapter_parts(adapter_name), adapter_name, tensors, str(folder))
@@ -432,6 +511,16 @@ class DeltaModel(nn.Module):
         if not is_trainable:
             delta.eval()
         return delta
+
+
+def base_name_or_path(model: nn.Module) -> str | None:
+    """Where ``model`` was loaded from (transformers' ``name_or_path``): a local folder as an absolute path,
+    a hub id as it is; ``None`` for models that do not say (plain ``nn.Module``, built from a config)."""
+    name = getattr(model, "name_or_path", None)
+    if not isinstance(name, str) or not name:
+        return None
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
 
 
 def get_delta_model(model: nn.Module, config: DeltaConfig, adapter_name: str = "default") -> DeltaModel:

@@ -34,6 +34,25 @@ def tensor_writer(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | N
     return lambda path: st.save_file(own, path, metadata={"format": "pt", **(metadata or {})})
 
 
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path} cannot be read ({exc}). The file is truncated or corrupt: re-save the adapter, "
+        "or copy it again from where it came from."
+    )
+
+
+def load_metadata(folder: str | Path) -> dict[str, str]:
+    """The string metadata in the header of ``folder``'s safetensors file (``{}`` when there is none)."""
+    path = Path(folder) / WEIGHTS_NAME
+    if not path.is_file():
+        return {}
+    try:
+        with st.safe_open(str(path), "pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _unreadable(path, exc) from exc
+
+
 def load_tensors(folder: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Read the adapter tensors in ``folder`` with clear errors for missing, truncated or corrupt files."""
     folder = Path(folder)
@@ -42,10 +61,7 @@ def load_tensors(folder: str | Path, allow_pickle: bool = False) -> dict[str, to
         try:
             return st.load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(
-                f"{path} cannot be read ({exc}). The file is truncated or corrupt: re-save the adapter, "
-                "or copy it again from where it came from."
-            ) from exc
+            raise _unreadable(path, exc) from exc
     pickled = folder / PICKLE_WEIGHTS_NAME
     if pickled.is_file():
         if not allow_pickle:

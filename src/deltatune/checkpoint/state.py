@@ -9,6 +9,7 @@ nothing is left over and every shape fits.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from ..input_delta import InputDelta
 from ..layer import DeltaLayer
 from ..registry import get_method
 from .atomic import atomic_write_many
-from .io import KEY_PREFIX, WEIGHTS_NAME, adapter_folder, load_tensors, tensor_writer
+from .io import KEY_PREFIX, WEIGHTS_NAME, adapter_folder, load_metadata, load_tensors, tensor_writer
 
 Owner = Any  # a wrapper, an input delta, or None for a plain tensor
 
@@ -81,7 +82,9 @@ def save_adapter(
     """Write adapter ``name`` under ``root``: both files go to temporary names first, then are renamed.
 
     ``fingerprint`` describes the base model (:func:`~deltatune.fingerprint.fingerprint_of`); the shapes
-    of the wrapped weights are added here. An error anywhere (or a crash before the renames) leaves an
+    of the wrapped weights are added here. It is stored as JSON in the safetensors header metadata (key
+    ``deltatune_base_model_fingerprint``), where HF peft does not look, so peft loads the folder without
+    warnings; ``adapter_config.json`` holds only fields peft knows. An error anywhere (or a crash before the renames) leaves an
     adapter saved earlier in that folder intact. ``tensors`` (keyed as :func:`get_adapter_state_dict`)
     replaces the model's own tensors, e.g. whole tensors gathered from a sharded (FSDP) model.
     """
@@ -91,19 +94,47 @@ def save_adapter(
     fingerprint = dict(fingerprint, target_shapes=target_shapes(parts.model, layer_paths))
     saved = config.to_dict() | {"inference_mode": True}  # HF peft's convention: saved adapters load for inference
     type(config).from_dict(saved)  # the file we write must load back
-    text = config.to_json(extra={"inference_mode": True, FINGERPRINT_KEY: fingerprint})
+    text = config.to_json(extra={"inference_mode": True})
+    metadata = {FINGERPRINT_KEY: json.dumps(fingerprint, sort_keys=True)}
     writes = {
-        folder / WEIGHTS_NAME: tensor_writer(get_adapter_state_dict(parts, name) if tensors is None else tensors),
+        folder / WEIGHTS_NAME: tensor_writer(get_adapter_state_dict(parts, name) if tensors is None else tensors,
+                                             metadata),
         folder / CONFIG_NAME: lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
     }
     atomic_write_many(writes)
     return folder
 
 
+def read_fingerprint(folder: Path, config_data: dict[str, Any]) -> dict | None:
+    """The base-model fingerprint saved with the adapter in ``folder``, or ``None``.
+
+    Read from the safetensors header; folders written before it moved there carry it in
+    ``adapter_config.json`` (``config_data``, as read from that file), which is still honoured.
+    """
+    if FINGERPRINT_KEY in config_data:
+        return config_data[FINGERPRINT_KEY]
+    text = load_metadata(folder).get(FINGERPRINT_KEY)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{Path(folder) / WEIGHTS_NAME}: the base-model fingerprint is not valid JSON "
+                              f"({exc}); re-save the adapter.") from exc
+
+
+def same_adapter_config(first: DeltaConfig, second: DeltaConfig) -> bool:
+    """Whether two configs describe the same adapter layout (what is recorded about the base aside)."""
+    ignored = ("inference_mode", "base_model_name_or_path", "revision")
+    a, b = (c.checkpoint_config().to_dict() for c in (first, second))
+    return {k: v for k, v in a.items() if k not in ignored} == {k: v for k, v in b.items() if k not in ignored}
+
+
 def read_adapter(folder: Path, allow_pickle: bool = False) -> tuple[DeltaConfig, dict[str, torch.Tensor], dict | None]:
     """(config, tensors, fingerprint or None) of the adapter saved in ``folder``."""
     data = read_config_file(folder)
-    fingerprint = data.pop(FINGERPRINT_KEY, None)
+    fingerprint = read_fingerprint(folder, data)
+    data.pop(FINGERPRINT_KEY, None)
     try:
         spec = get_method(str(data["peft_type"]))
         config = spec.config_cls.from_dict(data).checkpoint_config()

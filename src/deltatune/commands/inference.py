@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.io import KEY_PREFIX, WEIGHTS_NAME
+from ..checkpoint.state import read_fingerprint
 from ..config import read_config_file
 from ..errors import BaseModelMismatchError, ConfigError
 from ..fingerprint import FINGERPRINT_KEY
@@ -185,7 +186,8 @@ def inspect_adapter(adapter: str, base: str | None = None) -> dict[str, Any]:
 
     folder = adapter_dir(adapter)
     config = read_config_file(folder)
-    fingerprint = config.pop(FINGERPRINT_KEY, None)
+    fingerprint = read_fingerprint(folder, config)
+    config.pop(FINGERPRINT_KEY, None)
     tensors: dict[str, int] = {}
     weights = folder / WEIGHTS_NAME
     if weights.is_file():

@@ -1,0 +1,50 @@
+"""Make a :class:`~deltatune.model.DeltaModel` the kind of object transformers, TRL and accelerate treat as a PEFT model.
+
+Those tools ask one question, ``isinstance(model, peft.PeftModel)``, and with a "yes" they:
+
+* keep the dataset columns named in ``model.get_base_model().forward``'s signature (``remove_unused_columns``),
+* save with ``model.save_pretrained(dir, state_dict=..., is_main_process=...)``: the adapter only,
+* resume with ``model.load_adapter(checkpoint, name, is_trainable=True)`` into the adapter that exists,
+* put TRL's fused LM head on ``model.get_base_model()`` (the wrapped transformers model, whose
+  ``base_model`` is the backbone TRL calls), and call ``enable_input_require_grads()`` for gradient
+  checkpointing,
+* use ``model.disable_adapter()`` as the reference model of DPO.
+
+When peft is installed, every DeltaModel is therefore an instance of a subclass ``(DeltaModel, PeftModel)``
+made here. DeltaModel's own methods come first in that order, and DeltaModel never runs
+``PeftModel.__init__``; the PeftModel names that would otherwise leak through (properties reading peft's
+internal tuner) are given DeltaModel's meaning in :data:`DELTA_OWNED`. Without peft the plain class is used
+and nothing here is imported.
+
+This module imports nothing from deltatune, so the core can use it without an import circle.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import cache
+
+from torch import nn
+
+#: PeftModel class attributes that must not shadow what a DeltaModel keeps in its instance dict
+#: (``peft_config``, ``active_adapters`` are plain attributes of a DeltaModel; the others read peft's tuner).
+DELTA_OWNED = ("peft_config", "active_adapters", "modules_to_save", "has_active_enabled_adapter",
+               "base_model_torch_dtype", "active_peft_config")
+
+
+def peft_installed() -> bool:
+    return importlib.util.find_spec("peft") is not None
+
+
+@cache
+def recognised_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """``cls`` itself without peft; with peft, a subclass of ``(cls, peft.PeftModel)`` of the same name."""
+    if not peft_installed():
+        return cls
+    from peft import PeftModel
+
+    if issubclass(cls, PeftModel):
+        return cls
+    owned = {name: None for name in DELTA_OWNED if name not in cls.__dict__}
+    return type(cls.__name__, (cls, PeftModel), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                                 "__doc__": cls.__doc__, **owned})
