@@ -187,6 +187,15 @@ def test_inspect_reports_contents_and_checks_the_base(runs: dict, capsys: pytest
     assert sorted(p.rsplit(".", 1)[-1] for p in report["wrapped_modules"]) == ["query", "query", "value", "value"]
     assert report["fingerprint"]["model_type"] == "bert" and report["base_matches"] is True
     code, out, _ = _run(capsys, "inspect", str(runs["cls_run"]), "--base", str(runs["other_bert"]))
-    assert code == 0 and "DOES NOT MATCH" in out and "different weights" in out
+    assert code == 1 and "DOES NOT MATCH" in out and "different weights" in out
     code, out, _ = _run(capsys, "inspect", str(runs["cls_run"] / "adapter"))
     assert "trainable params" in out and "fingerprint:      BertForSequenceClassification" in out
+
+
+def test_a_file_without_its_label_column_names_the_flag(runs: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "stars": s}) + "\n" for t, s in [("good", 5), ("bad", 1)] * 10))
+    code, _, err = _run(capsys, "train", "--model", str(runs["bert"]), "--data", str(data), "--quiet",
+                        "--output-dir", str(tmp_path / "out"))
+    assert code != 0 and "no 'label' column" in err and "--label-column stars" in err and "--task causal_lm" in err
+    assert not (tmp_path / "out").exists()

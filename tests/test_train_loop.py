@@ -124,12 +124,34 @@ def test_speed_options_do_not_change_the_result(
 def test_output_dir_is_protected_and_resume_checks_options(assets: dict, tmp_path: Path) -> None:
     out = tmp_path / "guard"
     train(_options(out, assets["bert"], assets["cls"], max_steps=2, save_every=2))
-    with pytest.raises(ConfigError, match="already holds a run"):
+    with pytest.raises(ConfigError, match="already holds a finished run .*checkpoint-2.*--resume"):
         train(_options(out, assets["bert"], assets["cls"], max_steps=2))
     with pytest.raises(ConfigError, match="lr"):
         train(_options(out, assets["bert"], assets["cls"], max_steps=2, save_every=2, resume=True, lr=0.5))
     train(_options(out, assets["bert"], assets["cls"], max_steps=2, overwrite=True))
     assert not (out / "checkpoints").exists()
+
+
+def test_finished_run_without_checkpoints_is_not_retrained_over(assets: dict, tmp_path: Path) -> None:
+    """--resume on a finished run with nothing to resume from refuses (it used to retrain from scratch
+    over the finished run); the adapter on disk is left as it was."""
+    out = tmp_path / "done"
+    train(_options(out, assets["bert"], assets["cls"], max_steps=2))
+    before = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    for extra in ({}, {"resume": True}):
+        with pytest.raises(ConfigError, match="finished run .*no checkpoint.*--overwrite"):
+            train(_options(out, assets["bert"], assets["cls"], max_steps=2, **extra))
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_bad_method_option_fails_before_the_model_loads(assets: dict, tmp_path: Path, monkeypatch) -> None:
+    from deltatune.train import loop
+
+    monkeypatch.setattr(loop, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match="lora_dropout"):
+        train(_options(tmp_path / "bad", assets["bert"], assets["cls"], max_steps=2,
+                       method_options={"lora_dropout": 2.0}))
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("method", [spec.name for spec in all_methods()])
@@ -139,3 +161,19 @@ def test_every_registered_method_trains_saves_and_evaluates(assets: dict, tmp_pa
     again = run_evaluation(str(out), None, None, "test", None, 32, None)  # reloads the adapter from disk
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == get_method(method).peft_type
     assert again["loss"] == pytest.approx(summary["final"]["test"]["loss"], abs=1e-6)
+
+
+def test_missing_train_extra_skips_plots_and_bar_with_a_note(assets: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Without matplotlib and tqdm (``pip install deltatune`` without ``[train]``) a run says so at the start,
+    trains, and writes everything but the plots (it used to crash after training, at the plot)."""
+    from deltatune.train import extras
+
+    monkeypatch.setattr(extras, "installed", lambda module: module not in ("matplotlib", "tqdm"))
+    out = tmp_path / "bare"
+    summary = train(_options(out, assets["bert"], assets["cls"], max_steps=2, quiet=False))
+    err = capsys.readouterr().err
+    assert "plots skipped: matplotlib is not installed (pip install 'deltatune[train]'" in err
+    assert "no progress bar: tqdm is not installed" in err
+    assert err.index("plots skipped") < err.index("done:")  # said before the work, not after
+    assert (out / "summary.json").exists() and (out / "adapter" / "adapter_model.safetensors").exists()
+    assert not (out / "loss.png").exists() and summary["steps"] == 2

@@ -17,57 +17,6 @@ from .errors import DeltaError
 
 EPILOG = "Models: 'minilm', 'smollm2' (bundled) or a local transformers folder. Nothing is downloaded."
 
-TRAIN_HELP: dict[str, str] = {
-    "model": "base model: bundled name (minilm, smollm2) or a local transformers folder",
-    "method": "PEFT method, any registered one (default: lora); see 'deltatune train --list-methods'",
-    "task": "seq_cls | instruct (prompt/response, loss on the response) | causal_lm (plain text) | seq2seq; "
-    "default: from the data",
-    "data": "built-in data set (trec, rt, bbc, sms, chatterbot) or a local .jsonl/.csv/.tsv/.txt file "
-    "(a lone file is split 80/10/10 by --split-seed)",
-    "validation_data": "local file used as the validation split (then --data is used whole for training)",
-    "test_data": "local file used as the test split",
-    "text_column": "column/field holding the text",
-    "label_column": "column/field holding the label",
-    "prompt_column": "column/field holding the prompt",
-    "response_column": "column/field holding the response",
-    "max_train_examples": "use only the first N training rows of the (shuffled) split",
-    "max_eval_examples": "use only the first N validation/test rows",
-    "group_by_length": "put rows of similar length in the same batch: less padding, faster (order stays seeded)",
-    "split_seed": "seed of the train/validation/test split",
-    "prompt_format": "instruct prompts: auto (chat template if the tokenizer has one) | chat | plain",
-    "epochs": "passes over the training rows",
-    "max_steps": "stop after N optimizer steps (overrides --epochs)",
-    "batch_size": "rows per forward pass (per rank under torchrun)",
-    "grad_accum": "forward passes per optimizer step",
-    "lr": "peak learning rate (LoRA likes 5e-4..3e-3)",
-    "schedule": "learning-rate decay after warm-up: linear | cosine | constant",
-    "warmup_ratio": "share of steps with linear warm-up",
-    "warmup_steps": "warm-up steps (overrides --warmup-ratio)",
-    "weight_decay": "AdamW weight decay of matrices",
-    "max_grad_norm": "clip the gradient norm to this (0: no clipping)",
-    "loraplus_lr_ratio": "LoRA+ (arXiv 2402.12354): LoRA's B matrices learn at lr x RATIO (2..16 typical)",
-    "max_length": "longest sequence in tokens",
-    "seed": "seed of initialisation, data order and dropout",
-    "eval_every": "evaluate on the validation split every N steps (0: only at the end)",
-    "save_every": "write a resumable checkpoint every N steps (0: never)",
-    "keep_checkpoints": "how many recent checkpoints to keep",
-    "output_dir": "run folder: adapter, metrics, plots, checkpoints",
-    "gradient_checkpointing": "recompute activations in the backward pass to save memory",
-    "compile": "run the training forward pass through torch.compile",
-    "compile_backend": "torch.compile backend",
-    "threads": "CPU threads for torch",
-    "device": "auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps",
-    "quiet": "no progress bar or per-evaluation lines; one summary line at the end",
-    "resume": "continue from the newest checkpoint in --output-dir (starts fresh if there is none)",
-    "overwrite": "replace an earlier run in --output-dir",
-    "fsdp": "under torchrun: shard the frozen base model across ranks (FSDP) instead of replicating it (DDP)",
-    "bf16": "compute in bfloat16 (autocast; FSDP: bf16 compute, fp32 gradient reduction)",
-    "quantize": "load the frozen base quantized: nf4, fp4, int8 (bitsandbytes) or torchao-int8 (QLoRA-style; needs "
-    "pip install 'deltatune[quant]')",
-    "dist_timeout": "under torchrun: seconds a rank waits for the others before the job fails with an error",
-}
-
-
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows ``(default: X)`` only where there is a meaningful default."""
 
@@ -91,7 +40,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + field.name.replace("_", "-")
         default = field.default
-        help_text = TRAIN_HELP[field.name] + (f" (default: {default})" if default not in (None, False) else "")
+        help_text = field.metadata["help"] + (f" (default: {default})" if default not in (None, False) else "")
         if str(field.type) == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif field.name == "task":
@@ -116,6 +65,11 @@ def _adapter_args(parser: argparse.ArgumentParser, required: bool = True) -> Non
 def _quantize_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=["nf4", "fp4", "int8", "torchao-int8"],
                         help="load the base quantized (default: as the adapter's base was when it was trained)")
+
+
+def _threads_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores not busy with other "
+                        "work, or OMP_NUM_THREADS when set)")
 
 
 def _column_args(parser: argparse.ArgumentParser) -> None:
@@ -174,6 +128,8 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
     p.add_argument("--max-examples", type=int, help="evaluate only the first N rows of the split")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _threads_arg(p)
     _column_args(p)
 
     p = sub.add_parser("predict", help="labels and probabilities from a classification adapter",
@@ -184,6 +140,7 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-column", default="text", help="text column of a .jsonl/.csv file")
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
     p.add_argument("--json", action="store_true", help="one JSON object per line with every class probability")
+    _threads_arg(p)
 
     p = sub.add_parser("generate", help="text from prompts with a causal-LM adapter active",
                        formatter_class=fmt, epilog=EPILOG)
@@ -196,6 +153,7 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _threads_arg(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
@@ -249,10 +207,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .commands.inference import dumps, run_evaluation
+    from .train.cpu import torch_threads
 
     columns = {f"{n}_column": getattr(args, f"{n}_column") for n in ("text", "label", "prompt", "response")}
-    result = run_evaluation(args.adapter, args.model, args.data, args.split, args.task, args.batch_size,
-                            args.max_examples, args.quantize, **columns)
+    with torch_threads(args.threads):
+        result = run_evaluation(args.adapter, args.model, args.data, args.split, args.task, args.batch_size,
+                                args.max_examples, args.quantize, progress=not args.quiet, **columns)
     if args.json:
         print(dumps(result))
         return 0
@@ -268,10 +228,13 @@ def _predict(args: argparse.Namespace) -> int:
     import json
 
     from .commands.inference import load_for_inference, read_inputs, run_predict
+    from .train.cpu import torch_threads
 
     texts = read_inputs(args.text, args.file, args.text_column)
-    loaded = load_for_inference(args.adapter, args.model, quantize=args.quantize)
-    for item in run_predict(loaded, texts, args.batch_size):
+    with torch_threads(args.threads):
+        loaded = load_for_inference(args.adapter, args.model, quantize=args.quantize)
+        items = run_predict(loaded, texts, args.batch_size)
+    for item in items:
         if args.json:
             print(json.dumps(item))
         else:
@@ -283,12 +246,15 @@ def _generate(args: argparse.Namespace) -> int:
     import json
 
     from .commands.inference import load_for_inference, read_inputs, run_generate
+    from .train.cpu import torch_threads
 
     prompts = read_inputs(args.prompt, args.file, args.text_column)
     task = args.task or (None if args.adapter else "instruct")
-    loaded = load_for_inference(args.adapter, args.model, task, quantize=args.quantize)
-    for item in run_generate(loaded, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_p=args.top_p, seed=args.seed):
+    with torch_threads(args.threads):
+        loaded = load_for_inference(args.adapter, args.model, task, quantize=args.quantize)
+        items = run_generate(loaded, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, seed=args.seed)
+    for item in items:
         print(json.dumps(item) if args.json else f">>> {item['prompt']}\n{item['response']}\n")
     return 0
 
@@ -307,9 +273,10 @@ def _inspect(args: argparse.Namespace) -> int:
     from .commands.inference import dumps, inspect_adapter
 
     report = inspect_adapter(args.adapter, args.base)
+    status = 1 if report.get("base_matches") is False else 0  # a failed --base check fails the command
     if args.json:
         print(dumps(report))
-        return 0
+        return status
     fp = report["fingerprint"] or {}
     lines = [
         f"adapter folder:   {report['folder']}",
@@ -331,7 +298,7 @@ def _inspect(args: argparse.Namespace) -> int:
         lines.append(f"base check:       {report['base_checked']} {verdict}"
                      + (f": {report['base_mismatch']}" if report["base_mismatch"] else ""))
     print("\n".join(lines))
-    return 0
+    return status
 
 
 def _demo(args: argparse.Namespace) -> int:

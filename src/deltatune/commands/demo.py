@@ -8,11 +8,11 @@ vary from 5 to 40 tokens, so this removes ~40% of the work), AdamW at 2e-3 with 
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from ..train.cpu import free_cores
 from ..train.data.builtin import label_names
 from ..train.data.sources import DataSpec, limit, load_splits
 from ..train.evaluate import evaluate
@@ -27,21 +27,6 @@ DEMO = {
     "max_train_examples": 2000, "group_by_length": True, "epochs": 2, "batch_size": 16, "lr": 2e-3, "eval_every": 50,
     "output_dir": "runs/demo", "overwrite": True,
 }
-
-
-def free_cores() -> int:
-    """CPU cores not busy with other work: ``cpu_count - round(1-minute load average)``, at least 1.
-
-    torch's OpenMP threads wait on each other at every operation; on a machine already busy with other
-    processes, two threads on two cores ran a MiniLM training step 3-5x *slower* than one thread (measured
-    here: 0.46-0.82 s vs 0.14-0.18 s at load 5.5), so the demo uses only the cores that are free.
-    """
-    cpus = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):  # not available on this platform
-        return cpus
-    return max(1, min(cpus, cpus - int(load + 0.5)))
 
 
 def demo_options(**overrides: Any) -> TrainOptions:
@@ -99,7 +84,8 @@ def format_table(result: dict[str, Any], n_test: int) -> str:
         f"adapter size: {s['adapter_bytes'] / 1024:.0f} KiB  ({result['output_dir']}/adapter)",
         f"training wall time: {s['wall_time_s']:.0f} s; peak memory {s['peak_rss_bytes'] / 2**20:.0f} MiB",
         (f"plots: {result['output_dir']}/loss.png, {result['output_dir']}/metric.png; "
-         f"report: {result['output_dir']}/report.md"),
+         if (Path(result["output_dir"]) / "loss.png").exists() else "plots: skipped; ")
+        + f"report: {result['output_dir']}/report.md",
     ]
     return "\n".join(lines)
 

@@ -29,7 +29,9 @@ from ..train.data.builtin import DataError
 from ..train.data.files import load_file
 from ..train.data.sources import DataSpec, infer_task, limit, load_splits
 from ..train.evaluate import evaluate, generate_texts, predict_proba
+from ..train.extras import installed
 from ..train.loop import seed_everything
+from ..train.progress import batch_bar
 from ..train.runs import RunInfo, adapter_dir, describe_adapter, folder_bytes, head_labels, resolve_base
 from ..train.tasks import Encoder, load_base_model, load_tokenizer, uses_chat
 
@@ -93,9 +95,10 @@ def data_spec(data: str | None, info: RunInfo | None, **columns: Any) -> DataSpe
 
 def run_evaluation(
     adapter: str | None, model: str | None, data: str | None, split: str, task: str | None,
-    batch_size: int, max_examples: int | None, quantize: str | None = None, **columns: Any,
+    batch_size: int, max_examples: int | None, quantize: str | None = None, progress: bool = False,
+    **columns: Any,
 ) -> dict[str, Any]:
-    """Metrics of an adapter (or the base alone) on one split of a data set."""
+    """Metrics of an adapter (or the base alone) on one split of a data set (``progress``: a bar on stderr)."""
     info = describe_adapter(adapter_dir(adapter)) if adapter else None
     spec = data_spec(data, info, **columns)
     task = task or (info.task if info and info.task else None) or infer_task(spec)
@@ -106,8 +109,9 @@ def run_evaluation(
         raise DataError(f"Split {split!r} of {spec.data!r} is empty.")
     features = loaded.encoder.encode_rows(rows)
     labels = loaded.info.labels
+    bar = batch_bar(f"eval {split}") if progress and installed("tqdm") else None
     metrics = evaluate(loaded.model, task, features, batch_size, loaded.encoder.tokenizer.pad_token_id,
-                       len(labels) if labels else None)
+                       len(labels) if labels else None, on_batch=bar)
     return {"adapter": str(loaded.adapter) if loaded.adapter else None, "model": loaded.base_path,
             "data": spec.data, "split": split, "examples": len(rows), "task": task, **metrics}
 

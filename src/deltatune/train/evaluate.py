@@ -7,7 +7,7 @@ the language-model tasks report the token-averaged loss and perplexity ``exp(los
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,9 +26,10 @@ def _batches(features: Sequence[Features], batch_size: int) -> Iterator[list[int
 @torch.no_grad()
 def evaluate(
     model: nn.Module, task: str, features: Sequence[Features], batch_size: int, pad_id: int,
-    num_labels: int | None = None,
+    num_labels: int | None = None, on_batch: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
-    """Metrics of ``model`` on encoded ``features`` (the model's train/eval mode is restored after)."""
+    """Metrics of ``model`` on encoded ``features`` (the model's train/eval mode is restored after);
+    ``on_batch(done, total)`` is called after every batch (a progress bar)."""
     if not features:
         return {}
     was_training = model.training
@@ -37,7 +38,8 @@ def evaluate(
     pred: list[int] = []
     gold: list[int] = []
     try:
-        for indices in _batches(features, batch_size):
+        batches = list(_batches(features, batch_size))
+        for done, indices in enumerate(batches, 1):
             batch = collate([features[i] for i in indices], pad_id)
             logits = forward(model, task, batch)
             loss, n = loss_sum(task, logits, batch)
@@ -45,6 +47,8 @@ def evaluate(
             if task == "seq_cls":
                 pred.extend(logits.argmax(-1).tolist())
                 gold.extend(batch["labels"].tolist())
+            if on_batch is not None:
+                on_batch(done, len(batches))
     finally:
         model.train(was_training)
     mean = total / max(count, 1)

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +35,12 @@ from ..bundled import resolve_model_path
 from ..errors import ConfigError
 from ..model import DeltaModel, get_delta_model
 from . import resume as checkpoints
+from .cpu import torch_threads
 from .data.sources import DataSpec, Splits, infer_task, limit, load_splits
 from .distributed import resume as dist_checkpoints
 from .distributed.runtime import Distributed
 from .evaluate import evaluate
+from .extras import skipped_features
 from .metrics import MetricsLog
 from .optim import make_optimizer, make_scheduler
 from .options import TrainOptions
@@ -202,10 +205,12 @@ def train_step(
     return {"loss": total / denom, "lr": lr, "examples": sum(len(g) for g in groups), "tokens": int(tokens)}
 
 
-def run_eval(run: Run, split: str) -> dict[str, float]:
+def run_eval(run: Run, split: str, progress: Progress | None = None) -> dict[str, float]:
+    """Metrics on ``split``; with ``progress``, a bar over its batches (final evaluations can take minutes)."""
     labels = run.splits.labels
+    bar = progress.batches(f"eval {split}") if progress is not None else None
     return evaluate(run.model, run.task, run.features[split], max(run.options.batch_size, 32), run.pad_id,
-                    len(labels) if labels else None)
+                    len(labels) if labels else None, on_batch=bar)
 
 
 def _resume(
@@ -233,24 +238,24 @@ def _resume(
 def train(options: TrainOptions) -> dict[str, Any]:
     """Run ``deltatune train``; returns the summary that is also written to ``summary.json``.
 
-    Under ``torchrun`` every rank runs this; rank 0 alone writes files and progress.
+    Under ``torchrun`` every rank runs this; rank 0 alone writes files and progress. The method's options
+    are checked first, so a bad one fails in a second, before data, tokenizer and model load.
     """
-    threads = torch.get_num_threads()
-    if options.threads:
-        torch.set_num_threads(options.threads)
-    try:
+    options.method_config(options.task or infer_task(DataSpec.from_options(options)))
+    with torch_threads(options.threads):
         dist = Distributed.from_env(options.fsdp, options.bf16, options.dist_timeout, device=options.device)
         with dist.guard("training"):
             summary = _train(options, dist)
         dist.close()
-    finally:
-        torch.set_num_threads(threads)  # a library call leaves the process as it found it
     return summary
 
 
 def _train(options: TrainOptions, dist: Distributed) -> dict[str, Any]:
     out = Path(options.output_dir)
     dist.on_main(lambda: prepare_output(out, options.resume, options.overwrite), "preparing the output folder")
+    skipped = skipped_features(options.quiet) if dist.is_main else {}
+    for note in skipped.values():
+        print(note, file=sys.stderr)
     dist.on_main(lambda: resolve_model_path(options.model), "preparing the model")  # a bundled export runs once
     started = time.perf_counter()
     run = build_run(options, dist)
@@ -261,7 +266,7 @@ def _train(options: TrainOptions, dist: Distributed) -> dict[str, Any]:
     optimizer = make_optimizer(run.model, options.lr, options.weight_decay, options.loraplus_lr_ratio)
     scheduler = make_scheduler(optimizer, options.schedule, warmup, schedule.total)
     log = MetricsLog(out / "metrics.jsonl" if dist.is_main else Path(os.devnull))
-    progress = Progress(schedule.total, options.quiet or not dist.is_main)
+    progress = Progress(schedule.total, options.quiet or not dist.is_main, bar="progress_bar" not in skipped)
     start, elapsed_before = _resume(run, out, optimizer, scheduler, log, progress.say, dist)
     if dist.is_main:
         (out / "train_options.json").write_text(json.dumps(options.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -290,17 +295,17 @@ def _train(options: TrainOptions, dist: Distributed) -> dict[str, Any]:
         if delay:
             time.sleep(delay)
     progress.close()
-    return finish(run, out, schedule.total, elapsed_before + time.perf_counter() - started, log, progress, dist)
+    return finish(run, out, schedule.total, elapsed_before + time.perf_counter() - started, log, progress, dist,
+                  plots="plots" not in skipped)
 
 
 def finish(
     run: Run, out: Path, steps: int, elapsed: float, log: MetricsLog, progress: Progress, dist: Distributed | None = None,
+    plots: bool = True,
 ) -> dict[str, Any]:
     """Final evaluation, adapter, summary.json and plots (every rank evaluates and gathers; rank 0 writes)."""
-    from .plots import write_plots
-
     dist = dist or Distributed()
-    final = {split: run_eval(run, split) for split in ("validation", "test") if run.features[split]}
+    final = {split: run_eval(run, split, progress) for split in ("validation", "test") if run.features[split]}
     for split, metrics in final.items():
         log.write({"kind": "eval", "split": split, "step": steps, "final": True, **metrics})
     adapter = out / ADAPTER_DIR
@@ -321,6 +326,9 @@ def finish(
             {k: getattr(options, k) for k in DataSpec.__dataclass_fields__}).save(adapter)
     summary["adapter_bytes"] = folder_bytes(adapter)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    write_plots(log.read(), out)
+    if plots:
+        from .plots import write_plots
+
+        write_plots(log.read(), out)
     progress.say_summary(summary)
     return summary

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import DeltaConfig
 from ..errors import ConfigError
 from ..registry import all_methods, get_method
+from .data.sources import DataSpec
+from .extras import require_yaml
+from .fields import option
 
 TASKS = ("seq_cls", "instruct", "causal_lm", "seq2seq")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -28,79 +31,66 @@ RESUME_FREE = ("resume", "quiet", "overwrite", "output_dir", "save_every", "keep
 
 
 @dataclass
-class TrainOptions:
-    """Everything ``deltatune train`` needs.
-
-    Attributes:
-        model: bundled name (``minilm``, ``smollm2``) or a local transformers model folder.
-        method: a registered method (``lora``, ...); ``method_options`` are its config fields.
-        task: ``seq_cls`` (classification), ``instruct`` (causal LM on prompt/response pairs, loss on the
-            response tokens only), ``causal_lm`` (plain text), ``seq2seq``; ``None`` picks from the data.
-        data: built-in data set (``trec``, ``rt``, ``bbc``, ``sms``, ``chatterbot``) or a local
-            ``.jsonl``/``.csv``/``.tsv``/``.txt`` file; a lone file is split 80/10/10 with ``split_seed``.
-        validation_data / test_data: local files for those splits (then ``data`` is used whole for training).
-        epochs / max_steps: length of training; ``max_steps`` (optimizer steps) wins when set.
-        batch_size / grad_accum: examples per forward pass / forward passes per optimizer step.
-        group_by_length: batch rows of similar length together (less padding, faster; batches stay random).
-        lr, schedule, warmup_ratio, warmup_steps: peak learning rate, its decay (linear, cosine, constant)
-            and linear warm-up (``warmup_steps`` wins over ``warmup_ratio``).
-        loraplus_lr_ratio: LoRA+ (Hayou et al., arXiv 2402.12354): LoRA's B matrices learn at
-            ``lr * ratio`` (the paper suggests 2..16), everything else at ``lr``.
-        eval_every / save_every: validation and checkpoint every N optimizer steps (0: only at the end / never).
-        threads: CPU threads for torch (``torch.set_num_threads``); ``None`` keeps torch's default.
-        device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
-        fsdp / bf16 / dist_timeout: under ``torchrun``, shard the base model (FSDP) instead of replicating it
-            (DDP); compute in bfloat16; seconds a rank waits for the others before the job fails
-            (see :mod:`deltatune.train.distributed`). ``batch_size`` is per rank.
-        quantize: load the frozen base quantized (``nf4``, ``fp4``, ``int8``, ``torchao-int8``; QLoRA-style
-            training, see :mod:`deltatune.quant`); the adapter stays in float32.
+class TrainOptions(DataSpec):
+    """Everything ``deltatune train`` needs: what to read (the :class:`DataSpec` fields it extends) and how
+    to train. Each option is documented once, in its field's ``metadata["help"]``, which ``deltatune train
+    --help`` prints; YAML keys and command-line flags share the field names (``max_steps`` / ``--max-steps``).
+    Under ``torchrun``, ``batch_size`` is per rank (see :mod:`deltatune.train.distributed`).
     """
 
-    model: str = "minilm"
-    method: str = "lora"
-    method_options: dict[str, Any] = field(default_factory=dict)
-    task: str | None = None
-    data: str = "trec"
-    validation_data: str | None = None
-    test_data: str | None = None
-    text_column: str = "text"
-    label_column: str = "label"
-    prompt_column: str = "prompt"
-    response_column: str = "response"
-    max_train_examples: int | None = None
-    group_by_length: bool = False
-    max_eval_examples: int | None = None
-    split_seed: int = 0
-    prompt_format: str = "auto"
-    epochs: int = 2
-    max_steps: int | None = None
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 2e-3
-    schedule: str = "linear"
-    warmup_ratio: float = 0.06
-    warmup_steps: int | None = None
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    loraplus_lr_ratio: float | None = None
-    max_length: int = 128
-    seed: int = 42
-    eval_every: int = 0
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    output_dir: str = "runs/latest"
-    gradient_checkpointing: bool = False
-    compile: bool = False
-    compile_backend: str = "inductor"
-    threads: int | None = None
-    device: str = "auto"
-    quiet: bool = False
-    resume: bool = False
-    overwrite: bool = False
-    fsdp: bool = False
-    bf16: bool = False
-    dist_timeout: float = 600.0
-    quantize: str | None = None
+    model: str = option("minilm", "base model: bundled name (minilm, smollm2) or a local transformers folder")
+    method: str = option("lora",
+        "PEFT method, any registered one (default: lora); see 'deltatune train --list-methods'")
+    method_options: dict[str, Any] = option(factory=dict, help=
+        "the method's config fields (r, lora_alpha, target_modules, ...): --method-opt key=value or a "
+        "method_options mapping in YAML")
+    task: str | None = option(None,
+        "seq_cls | instruct (prompt/response, loss on the response) | causal_lm (plain text) | seq2seq; "
+        "default: from the data")
+    max_train_examples: int | None = option(None,
+        "use only the first N training rows of the (shuffled) split")
+    group_by_length: bool = option(False,
+        "put rows of similar length in the same batch: less padding, faster (order stays seeded)")
+    max_eval_examples: int | None = option(None, "use only the first N validation/test rows")
+    prompt_format: str = option("auto",
+        "instruct prompts: auto (chat template if the tokenizer has one) | chat | plain")
+    epochs: int = option(2, "passes over the training rows")
+    max_steps: int | None = option(None, "stop after N optimizer steps (overrides --epochs)")
+    batch_size: int = option(16, "rows per forward pass (per rank under torchrun)")
+    grad_accum: int = option(1, "forward passes per optimizer step")
+    lr: float = option(2e-3, "peak learning rate (LoRA likes 5e-4..3e-3)")
+    schedule: str = option("linear", "learning-rate decay after warm-up: linear | cosine | constant")
+    warmup_ratio: float = option(0.06, "share of steps with linear warm-up")
+    warmup_steps: int | None = option(None, "warm-up steps (overrides --warmup-ratio)")
+    weight_decay: float = option(0.01, "AdamW weight decay of matrices")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
+    loraplus_lr_ratio: float | None = option(None,
+        "LoRA+ (Hayou et al., arXiv 2402.12354): LoRA's B matrices learn at lr x RATIO (the paper suggests "
+        "2..16)")
+    max_length: int = option(128, "longest sequence in tokens")
+    seed: int = option(42, "seed of initialisation, data order and dropout")
+    eval_every: int = option(0, "evaluate on the validation split every N steps (0: only at the end)")
+    save_every: int = option(0, "write a resumable checkpoint every N steps (0: never)")
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
+    output_dir: str = option("runs/latest", "run folder: adapter, metrics, plots, checkpoints")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    compile: bool = option(False, "run the training forward pass through torch.compile")
+    compile_backend: str = option("inductor", "torch.compile backend")
+    threads: int | None = option(None,
+        "CPU threads for torch (default: the cores not busy with other work, or OMP_NUM_THREADS when set)")
+    device: str = option("auto", "auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps")
+    quiet: bool = option(False, "no progress bar or per-evaluation lines; one summary line at the end")
+    resume: bool = option(False,
+        "continue from the newest checkpoint in --output-dir (starts fresh if there is none)")
+    overwrite: bool = option(False, "replace an earlier run in --output-dir")
+    fsdp: bool = option(False,
+        "under torchrun: shard the frozen base model across ranks (FSDP) instead of replicating it (DDP)")
+    bf16: bool = option(False, "compute in bfloat16 (autocast; FSDP: bf16 compute, fp32 gradient reduction)")
+    quantize: str | None = option(None,
+        "load the frozen base quantized: nf4, fp4, int8 (bitsandbytes) or torchao-int8 (QLoRA-style; the adapter "
+        "stays float32; needs pip install 'deltatune[quant]')")
+    dist_timeout: float = option(600.0,
+        "under torchrun: seconds a rank waits for the others before the job fails with an error")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -186,6 +176,7 @@ def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
 
 def parse_method_opt(text: str) -> tuple[str, Any]:
     """``"r=8"`` -> ``("r", 8)``; the value is read as YAML (``[query,value]`` is a list, ``true`` a bool)."""
+    require_yaml("--method-opt")
     import yaml
 
     key, sep, raw = text.partition("=")
@@ -201,6 +192,7 @@ def parse_method_opt(text: str) -> tuple[str, Any]:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Options from a YAML file: a mapping of option names (dashes or underscores) to values."""
+    require_yaml(f"The option file {path}")
     import yaml
 
     path = Path(path)

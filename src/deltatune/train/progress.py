@@ -3,7 +3,24 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
+
+
+def batch_bar(desc: str) -> Callable[[int, int], None]:
+    """A ``(done, total)`` callback drawing a tqdm bar on stderr, opened at the first call, closed at the last."""
+    state: dict[str, Any] = {}
+
+    def update(done: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, unit="batch", desc=desc, dynamic_ncols=True, leave=False, file=sys.stderr)
+        state["bar"].update(done - state["bar"].n)
+        if done >= total:
+            state["bar"].close()
+
+    return update
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -13,8 +30,8 @@ def _fmt(metrics: dict[str, float]) -> str:
 class Progress:
     """A progress bar over optimizer steps (``quiet``: no bar, no per-evaluation lines, one final line)."""
 
-    def __init__(self, total: int, quiet: bool) -> None:
-        self.total, self.quiet = total, quiet
+    def __init__(self, total: int, quiet: bool, bar: bool = True) -> None:
+        self.total, self.quiet, self.use_bar = total, quiet, bar
         self.bar: Any = None
         self.smoothed: float | None = None
 
@@ -27,7 +44,7 @@ class Progress:
             print(text, file=sys.stderr)
 
     def start(self, initial: int) -> None:
-        if self.quiet:
+        if self.quiet or not self.use_bar:
             return
         from tqdm.auto import tqdm
 
@@ -44,6 +61,12 @@ class Progress:
                              ex_s=f"{record['examples'] / seconds:.1f}", tok_s=f"{record['tokens'] / seconds:.0f}",
                              refresh=False)
         self.bar.update(1)
+
+    def batches(self, desc: str) -> Callable[[int, int], None] | None:
+        """A ``(done, total)`` callback that shows a bar over evaluation batches (``None`` when quiet)."""
+        if self.quiet or not self.use_bar:
+            return None
+        return batch_bar(desc)
 
     def say_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self.say(f"step {step}: validation {_fmt(metrics)}")

@@ -122,16 +122,30 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
-    """Make sure ``out`` can take this run: refuse to mix a new run into an old one's files."""
+    """Make sure ``out`` can take this run: refuse to mix a new run into an old one's files, and say what
+    each way forward would do (a finished run is never retrained over unless ``overwrite`` says so)."""
     import shutil
 
+    from .resume import list_checkpoints
+
     existing = [name for name in OWN_OUTPUTS if (out / name).exists()]
-    if existing and not resume:
-        if not overwrite:
+    checkpoints = list_checkpoints(out) if existing else []
+    finished = (out / "summary.json").exists()
+    if existing and not overwrite:
+        if finished and not checkpoints:
             raise ConfigError(
-                f"{out} already holds a run ({', '.join(existing)}). Pass --resume to continue it, --overwrite "
-                "to replace it, or choose another --output-dir."
+                f"{out} holds a finished run (summary.json, {ADAPTER_DIR}/) and no checkpoint to resume from. "
+                "Pass --overwrite to train again from scratch into it (its files are replaced), or choose another "
+                "--output-dir."
             )
+        if not resume:
+            where = f"its newest checkpoint is {checkpoints[-1].name}" if checkpoints else "it has no checkpoint"
+            raise ConfigError(
+                f"{out} already holds a {'finished' if finished else 'partial'} run ({', '.join(existing)}; {where}). "
+                + ("Pass --resume to continue it from that checkpoint, " if checkpoints else "")
+                + "pass --overwrite to replace it with a new run, or choose another --output-dir."
+            )
+    if existing and overwrite and not resume:
         for name in existing:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()

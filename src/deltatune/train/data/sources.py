@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..fields import option
 from .builtin import BUILTIN_DATASETS, DataError, label_names, load_builtin, split_rows
 from .files import infer_label_names, load_file
 
@@ -28,16 +29,19 @@ Row = dict[str, str]
 
 @dataclass
 class DataSpec:
-    """What to read. Column names apply to local files only."""
+    """What to read. Column names apply to local files only; each field's help is in its metadata."""
 
-    data: str
-    validation_data: str | None = None
-    test_data: str | None = None
-    text_column: str = "text"
-    label_column: str = "label"
-    prompt_column: str = "prompt"
-    response_column: str = "response"
-    split_seed: int = 0
+    data: str = option("trec",
+        "built-in data set (trec, rt, bbc, sms, chatterbot) or a local .jsonl/.csv/.tsv/.txt file (a lone "
+        "file is split 80/10/10 by --split-seed)")
+    validation_data: str | None = option(None,
+        "local file used as the validation split (then --data is used whole for training)")
+    test_data: str | None = option(None, "local file used as the test split")
+    text_column: str = option("text", "column/field holding the text")
+    label_column: str = option("label", "column/field holding the label")
+    prompt_column: str = option("prompt", "column/field holding the prompt")
+    response_column: str = option("response", "column/field holding the response")
+    split_seed: int = option(0, "seed of the train/validation/test split")
 
     @classmethod
     def from_options(cls, options: Any) -> DataSpec:
@@ -81,6 +85,13 @@ def infer_task(spec: DataSpec) -> str:
         return "seq_cls"
     if spec.prompt_column in keys and spec.response_column in keys:
         return "instruct"
+    others = sorted(keys - {spec.text_column})
+    if spec.text_column in keys and others:
+        raise DataError(
+            f"{path} has a {spec.text_column!r} column and {others}, but no {spec.label_column!r} column, so the task "
+            f"is unclear. For classification name the label column: --label-column {others[0]} (the task is then "
+            "seq_cls); to train a language model on the text alone pass --task causal_lm."
+        )
     if spec.text_column in keys:
         return "causal_lm"
     raise DataError(
