@@ -124,7 +124,7 @@ def test_speed_options_do_not_change_the_result(
 def test_output_dir_is_protected_and_resume_checks_options(assets: dict, tmp_path: Path) -> None:
     out = tmp_path / "guard"
     train(_options(out, assets["bert"], assets["cls"], max_steps=2, save_every=2))
-    with pytest.raises(ConfigError, match="already holds a finished run .*checkpoint-2.*--resume"):
+    with pytest.raises(ConfigError, match="already holds a finished run .*step-000002.*--resume"):
         train(_options(out, assets["bert"], assets["cls"], max_steps=2))
     with pytest.raises(ConfigError, match="lr"):
         train(_options(out, assets["bert"], assets["cls"], max_steps=2, save_every=2, resume=True, lr=0.5))
