@@ -53,6 +53,19 @@ def assert_mixed_equals_solo(model: dt.DeltaModel, inputs: dict[str, torch.Tenso
             assert (ref - base[rows]).abs().max() > 1e-4, name
 
 
+# Explicit targets: default targets are inferred from the model's structure, which a first adapter's
+# wrappers hide from a second one's inference.
+IA3_TARGETS = {"llama_lm": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+               "bert_seq_cls": (["key", "value", "output.dense"], ["output.dense"]),
+               "gpt2_lm": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]), "t5": (["k", "v", "wo"], ["wo"])}
+OUT_PROJ = {"llama_lm": ["o_proj", "down_proj"], "bert_seq_cls": ["output.dense"], "t5": ["o", "wo"]}
+
+
+def ia3(kind: str) -> dt.IA3Config:
+    targets, feedforward = IA3_TARGETS[kind]
+    return dt.IA3Config(target_modules=targets, feedforward_modules=feedforward, init_ia3_weights=False)
+
+
 def lora(r: int, alpha: float, **kw: Any) -> dt.LoraConfig:
     return dt.LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", init_lora_weights=False, **kw)
 
@@ -67,7 +80,7 @@ def test_lora_ranks_alphas_dora_rslora(make_model: Any, kind: str) -> None:
 
 @pytest.mark.parametrize("kind", ["llama_lm", "bert_seq_cls", "gpt2_lm"])
 def test_ia3_and_lora_in_one_batch(make_model: Any, kind: str) -> None:
-    configs = {"i": dt.IA3Config(init_ia3_weights=False), "l": lora(4, 8), "i2": dt.IA3Config(init_ia3_weights=False)}
+    configs = {"i": ia3(kind), "l": lora(4, 8), "i2": ia3(kind)}
     model = build(make_model, kind, configs)
     names = ["i", "l", BASE, "i2", "i"]
     assert_mixed_equals_solo(model, make_model.inputs(kind, batch=len(names)), names)
@@ -76,7 +89,8 @@ def test_ia3_and_lora_in_one_batch(make_model: Any, kind: str) -> None:
 @pytest.mark.parametrize("kind", ["llama_lm", "bert_seq_cls", "t5"])
 def test_bottleneck_variants_sizes_activations(make_model: Any, kind: str) -> None:
     def bottleneck(variant: str, size: int, act: str) -> dt.BottleneckConfig:
-        return dt.BottleneckConfig(variant=variant, bottleneck_size=size, non_linearity=act, init_weights=False)
+        return dt.BottleneckConfig(variant=variant, bottleneck_size=size, non_linearity=act, init_weights=False,
+                                   target_modules=OUT_PROJ[kind])
 
     model = build(make_model, kind, {"h": bottleneck("houlsby", 4, "relu"), "p": bottleneck("parallel", 6, "tanh"),
                                      "h2": bottleneck("houlsby", 3, "gelu")})
@@ -98,7 +112,7 @@ def test_each_example_uses_its_adapters_head(make_model: Any) -> None:
 
 
 def test_gradients_reach_only_each_examples_adapter(make_model: Any) -> None:
-    configs = {"a": lora(2, 4), "b": lora(4, 4), "i": dt.IA3Config(init_ia3_weights=False)}
+    configs = {"a": lora(2, 4), "b": lora(4, 4), "i": ia3("llama_lm")}
     model = build(make_model, "llama_lm", configs)
     model.set_adapter(["a", "b", "i"])  # all trainable
     model.train()
@@ -141,7 +155,7 @@ def test_generate_greedy_beams_and_returned_sequences(make_model: Any) -> None:
 
 
 def test_generate_encoder_decoder(make_model: Any) -> None:
-    model = build(make_model, "t5", {"a": lora(4, 16), "b": dt.IA3Config(init_ia3_weights=False)})
+    model = build(make_model, "t5", {"a": lora(4, 16), "b": ia3("t5")})
     ids = make_model.inputs("t5", batch=3)["input_ids"]
     names = ["a", "b", BASE]
     gen = {"max_new_tokens": 5, "do_sample": False, "num_beams": 2}
