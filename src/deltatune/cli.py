@@ -1,4 +1,4 @@
-"""The ``deltatune`` command: train, eval, predict, generate, merge, inspect, demo, serve.
+"""The ``deltatune`` command: train, eval, predict, generate, merge, inspect, export, demo, serve.
 
 Run ``deltatune <command> --help`` for every option. Nothing here downloads: models are bundled names
 (``minilm``, ``smollm2``) or local folders.
@@ -173,6 +173,17 @@ def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", help="base model to check the adapter's fingerprint against")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
 
+    p = sub.add_parser("export", help="write an adapter in another tool's format (gguf: a LoRA for llama.cpp)",
+                       formatter_class=fmt, epilog=EPILOG,
+                       description="--format gguf writes a GGUF LoRA that llama.cpp loads with --lora FILE.gguf "
+                       "(LoRA adapters on Llama-architecture bases; DoRA, rank/alpha patterns, trained biases or "
+                       "modules are refused).")
+    p.add_argument("adapter", metavar="ADAPTER", help="adapter folder, Trainer checkpoint-N folder or run folder")
+    p.add_argument("--format", required=True, choices=["gguf"], help="output format")
+    p.add_argument("--out", required=True, metavar="FILE", help="file to write, e.g. adapter.gguf")
+    p.add_argument("--model", help="base model (local folder or bundled name) if the one the adapter records is not "
+                   "here; only its config.json is read")
+
     p = sub.add_parser("demo", help="fine-tune MiniLM with LoRA on TREC and compare with baselines (a few minutes)",
                        formatter_class=fmt, epilog=EPILOG,
                        description="Fine-tunes the bundled MiniLM with LoRA r=8 on query/value plus the classifier "
@@ -301,6 +312,14 @@ def _inspect(args: argparse.Namespace) -> int:
     return status
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .integrations.gguf_lora import export_gguf_lora
+
+    out = export_gguf_lora(args.adapter, args.out, args.model)
+    print(f"GGUF LoRA written to {out}; use it with llama.cpp: llama-cli -m BASE.gguf --lora {out}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .commands.demo import run_demo
 
@@ -317,7 +336,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "generate": _generate, "merge": _merge,
-            "inspect": _inspect, "demo": _demo, "serve": _serve}
+            "inspect": _inspect, "export": _export, "demo": _demo, "serve": _serve}
 
 
 def _quiet_libraries() -> None:
