@@ -97,6 +97,8 @@ ROWS: dict[str, Row] = {
     "lokr": Row("lokr", lambda c, k, t: c(r=2, alpha=4, target_modules=_mlp(k, ["fc1", "fc2"]), task_type=t)),
     "vera": Row("vera", lambda c, k, t: c(r=4, target_modules=_mlp(k, ["fc1", "fc2"]), task_type=t)),
     "oft": Row("oft", lambda c, k, t: c(oft_block_size=4, target_modules=_mlp(k, ["fc1", "fc2"]), task_type=t)),
+    "adalora": Row("adalora", lambda c, k, t: c(init_r=3, target_r=2, total_step=10, target_modules=_mlp(k, ["fc1", "fc2"]),
+                                                task_type=t)),
     "prompt_tuning": Row("prompt_tuning", lambda c, k, t: c(num_virtual_tokens=3, task_type=t),
                          cannot={"mlp": NO_EMBEDDINGS}, identity_start=False),
     "p_tuning": Row("p_tuning", lambda c, k, t: c(num_virtual_tokens=3, encoder_hidden_size=8, task_type=t),

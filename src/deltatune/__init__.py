@@ -18,6 +18,7 @@ from .errors import (
     MergeError,
     TargetError,
 )
+from .methods.adalora import AdaLoraConfig
 from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
 from .methods.ia3 import IA3Config
@@ -40,7 +41,7 @@ get_peft_model = get_delta_model  # the name users coming from HF peft type firs
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterNotFoundError", "BaseModelMismatchError", "BitFitConfig", "BottleneckConfig", "CheckpointError",
+    "AdaLoraConfig", "AdapterNotFoundError", "BaseModelMismatchError", "BitFitConfig", "BottleneckConfig", "CheckpointError",
     "ConfigError", "DeltaConfig", "DeltaError", "DeltaModel", "IA3Config", "LNTuningConfig", "LoHaConfig",
     "LoKrConfig", "LoraConfig", "MergeError", "MethodSpec", "OFTConfig", "PTuningConfig",
     "PrefixTuningConfig", "PromptTuningConfig", "TargetError", "TargetedConfig", "VeraConfig",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ConfigError
 
@@ -47,6 +47,9 @@ class MethodSpec:
         shared_state: ``shared_state(config, model, adapter_name)`` returns ``{file key: tensor}`` for frozen
             tensors one adapter shares across all its layers and saves once, under a full key of the file
             (VeRA's random projections, ``base_model.vera_A``); loading copies the file's values into them.
+        make_step_hook: ``make_step_hook(config, model, adapter_name)`` returns an object with
+            ``before_optimizer_step()`` and ``after_optimizer_step(step)`` that training loops call around
+            each optimizer step (see :mod:`deltatune.step_hooks`; AdaLoRA's rank budget).
         loraplus_markers: name fragments (``".lora_B."``) of the tensors that LoRA+ (arXiv 2402.12354)
             trains with ``lr * loraplus_lr_ratio``; empty when the method has no such tensors.
     """
@@ -64,6 +67,7 @@ class MethodSpec:
     extra_trainable: Callable[[DeltaConfig, nn.Module], dict[str, nn.Parameter]] | None = None
     loraplus_markers: tuple[str, ...] = ()
     shared_state: Callable[[DeltaConfig, nn.Module, str], dict[str, torch.Tensor]] | None = None
+    make_step_hook: Callable[[DeltaConfig, nn.Module, str], Any] | None = None
 
 
 _BY_NAME: dict[str, MethodSpec] = {}

@@ -34,6 +34,7 @@ from torch import nn
 from ..bundled import resolve_model_path
 from ..errors import ConfigError
 from ..model import DeltaModel, get_delta_model
+from ..step_hooks import step_hooks
 from . import resume as checkpoints
 from .cpu import torch_threads
 from .data.sources import DataSpec, Splits, infer_task, limit, load_splits
@@ -193,11 +194,16 @@ def train_step(
                 loss, _ = loss_sum(task, forward(module, task, batch), batch)
             (loss * (weight * dist.loss_scale() / denom)).backward()
         total += float(loss.detach()) * weight
+    hooks = step_hooks(run.model)  # methods acting around the optimizer step (AdaLoRA's rank budget)
+    for hook in hooks:
+        hook.before_optimizer_step()
     if run.options.max_grad_norm > 0:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, run.options.max_grad_norm)
     lr = run.options.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)  # the base lr of this step (before LoRA+)
     optimizer.step()
+    for hook in hooks:
+        hook.after_optimizer_step(scheduler.last_epoch + 1)  # optimizer steps done, this one included
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(int(b["attention_mask"].sum()) * w for b, w in zip(batches, weights))
@@ -265,6 +271,7 @@ def _train(options: TrainOptions, dist: Distributed) -> dict[str, Any]:
     warmup = options.warmup_steps if options.warmup_steps is not None else round(options.warmup_ratio * schedule.total)
     optimizer = make_optimizer(run.model, options.lr, options.weight_decay, options.loraplus_lr_ratio)
     scheduler = make_scheduler(optimizer, options.schedule, warmup, schedule.total)
+    step_hooks(run.model, schedule.total)  # step hooks that need the run's length learn it here
     log = MetricsLog(out / "metrics.jsonl" if dist.is_main else Path(os.devnull))
     progress = Progress(schedule.total, options.quiet or not dist.is_main, bar="progress_bar" not in skipped)
     start, elapsed_before = _resume(run, out, optimizer, scheduler, log, progress.say, dist)
