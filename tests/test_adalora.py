@@ -7,7 +7,7 @@
 * A pruned adapter saved by either library loads in the other with the same outputs and re-saves
   exactly the same tensors (kept triplets only) and ``rank_pattern``.
 * The schedule runs from deltatune's training loop (through ``step_hooks``) and from a
-  ``transformers.Trainer`` with :class:`~deltatune.trainer_callback.DeltaStepCallback`.
+  ``transformers.Trainer`` with :class:`~deltatune.integrations.trainer_callback.DeltaStepCallback`.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def test_merge_equals_formula(make_model, output_of) -> None:
 def test_trainer_callback_prunes(make_model, tmp_path) -> None:
     from transformers import Trainer, TrainingArguments
 
-    from deltatune.trainer_callback import DeltaStepCallback
+    from deltatune.integrations.trainer_callback import DeltaStepCallback
 
     options = {k: v for k, v in OPTIONS.items() if k != "total_step"}  # the Trainer's max_steps fills it
     model = dt.get_delta_model(make_model(KIND), dt.AdaLoraConfig(**options))

@@ -10,7 +10,7 @@ optimizer step:
     optimizer.zero_grad()
 
 deltatune's own loop does this; ``transformers.Trainer`` users add
-:class:`deltatune.trainer_callback.DeltaStepCallback`. Hooks are made once per adapter and cached on
+:class:`deltatune.integrations.trainer_callback.DeltaStepCallback`. Hooks are made once per adapter and cached on
 the model, so their state (importance averages) lives as long as the model.
 """
 

@@ -4,7 +4,7 @@
 
 LoRA written as an SVD-like triplet sum. While training, a step hook (:mod:`.allocator`, driven by
 :mod:`deltatune.step_hooks` from deltatune's loop or ``transformers.Trainer`` through
-:class:`~deltatune.trainer_callback.DeltaStepCallback`) scores every triplet, prunes the lowest to a
+:class:`~deltatune.integrations.trainer_callback.DeltaStepCallback`) scores every triplet, prunes the lowest to a
 falling budget (``init_r`` -> ``target_r`` per layer on average), and adds the orthogonality
 regulariser's gradient. Mergeable like LoRA. Files are HF peft's ``ADALORA``: ``<module>.lora_A``,
 ``lora_B``, ``lora_E`` holding the kept triplets, and ``rank_pattern`` in ``adapter_config.json``.

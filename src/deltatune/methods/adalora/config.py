@@ -26,7 +26,7 @@ class AdaLoraConfig(TargetedConfig):
         orth_reg_weight: weight of the regulariser ``mean ||P^T P - I||_F + ||Q Q^T - I||_F``, added to
             the gradients before every optimizer step.
         total_step: optimizer steps of the run; ``None``: the training loop sets it (deltatune's loop and
-            :class:`~deltatune.trainer_callback.DeltaStepCallback` do).
+            :class:`~deltatune.integrations.trainer_callback.DeltaStepCallback` do).
         lora_alpha: scale numerator (``<= 0``: ``r0``); lora_dropout: input dropout of the delta.
         rank_pattern: ``{"<module path>.lora_E": [kept, ...]}``, written by the pruning; a saved adapter
             holds the kept triplets only, and loading builds each layer at its kept rank.

@@ -1,6 +1,6 @@
 """``transformers.Trainer`` glue: run deltatune's per-step method hooks (AdaLoRA's rank budget) in a Trainer.
 
-    from deltatune.trainer_callback import DeltaStepCallback
+    from deltatune.integrations.trainer_callback import DeltaStepCallback
     trainer = Trainer(model=delta_model, args=args, train_dataset=ds, callbacks=[DeltaStepCallback()])
 
 Before each optimizer step (gradients clipped by then) the hooks add their gradient terms; after it
@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .step_hooks import step_hooks
+from ..step_hooks import step_hooks
 
 
 class DeltaStepCallback(TrainerCallback):
