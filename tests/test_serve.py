@@ -79,13 +79,20 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     return World(tmp_path_factory.mktemp("serve"))
 
 
+FAULTY_RUNNER = Path(__file__).with_name("_serve_faulty.py")
+
+
 @pytest.fixture(scope="module")
 def server(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for the module (started through a runner whose forward fails for adapter "boom")."""
+    import sys
+
     log = tmp_path_factory.mktemp("log") / "server.log"
     proc = start_server(["--model", str(world.base), "--adapter", f"a1={world.adapters / 'a1'}",
-                         "--adapter", f"a2={world.adapters / 'a2'}", "--adapters-dir", str(world.adapters),
-                         "--max-batch", "8", "--max-tokens-limit", "3000", "--max-prompt-tokens", "200",
-                         "--max-body-bytes", "65536"], log, api_key=KEY)
+                         "--adapter", f"a2={world.adapters / 'a2'}", "--adapter", f"boom={world.adapters / 'a2'}",
+                         "--adapters-dir", str(world.adapters), "--max-batch", "4", "--max-queue", "12",
+                         "--max-tokens-limit", "3000", "--max-prompt-tokens", "200", "--max-body-bytes", "65536",
+                         "--shutdown-timeout", "20"], log, api_key=KEY, runner=[sys.executable, str(FAULTY_RUNNER)])
     yield proc
     proc.stop()
 
@@ -96,7 +103,7 @@ def client(server: ServerProcess) -> Any:
 
 
 def test_models_lists_the_base_and_every_adapter(client: Any) -> None:
-    assert [m.id for m in client.models.list().data] == ["base", "a1", "a2"]
+    assert [m.id for m in client.models.list().data] == ["base", "a1", "a2", "boom"]
 
 
 def test_burst_over_two_adapters_and_the_base_equals_generate(world: World, client: Any, server: ServerProcess) -> None:
@@ -105,7 +112,7 @@ def test_burst_over_two_adapters_and_the_base_equals_generate(world: World, clie
     def ask(job: tuple[str, str]) -> Any:
         return client.completions.create(model=job[0], prompt=job[1], max_tokens=12, temperature=0)
 
-    with ThreadPoolExecutor(len(jobs)) as pool:  # all in flight at once: decoded in shared steps
+    with ThreadPoolExecutor(len(jobs)) as pool:  # all sent at once: 4 slots, the rest queue; steps mix adapters
         answers = list(pool.map(ask, jobs))
     for (model, prompt), answer in zip(jobs, answers):
         ids = world.completion_ids(prompt)
@@ -184,7 +191,7 @@ def test_api_key_is_required_except_for_health(server: ServerProcess) -> None:
 def test_unknown_model_is_404_listing_the_loaded_ones(client: Any) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         client.completions.create(model="nope", prompt="x", max_tokens=2)
-    assert "base, a1, a2" in str(info.value)
+    assert "base, a1, a2, boom" in str(info.value)
 
 
 def test_limits_and_bad_input_get_json_errors(server: ServerProcess) -> None:
@@ -197,7 +204,7 @@ def test_limits_and_bad_input_get_json_errors(server: ServerProcess) -> None:
         (post({"model": "base", "prompt": "x " * 40000}), 413, "limit of 65536 bytes"),
         (post({"model": "base", "prompt": "word " * 300}), 400, "at most 200"),
         (post({"model": "base", "prompt": "x", "max_tokens": 5000}), 400, "limit of 3000"),
-        (post({"model": "base", "prompt": "x", "n": 50}), 400, "limit of 8"),
+        (post({"model": "base", "prompt": "x", "n": 50}), 400, "limit of 4"),  # --max-n is capped by --max-batch
         (post({"model": "base", "prompt": "x", "temperature": 5}), 400, "temperature"),
         (post({"model": "base"}), 400, "prompt"),
         (post({"model": "base", "prompt": "x", "logprobs": 3}), 400, "'logprobs' is not supported"),
@@ -257,29 +264,13 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server: ServerProcess) -> No
     assert _wait_for(server, "running_sequences", 0, timeout=5.0) < 5.0
 
 
-# -- faults, a full queue and SIGTERM: a second server whose forward fails for adapter "boom" ---------
-FAULTY_RUNNER = Path(__file__).with_name("_serve_faulty.py")
-
-
-@pytest.fixture(scope="module")
-def faulty(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    import sys
-
-    log = tmp_path_factory.mktemp("log") / "faulty.log"
-    proc = start_server(["--model", str(world.base), "--adapter", f"a1={world.adapters / 'a1'}",
-                         "--adapter", f"boom={world.adapters / 'a2'}", "--max-batch", "3", "--max-queue", "2",
-                         "--max-tokens-limit", "3000", "--shutdown-timeout", "20"],
-                        log, runner=[sys.executable, str(FAULTY_RUNNER)])
-    yield proc
-    proc.stop()
-
-
-def test_a_failing_request_gets_500_and_the_others_finish(world: World, faulty: ServerProcess) -> None:
-    client = faulty.client()
-    with ThreadPoolExecutor(3) as pool:
+# -- faults, a full queue and SIGTERM (last: it stops the server) ---------------------------------------
+def test_a_failing_request_gets_500_and_the_others_finish(world: World, server: ServerProcess) -> None:
+    client = server.client()
+    with ThreadPoolExecutor(2) as pool:
         good = pool.submit(client.completions.create, model="a1", prompt="Once upon a time", max_tokens=200,
                            temperature=0)
-        _wait_for(faulty, "running_sequences", 1)
+        _wait_for(server, "running_sequences", 1)
         bad = pool.submit(client.completions.create, model="boom", prompt="Once upon a time", max_tokens=50,
                           temperature=0)
         with pytest.raises(openai.InternalServerError) as info:
@@ -289,34 +280,44 @@ def test_a_failing_request_gets_500_and_the_others_finish(world: World, faulty: 
     assert client.completions.create(model="a1", prompt="x", max_tokens=2, temperature=0).choices[0].text is not None
 
 
-def test_a_full_queue_answers_429(faulty: ServerProcess) -> None:
+def test_a_full_queue_answers_429(server: ServerProcess) -> None:
     body = {"model": "a1", "prompt": "Once upon a time", "max_tokens": 2500, "temperature": 0, "stream": True}
     streams = []
-    with httpx.Client(headers=faulty.headers(), timeout=30) as http:
+    with httpx.Client(headers=server.headers(), timeout=30) as http:
         try:
-            for i in range(5):  # 3 slots, then 2 waiting
-                request = http.build_request("POST", faulty.url + "/v1/completions", json=body)
+            for i in range(16):  # 4 slots, then 12 waiting
+                request = http.build_request("POST", server.url + "/v1/completions", json=body)
                 streams.append(http.send(request, stream=True))
-                _wait_for(faulty, "running_sequences" if i < 3 else "waiting_requests", min(i + 1, 3) if i < 3 else i - 2)
+                _wait_for(server, "running_sequences" if i < 4 else "waiting_requests", i + 1 if i < 4 else i - 3)
             with pytest.raises(openai.RateLimitError):
-                faulty.client().completions.create(model="a1", prompt="x", max_tokens=2)
+                server.client().completions.create(model="a1", prompt="x", max_tokens=2)
         finally:
             for response in streams:
                 response.close()
-    _wait_for(faulty, "running_sequences", 0)
-    _wait_for(faulty, "waiting_requests", 0)
+    _wait_for(server, "running_sequences", 0)
+    _wait_for(server, "waiting_requests", 0)
 
 
-def test_sigterm_finishes_the_requests_in_flight_and_exits_0(world: World, faulty: ServerProcess) -> None:
-    client = faulty.client()
+def test_sigterm_finishes_the_requests_in_flight_and_exits_0(world: World, server: ServerProcess) -> None:
+    client = server.client()
+    jobs = (("a1", "Once upon a time"), ("base", "def main():"), ("a2", "Paris"))
     with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(client.completions.create, model=m, prompt=p, max_tokens=150, temperature=0)
-                   for m, p in (("a1", "Once upon a time"), ("base", "def main():"), ("a1", "Paris"))]
-        _wait_for(faulty, "running_sequences", 3)
-        faulty.proc.send_signal(15)
+        futures = [pool.submit(client.completions.create, model=m, prompt=p, max_tokens=200, temperature=0)
+                   for m, p in jobs]
+        _wait_for(server, "running_sequences", 3)
+        server.proc.send_signal(15)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # new connections are refused at once...
+            try:
+                httpx.get(server.url + "/health", timeout=1)
+                time.sleep(0.05)
+            except httpx.ConnectError:
+                break
+        assert not all(f.done() for f in futures)  # ...while the requests in flight still run
         answers = [f.result() for f in futures]
-    for (m, p), answer in zip((("a1", "Once upon a time"), ("base", "def main():"), ("a1", "Paris")), answers):
-        assert answer.choices[0].text == world.reference(m, world.completion_ids(p), 150)
-    assert faulty.proc.wait(30) == 0
+    for (m, p), answer in zip(jobs, answers):
+        assert answer.choices[0].text == world.reference(m, world.completion_ids(p), 200)
+        assert answer.usage.completion_tokens == 200 or answer.choices[0].finish_reason == "stop"
+    assert server.proc.wait(30) == 0
     with pytest.raises(httpx.ConnectError):
-        httpx.get(faulty.url + "/health")
+        httpx.get(server.url + "/health")
