@@ -110,3 +110,15 @@ def test_streamed_text_holds_back_a_possible_stop_string() -> None:
     assert tracker.stopped and tracker.text == "Hello Wor" and tracker.finish() == ""
     plain = TextTracker(_PieceTokenizer(["a", "\ufffd", "b"]), stop=[])
     assert [plain.push(0), plain.push(1)] == ["a", ""]  # an incomplete character waits
+
+
+def test_serve_refuses_bad_options_before_loading_anything(tmp_path: Any, capsys: pytest.CaptureFixture) -> None:
+    from deltatune.cli import main
+
+    missing_model = str(tmp_path / "no-model")  # never reached: the options are checked first
+    for args, words in ((["--adapter", "support"], "expected NAME=PATH"),
+                        (["--adapter", f"x={tmp_path / 'nope'}"], "no such folder"),
+                        (["--adapters-dir", str(tmp_path / "nope")], "is not a directory"),
+                        (["--max-batch", "0"], "--max-batch must be at least 1")):
+        assert main(["serve", "--model", missing_model, *args]) == 2
+        assert words in capsys.readouterr().err

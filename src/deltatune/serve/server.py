@@ -43,6 +43,16 @@ def build_server(args: argparse.Namespace) -> Server:
     """Everything but the HTTP listener: model, tokenizer, adapters, engine, limits."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    adapters = [parse_adapter_arg(text) for text in args.adapter or []]  # bad options fail before loading
+    for name, folder in adapters:
+        if not folder.exists():
+            raise ConfigError(f"--adapter {name}={folder}: no such folder.")
+    adapters_dir = Path(args.adapters_dir) if args.adapters_dir else None
+    if adapters_dir is not None and not adapters_dir.is_dir():
+        raise ConfigError(f"--adapters-dir {adapters_dir} is not a directory.")
+    for flag in ("max_batch", "max_queue", "max_tokens_limit", "max_prompt_tokens", "max_n", "max_body_bytes"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1.")
     if args.threads:
         torch.set_num_threads(args.threads)
     path = resolve_model_path(args.model)
@@ -55,16 +65,12 @@ def build_server(args: argparse.Namespace) -> Server:
         model = from_pretrained_quantized(AutoModelForCausalLM, path, args.quantize).eval()
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    adapters_dir = Path(args.adapters_dir) if args.adapters_dir else None
-    if adapters_dir is not None and not adapters_dir.is_dir():
-        raise ConfigError(f"--adapters-dir {adapters_dir} is not a directory.")
     registry = AdapterRegistry(model, Path(str(args.model).rstrip("/")).name or str(args.model), adapters_dir)
-    for text in args.adapter or []:
-        name, folder = parse_adapter_arg(text)
+    for name, folder in adapters:
         try:
             registry.load(name, folder)
         except ApiError as exc:
-            raise ConfigError(f"--adapter {text}: {exc.message}") from exc
+            raise ConfigError(f"--adapter {name}={folder}: {exc.message}") from exc
     positions = getattr(model.config, "max_position_embeddings", None) or 2048
     limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=min(args.max_prompt_tokens, positions),
                     max_tokens=args.max_tokens_limit, max_n=min(args.max_n, args.max_batch), context_length=positions)
