@@ -66,6 +66,9 @@ def test_classification_run_writes_adapter_metrics_summary_and_plots(assets: dic
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     info = json.loads((out / "adapter" / "deltatune_run.json").read_text())
     assert info["task"] == "seq_cls" and info["labels"] == ["neg", "neu", "pos"]
+    card = (out / "adapter" / "README.md").read_text()  # model card: method, trainable count, data, final metrics
+    assert f"{summary['trainable_params']:,} trainable" in card and "lora (LORA)" in card
+    assert f"- test: loss {summary['final']['test']['loss']:.4f}" in card and "6 optimizer steps" in card
 
 
 def test_gradient_accumulation_equals_one_big_batch(assets: dict, tmp_path: Path) -> None:

@@ -147,10 +147,7 @@ def read_config_file(folder: str | Path) -> dict[str, Any]:
 
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
-        raise CheckpointError(
-            f"No {CONFIG_NAME} in {folder}. Point to the folder that save_pretrained() wrote "
-            "(non-default adapters live in a subfolder named after the adapter)."
-        )
+        raise CheckpointError(f"No {CONFIG_NAME} in {folder}. {_what_to_pass_instead(Path(folder))}")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -158,6 +155,28 @@ def read_config_file(folder: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict) or "peft_type" not in data:
         raise CheckpointError(f"{path} has no 'peft_type' field; it is not an adapter config.")
     return data
+
+
+def _what_to_pass_instead(folder: Path) -> str:
+    """For a folder without an adapter: what it holds instead, and which path to pass."""
+    if not folder.exists():
+        return "The folder does not exist; pass the folder that save_pretrained() or trainer.save_model() wrote."
+    checkpoints = sorted((p for p in folder.glob("checkpoint-*") if (p / CONFIG_NAME).is_file()),
+                         key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    if checkpoints:
+        return (f"It holds Trainer checkpoints ({', '.join(p.name for p in checkpoints)}); pass one of them, "
+                f"e.g. {checkpoints[-1]}.")
+    if (folder / "adapter" / CONFIG_NAME).is_file():
+        return f"It is a 'deltatune train' run folder; pass {folder / 'adapter'}."
+    full = [n for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin") if (folder / n).exists()]
+    if full:
+        return (f"It holds a full model ({full[0]}), not an adapter: load it with transformers' "
+                "AutoModel...from_pretrained(folder). If it came from a Trainer that trained a DeltaModel with an "
+                "older deltatune, its adapter tensors are inside: load that file with DeltaModel.load_state_dict.")
+    adapters = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file()) if folder.is_dir() else []
+    if adapters:
+        return f"Adapters other than 'default' live in subfolders: pass one of {adapters}, e.g. {folder / adapters[0]}."
+    return "Point to the folder that save_pretrained() or trainer.save_model() wrote."
 
 
 def replace(config: DeltaConfig, **changes: Any) -> DeltaConfig:

@@ -65,7 +65,7 @@ def load_for_inference(
     task = task or info.task
     if not task:
         raise ConfigError("Cannot tell the task; pass --task (seq_cls, instruct, causal_lm or seq2seq).")
-    base_path = resolve_base(model, info)
+    base_path = resolve_base(model, info, folder)
     if task == "seq_cls":
         labels = info.labels or labels or (head_labels(folder) if folder else None)
         if not labels:

@@ -64,11 +64,36 @@ def write_model_card(folder: Path, base: str | None, adapters: list[AdapterSumma
     atomic_write_text(path, card_text(base, adapters, results))
 
 
+def summary_from_folder(folder: Path, name: str, method: str, total: int) -> AdapterSummary:
+    """An adapter's card line read from its files (config, and the tensor sizes in the safetensors header)."""
+    import json
+
+    from safetensors import safe_open
+
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    trainable = 0
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+            count = 1
+            for dim in handle.get_slice(key).get_shape():
+                count *= dim
+            trainable += count
+    return AdapterSummary(name, method, str(config.get("peft_type")), config.get("task_type"),
+                          config.get("target_modules"), trainable, total)
+
+
 def add_training_results(folder: Path, summary: dict[str, Any]) -> None:
-    """Append what ``deltatune train`` reports (``summary.json``'s data, steps and final metrics) to the card."""
+    """Append what ``deltatune train`` reports (``summary.json``'s data, steps and final metrics) to the card
+    of the adapter in ``folder``, writing the card first if the folder has none."""
+    import json
+
     path = folder / CARD_NAME
-    if not path.exists() or not _ours(path):
+    if not _ours(path):
         return
+    if not path.exists():
+        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        entry = summary_from_folder(folder, "default", str(summary.get("method")), int(summary.get("total_params", 0)))
+        write_model_card(folder, base, [entry])
     text = path.read_text(encoding="utf-8")
     text = text[: text.index(RESULTS_HEADING)] if RESULTS_HEADING in text else text
     trained = (f"Trained with `deltatune train` on `{summary.get('data')}` ({summary.get('train_examples')} "

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..bundled import resolve_model_path
 from ..errors import ConfigError
+from ..integrations.model_card import add_training_results
 from ..model import DeltaModel, get_delta_model
 from ..step_hooks import step_hooks
 from . import resume as checkpoints
@@ -333,6 +334,7 @@ def finish(
             {k: getattr(options, k) for k in DataSpec.__dataclass_fields__}).save(adapter)
     summary["adapter_bytes"] = folder_bytes(adapter)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    add_training_results(adapter, summary)  # the adapter's README.md model card: data and final metrics
     if plots:
         from .plots import write_plots
 

@@ -97,11 +97,18 @@ def head_labels(folder: Path) -> list[str] | None:
     return None
 
 
-def resolve_base(model: str | None, info: RunInfo | None) -> str:
-    """The base model folder: ``--model`` if given, else the one recorded at training time."""
+def resolve_base(model: str | None, info: RunInfo | None, folder: Path | None = None) -> str:
+    """The base model folder: ``--model`` if given, else the one recorded at training time (for the adapter
+    in ``folder``, named in the error when that base is not here)."""
     name = model or (info.base_model if info else None)
     if not name:
         raise ConfigError("Which base model? Pass --model (a bundled name such as minilm, or a local folder).")
+    if model is None and folder is not None:
+        try:
+            return resolve_model_path(name)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"The adapter in {folder} was trained on {name!r}, which is not a bundled model or local "
+                              "folder here (deltatune never downloads); pass --model with the base model's folder.") from exc
     return resolve_model_path(name)
 
 
