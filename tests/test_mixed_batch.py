@@ -48,9 +48,12 @@ def assert_mixed_equals_solo(model: dt.DeltaModel, inputs: dict[str, torch.Tenso
     for name in dict.fromkeys(names):
         rows = [i for i, n in enumerate(names) if n == name]
         ref = solo(model, name, {k: v[rows] for k, v in inputs.items()})
-        torch.testing.assert_close(mixed[rows], ref, atol=1e-5, rtol=1e-5, msg=f"adapter {name}")
+        got = mixed[rows]
+        if got.dim() >= 3 and got.shape[1] != ref.shape[1]:  # decoder-only + virtual tokens: padding in front
+            got = got[:, -ref.shape[1] :]
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=f"adapter {name}")
         if name != BASE:  # the adapter really acts: a skipped adapter would look like the base
-            assert (ref - base[rows]).abs().max() > 1e-4, name
+            assert (ref[..., -base.shape[1] :, :] if ref.dim() >= 3 else ref).sub(base[rows]).abs().max() > 1e-4, name
 
 
 # Explicit targets: default targets are inferred from the model's structure, which a first adapter's
@@ -235,3 +238,73 @@ def test_methods_without_routing_are_refused(make_model: Any, config: Any) -> No
     model = build(make_model, "llama_lm", {"a": config, "l": lora(2, 4)})
     with pytest.raises(ConfigError, match="cannot share a mixed-adapter batch"):
         model(**make_model.inputs("llama_lm", batch=2), adapter_names=["a", "l"])
+
+
+def prompt_configs(kind: str) -> dict[str, Any]:
+    task = {"task_type": "SEQ_CLS"} if kind == "bert_seq_cls" else {}
+    return {"p3": dt.PromptTuningConfig(num_virtual_tokens=3, **task), "p5": dt.PromptTuningConfig(num_virtual_tokens=5, **task),
+            "pt": dt.PTuningConfig(num_virtual_tokens=2, **task), "l": lora(2, 4, **task)}
+
+
+@pytest.mark.parametrize("kind", ["llama_lm", "gpt2_lm", "bert_seq_cls", "t5"])
+def test_prompt_and_p_tuning_with_different_token_counts(make_model: Any, kind: str) -> None:
+    model = build(make_model, kind, prompt_configs(kind))
+    names = ["p3", "l", BASE, "p5", "pt", "p3"]
+    assert_mixed_equals_solo(model, make_model.inputs(kind, batch=len(names)), names)
+
+
+def test_prompt_labels_loss_per_row(make_model: Any) -> None:
+    """Decoder-only labels: -100 on every virtual/padding column, so each row's token losses are its solo ones."""
+    model = build(make_model, "llama_lm", prompt_configs("llama_lm"))
+    names = ["p5", "l", "p3"]
+    inputs = make_model.inputs("llama_lm", batch=3)
+    with torch.no_grad():
+        out = model(**inputs, labels=inputs["input_ids"], adapter_names=names)
+        total, tokens = 0.0, 0
+        for i, name in enumerate(names):
+            model.set_adapter(name)
+            one = {k: v[i : i + 1] for k, v in inputs.items()}
+            count = one["input_ids"].shape[1] - (name == "l")  # alone, a LoRA row cannot predict its first token
+            total, tokens = total + model(**one, labels=one["input_ids"]).loss * count, tokens + count
+    torch.testing.assert_close(out.loss, total / tokens, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama_lm", "t5"])
+def test_prompt_generate_with_beams(make_model: Any, kind: str) -> None:
+    model = build(make_model, kind, prompt_configs(kind))
+    ids = make_model.inputs(kind, batch=4, seq=5)["input_ids"]
+    names = ["p5", BASE, "l", "p3"]
+    gen = {"max_new_tokens": 5, "do_sample": False, "num_beams": 2, "num_return_sequences": 2, "pad_token_id": 0}
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids, adapter_names=names, **gen)
+        for i, name in enumerate(names):
+            if name == BASE:
+                with model.disable_adapter():
+                    ref = model.generate(input_ids=ids[i : i + 1], **gen)
+            else:
+                model.set_adapter(name)
+                ref = model.generate(input_ids=ids[i : i + 1], **gen)
+            assert torch.equal(mixed[2 * i : 2 * i + 2, : ref.shape[1]], ref), name
+
+
+@pytest.mark.parametrize("kind", ["llama_lm", "gpt2_lm", "bert_seq_cls"])
+def test_prefix_tuning_with_different_lengths(make_model: Any, kind: str) -> None:
+    task = {"task_type": "SEQ_CLS"} if kind == "bert_seq_cls" else {}
+    configs = {"x2": dt.PrefixTuningConfig(num_virtual_tokens=2, **task),
+               "x4": dt.PrefixTuningConfig(num_virtual_tokens=4, **task), "l": lora(2, 4, **task)}
+    model = build(make_model, kind, configs)
+    names = ["x4", "l", BASE, "x2", "x4"]
+    assert_mixed_equals_solo(model, make_model.inputs(kind, batch=len(names)), names)
+    if kind == "llama_lm":
+        ids = make_model.inputs(kind, batch=len(names), seq=5)["input_ids"]
+        gen = {"max_new_tokens": 5, "do_sample": False, "num_beams": 2, "pad_token_id": 0}
+        with torch.no_grad():
+            mixed = model.generate(input_ids=ids, adapter_names=names, **gen)
+            for i, name in enumerate(names):
+                if name == BASE:
+                    with model.disable_adapter():
+                        ref = model.generate(input_ids=ids[i : i + 1], **gen)
+                else:
+                    model.set_adapter(name)
+                    ref = model.generate(input_ids=ids[i : i + 1], **gen)
+                assert torch.equal(mixed[i, : ref.shape[1]], ref[0]), name

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from ...config import DeltaConfig
@@ -120,3 +121,14 @@ def fill_token_dim(config: VirtualTokenConfig, model: nn.Module) -> int:
 def is_encoder_decoder(model: nn.Module) -> bool:
     """Whether ``model`` is a transformers encoder-decoder (T5, BART ...)."""
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def embed_inputs(model: nn.Module, call: dict[str, Any]) -> torch.Tensor:
+    """The input embeddings of a keyword call ``(B, S, D)``; ``input_ids`` / ``inputs_embeds`` are popped from ``call``."""
+    ids = call.pop("input_ids", None)
+    embeds = call.pop("inputs_embeds", None)
+    if embeds is not None:
+        return embeds
+    if ids is None:
+        raise ConfigError("Virtual tokens need the model input: pass input_ids or inputs_embeds.")
+    return input_embeddings(model)(ids)  # (B, S, D)

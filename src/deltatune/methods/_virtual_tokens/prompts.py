@@ -23,22 +23,14 @@ from torch import nn
 
 from ...errors import ConfigError
 from ...input_delta import InputDelta, bind_call
-from .config import input_embeddings, is_encoder_decoder
+from ...routing import Routing
+from .config import embed_inputs, is_encoder_decoder
+from .mixed import generate_routed, prepend_routed
 from .table import ReparamTable
 
 
 def _ones(batch: int, n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.ones(batch, n, dtype=like.dtype, device=like.device)
-
-
-def _embed(model: nn.Module, call: dict[str, Any]) -> torch.Tensor:
-    ids = call.pop("input_ids", None)
-    embeds = call.pop("inputs_embeds", None)
-    if embeds is not None:
-        return embeds
-    if ids is None:
-        raise ConfigError("Virtual tokens need the model input: pass input_ids or inputs_embeds.")
-    return input_embeddings(model)(ids)  # (B, S, D)
 
 
 def _extend_mask(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -55,7 +47,7 @@ def prepend_prompts(model: nn.Module, call: dict[str, Any], prompts: torch.Tenso
     """The keyword call with ``prompts`` (P, D) prepended to the (encoder) input of every sequence."""
     call = dict(call)
     labels_follow_input = not is_encoder_decoder(model)
-    embeds = _embed(model, call)
+    embeds = embed_inputs(model, call)
     batch, seq = embeds.shape[:2]
     n = prompts.shape[0]
     prompts = prompts.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, P, D)
@@ -85,7 +77,7 @@ def generate_with_prompts(model: nn.Module, kwargs: dict[str, Any], prompts: tor
     encoder_decoder = is_encoder_decoder(model)
     ids = kwargs.get("input_ids")
     call = {"input_ids": ids, "inputs_embeds": kwargs.pop("inputs_embeds", None)}
-    embeds = _embed(model, call)
+    embeds = embed_inputs(model, call)
     batch, seq = embeds.shape[:2]
     mask = kwargs.pop("attention_mask", None)
     if mask is None:
@@ -118,6 +110,17 @@ class VirtualTokenDelta(InputDelta):
 
     def generate(self, model: nn.Module, kwargs: dict[str, Any]) -> Any:
         return generate_with_prompts(model, kwargs, self.prompts())
+
+    @classmethod
+    def run_routed(cls, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], routing: Routing,
+                   deltas: dict[str, InputDelta]) -> Any:
+        prompts = {name: delta.prompts() for name, delta in deltas.items()}  # type: ignore[attr-defined]
+        return model(**prepend_routed(model, bind_call(model, args, kwargs), routing, prompts))
+
+    @classmethod
+    def generate_routed(cls, model: nn.Module, kwargs: dict[str, Any], routing: Routing,
+                        deltas: dict[str, InputDelta]) -> Any:
+        return generate_routed(model, kwargs, routing, {n: d.prompts() for n, d in deltas.items()})  # type: ignore[attr-defined]
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return {"prompt_embeddings": self.table.saved()}

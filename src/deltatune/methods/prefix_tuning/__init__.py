@@ -33,7 +33,9 @@ from torch import nn
 from ...errors import ConfigError
 from ...input_delta import InputDelta, bind_call
 from ...registry import MethodSpec, register
+from ...routing import Routing
 from .._virtual_tokens import ReparamTable, fill_from_model
+from . import mixed
 from .attention import ROLES, Site, attached, find_sites, flat_width
 from .cache import KVLayout, build_cache, probe_layout
 from .config import PrefixTuningConfig
@@ -127,6 +129,24 @@ class PrefixTuningDelta(InputDelta):
         kwargs["use_cache"] = True  # the prefixes live in the cache; the tokens generated are the same either way
         with self._hooks():
             return model.generate(**kwargs)
+
+    @classmethod
+    def run_routed(cls, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], routing: Routing,
+                   deltas: dict[str, InputDelta]) -> Any:
+        if model.training:
+            refuse_checkpointing(model)
+        call = bind_call(model, args, kwargs)
+        if any(call.get(name) is not None for name in ("cache", "past_key_values")):
+            raise ConfigError("Prefix tuning puts its prefixes into the key/value cache itself; do not pass a cache.")
+        call.pop("past_key_values", None)
+        call.pop("cache", None)
+        return mixed.run_routed(model, call, routing, deltas, _batch(call), model_dtype(model))  # type: ignore[arg-type]
+
+    @classmethod
+    def generate_routed(cls, model: nn.Module, kwargs: dict[str, Any], routing: Routing,
+                        deltas: dict[str, InputDelta]) -> Any:
+        return mixed.generate_routed(model, kwargs, routing, deltas, _expand_size(model, kwargs),  # type: ignore[arg-type]
+                                     model_dtype(model))
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         state = {"prompt_embeddings": self.table.saved()}
