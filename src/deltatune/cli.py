@@ -167,6 +167,23 @@ def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="dequantize a quantized base and write a "
                    "full-precision merged model in this dtype (default: merge into the base as loaded)")
 
+    p = sub.add_parser("combine", help="a new adapter from weighted adapters (sum, SVD, TIES, DARE, ...)",
+                       formatter_class=fmt, epilog=EPILOG,
+                       description="Loads every ADAPTER onto one base and writes their weighted combination as an "
+                       "adapter folder. svd/cat give the exact weighted sum of the deltas (svd --rank: its best "
+                       "approximation of that rank); linear/ties/dare_*/magnitude_prune merge the factors as HF peft.")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter folders or run folders (same method)")
+    p.add_argument("--weights", nargs="+", type=float, required=True, help="one weight per adapter (negative subtracts)")
+    p.add_argument("--type", dest="combination_type", default="svd",
+                   choices=["svd", "cat", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"],
+                   help="combination type")
+    p.add_argument("--rank", type=int, help="svd: rank of the result (default: exact)")
+    p.add_argument("--density", type=float, help="ties / dare_* / magnitude_prune: share of entries kept")
+    p.add_argument("--majority-sign", choices=["total", "frequency"], default="total", help="TIES sign election")
+    p.add_argument("--seed", type=int, default=0, help="dare_*: seed of the random drops")
+    p.add_argument("--model", help="base model (default: the one the first adapter was trained on)")
+    p.add_argument("--out", required=True, help="new folder for the combined adapter")
+
     p = sub.add_parser("inspect", help="what an adapter folder holds; optionally check it against a base model",
                        formatter_class=fmt, epilog=EPILOG)
     p.add_argument("adapter", metavar="ADAPTER", help="run folder or adapter folder")
@@ -280,6 +297,15 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _combine(args: argparse.Namespace) -> int:
+    from .commands.combine import run_combine
+
+    out = run_combine(args.adapters, args.weights, args.out, args.combination_type, args.rank, args.density,
+                      args.seed, args.majority_sign, args.model)
+    print(f"combined adapter written to {out}")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from .commands.inference import dumps, inspect_adapter
 
@@ -336,7 +362,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "generate": _generate, "merge": _merge,
-            "inspect": _inspect, "export": _export, "demo": _demo, "serve": _serve}
+            "combine": _combine, "inspect": _inspect, "export": _export, "demo": _demo, "serve": _serve}
 
 
 def _quiet_libraries() -> None:

@@ -275,6 +275,33 @@ class DeltaModel(nn.Module):
             for w, names in merged:
                 w.merge(names)
 
+    # -- combining -------------------------------------------------------------------------------
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        seed: int = 0,
+    ) -> None:
+        """Add adapter ``adapter_name`` made from ``adapters`` weighted by ``weights`` (HF peft's call).
+
+        For LoRA, ``"svd"`` (the default, with ``svd_rank=None``) and ``"cat"`` give exactly
+        ``sum_i w_i dW_i``; ``"svd"`` with a smaller ``svd_rank`` gives its best approximation of that
+        rank, computed from the factors (never a full ``out x in`` matrix). ``"linear"``, ``"ties"``,
+        ``"dare_linear"``, ``"dare_ties"`` and ``"magnitude_prune"`` combine the ``A`` and the ``B`` factors
+        separately, as HF peft does (not the weighted sum of the deltas). (IA)^3 supports ``"linear"``. See
+        ``docs/methods.md``, "Adapter arithmetic". The new adapter is not activated.
+        """
+        from .combination import CombineRequest, combine
+
+        request = CombineRequest(list(adapters), [float(w) for w in weights], adapter_name, combination_type,
+                                 svd_rank, density, majority_sign_method, seed)
+        combine(self, request)
+
     # -- merging ---------------------------------------------------------------------------------
     def _check_mergeable(self, names: list[str]) -> None:
         for name in names:

@@ -50,6 +50,8 @@ class MethodSpec:
         make_step_hook: ``make_step_hook(config, model, adapter_name)`` returns an object with
             ``before_optimizer_step()`` and ``after_optimizer_step(step)`` that training loops call around
             each optimizer step (see :mod:`deltatune.step_hooks`; AdaLoRA's rank budget).
+        combine: ``combine(model, request)`` adds adapter ``request.name`` made from weighted existing adapters
+            of this method (:mod:`deltatune.combination`); ``None``: the method's adapters cannot be combined.
         loraplus_markers: name fragments (``".lora_B."``) of the tensors that LoRA+ (arXiv 2402.12354)
             trains with ``lr * loraplus_lr_ratio``; empty when the method has no such tensors.
     """
@@ -68,6 +70,7 @@ class MethodSpec:
     loraplus_markers: tuple[str, ...] = ()
     shared_state: Callable[[DeltaConfig, nn.Module, str], dict[str, torch.Tensor]] | None = None
     make_step_hook: Callable[[DeltaConfig, nn.Module, str], Any] | None = None
+    combine: Callable[[Any, Any], None] | None = None
 
 
 _BY_NAME: dict[str, MethodSpec] = {}

@@ -20,6 +20,7 @@ from torch import nn
 
 from ...model_interface import role_regex
 from ...registry import MethodSpec, register
+from .combine import combine_ia3
 from .config import IA3Config
 from .layer import IA3Layer, can_wrap, is_feedforward, make_ia3_layer
 
@@ -56,6 +57,7 @@ SPEC = register(
         mergeable=True,
         prepare_config=prepare_config,
         can_wrap=can_wrap,
+        combine=combine_ia3,
     )
 )
 

@@ -15,6 +15,7 @@ from ...model_interface import is_linear_like, role_regex
 from ...registry import MethodSpec, register
 from ...targeting import find_targets, unwrapped
 from .bias import trained_biases
+from .combine import combine_lora
 from .config import LoraConfig
 from .layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, can_wrap, make_lora_layer
 
@@ -53,6 +54,7 @@ SPEC = register(
         prepare_config=prepare_config,
         extra_trainable=trained_biases,
         loraplus_markers=(".lora_B.", ".lora_embedding_B."),
+        combine=combine_lora,
     )
 )
 
