@@ -16,7 +16,7 @@ RESULT_PREFIX = "BENCH_RESULT "
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Dispatch on ``job["kind"]``: ``classify``, ``memory``, ``timing``, ``forgetting`` or ``inference``."""
+    """Dispatch on ``job["kind"]``: ``classify``, ``memory``, ``timing``, ``forgetting``, ``quantized`` or ``inference``."""
     if job["kind"] == "classify":
         from bench import classify
 
@@ -29,6 +29,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         from bench import forgetting
 
         return forgetting.run(job)
+    if job["kind"] == "quantized":
+        from bench import quantized
+
+        return quantized.run(job)
     if job["kind"] == "inference":
         from bench import inference
 

@@ -1,0 +1,201 @@
+"""Quantized bases: LoRA on SmolLM2-135M-Instruct in float32 vs nf4 / int8 (bitsandbytes) / int8 (torchao),
+and HF peft's QLoRA (nf4) beside deltatune's, all trained on ChatterBot with the same recipe in one run.
+
+    python -m bench.quantized                 # ~10 min on 2 shared cores; writes bench/results/quantized.{md,json}
+    python -m bench.quantized --steps 10      # a harness check
+
+Recipe (every configuration): LoRA r=8, alpha 16, dropout 0.05 on every linear layer of the decoder
+(q/k/v/o, gate/up/down; the tied embedding/LM head stays float32), AdamW lr 2e-4, batch 8, ChatterBot
+Q/A pairs (chat template, loss on the answer), the same batches in the same order, float32 compute.
+Each configuration runs in its own process, one after another (:func:`bench.runner.run_one`):
+
+* **weight memory**: bytes of every parameter and buffer as stored (4-bit codes plus their block
+  scales, int8 values plus row scales; the float32 embedding counts in full), before the adapter;
+* **peak training memory**: :class:`bench.measure.PeakMemory` (RSS peak above the loaded model);
+* **step time**: median step after 3 warm-up steps (forward, backward, clip, AdamW step);
+* **test perplexity**: ChatterBot test split, answer tokens, after training, in eval mode;
+* **merge error**: max / mean |logit difference| of the merged vs the unmerged model on a probe batch
+  (:func:`deltatune.merge_check.default_probe`, 4 x 32 seeded token ids): deltatune's
+  ``merge_report``; for HF peft the same two forwards measured here around its ``merge_and_unload``.
+
+Ratios are to the float32 LoRA run of the same invocation, and deltatune/peft compares the two nf4 runs.
+bitsandbytes' CPU backend computes 4-bit layers in float32 when training and (on CPUs with AVX512-BF16)
+with a bfloat16 kernel at inference, so the perplexity and merge numbers of nf4 include that kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.loop import epoch_batches, perplexity, train
+from bench.measure import PeakMemory, machine_info, median_after_warmup
+
+CONFIGS = ("float32", "nf4", "int8", "torchao-int8", "peft-nf4")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers as stored (quantized ones: values plus scales)."""
+    from deltatune.weights import param_tensors
+
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        parts = list(param_tensors(tensor))
+        state = getattr(tensor, "quant_state", None)  # bitsandbytes 4-bit: block scales (nested: 8-bit + their own)
+        if state is not None:
+            parts += [state.absmax] + ([state.state2.absmax] if getattr(state, "nested", False) else [])
+        scb = getattr(tensor, "SCB", None)  # bitsandbytes int8: one scale per row
+        if scb is not None:
+            parts.append(scb)
+        total += sum(t.numel() * t.element_size() for t in parts)
+    return total
+
+
+def _load(config: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.bundled import bundled_model_path
+    from deltatune.quant.load import from_pretrained_quantized
+
+    path = bundled_model_path("smollm2")
+    if config == "float32":
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return from_pretrained_quantized(AutoModelForCausalLM, str(path), "nf4" if config == "peft-nf4" else config)
+
+
+def _adapt(model: torch.nn.Module, config: str) -> torch.nn.Module:
+    if config == "peft-nf4":
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
+                                                task_type="CAUSAL_LM"))
+    import deltatune as dt
+
+    model = dt.prepare_for_kbit_training(model) if config != "float32" else model
+    return dt.get_delta_model(model, dt.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
+                                                   task_type="CAUSAL_LM"))
+
+
+@torch.no_grad()
+def _merge_error(model: torch.nn.Module, config: str) -> dict[str, float]:
+    from deltatune.merge_check import default_probe, probe_outputs
+
+    if config != "peft-nf4":
+        model.merge_and_unload(probe=default_probe(model.base_model))
+        report = model.merge_report
+        return {"merge_max": report.max_logit_error, "merge_mean": report.mean_logit_error}
+    probe = default_probe(model.base_model.model)
+    before = probe_outputs(model, probe)
+    merged = model.merge_and_unload()
+    diff = (probe_outputs(merged, probe) - before).abs()
+    return {"merge_max": float(diff.max()), "merge_mean": float(diff.mean())}
+
+
+def run(job: dict[str, Any]) -> dict[str, Any]:
+    """One configuration (``job["config"]``): load, adapt, train ``job["steps"]`` steps, evaluate, merge."""
+    from transformers import AutoTokenizer
+
+    from deltatune.bundled import bundled_model_path
+    from deltatune.train.data import load_builtin
+    from deltatune.train.encoding import encode_instruction
+
+    config = job["config"]
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path("smollm2"))
+    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    train_feats = encode_instruction(load_builtin("chatterbot", "train"), tokenizer, max_length=job["max_length"])
+    test_feats = encode_instruction(load_builtin("chatterbot", "test"), tokenizer,
+                                    max_length=job["max_length"])[: job["n_test"]]
+    batches = epoch_batches(train_feats, seed=0, epochs=1, batch_size=job["batch_size"], pad_id=pad_id)[: job["steps"]]
+    torch.manual_seed(0)
+    model = _load(config)
+    weights = weight_bytes(model)
+    model = _adapt(model, config)
+    torch.manual_seed(0)  # the same LoRA initialisation draws in every configuration
+    memory = PeakMemory()
+    memory.start(model)
+    stats = train(model, batches, lr=job["lr"])
+    out: dict[str, Any] = {
+        "config": config, "weight_mb": weights / 2**20, "peak_mb": memory.peak_mb(), "mem_method": memory.method,
+        "step_s": median_after_warmup(stats.step_times, 3), "steps": len(batches),
+        "first_loss": stats.losses[0], "final_loss": sum(stats.losses[-5:]) / len(stats.losses[-5:]),
+        "test_ppl": perplexity(model, test_feats, pad_id=pad_id),
+    }
+    out.update(_merge_error(model, config))
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a is not None and b else "-"
+
+
+def report(results: dict[str, dict[str, Any]], settings: dict[str, Any]) -> str:
+    ref = results.get("float32", {})
+    lines = ["# Quantized bases: LoRA on SmolLM2-135M-Instruct, ChatterBot", "",
+             f"Settings: {json.dumps(settings)}", "",
+             "| config | weight MB | vs fp32 | peak train MB | vs fp32 | step s | vs fp32 | test ppl | vs fp32 "
+             "| merge max / mean logit error |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for config in CONFIGS:
+        r = results.get(config)
+        if r is None:
+            continue
+        if not r.get("ok"):
+            lines.append(f"| {config} | failed: {r.get('error')} |")
+            continue
+        lines.append(
+            f"| {config} | {r['weight_mb']:.1f} | {_ratio(r['weight_mb'], ref.get('weight_mb'))} | {r['peak_mb']:.0f} "
+            f"| {_ratio(r['peak_mb'], ref.get('peak_mb'))} | {r['step_s']:.3f} | {_ratio(r['step_s'], ref.get('step_s'))} "
+            f"| {r['test_ppl']:.3f} | {_ratio(r['test_ppl'], ref.get('test_ppl'))} "
+            f"| {r['merge_max']:.3g} / {r['merge_mean']:.3g} |")
+    ours, theirs = results.get("nf4", {}), results.get("peft-nf4", {})
+    if ours.get("ok") and theirs.get("ok"):
+        lines += ["", f"deltatune/peft (nf4): step time {_ratio(ours['step_s'], theirs['step_s'])}, peak training "
+                  f"memory {_ratio(ours['peak_mb'], theirs['peak_mb'])}, test perplexity "
+                  f"{_ratio(ours['test_ppl'], theirs['test_ppl'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.runner import run_one
+
+    parser = argparse.ArgumentParser(prog="python -m bench.quantized", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=40, help="training steps per configuration")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=96)
+    parser.add_argument("--n-test", type=int, default=123, help="ChatterBot test rows for the perplexity")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    settings = {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
+                "n_test": args.n_test, "lr": args.lr, "threads": args.threads}
+    results: dict[str, dict[str, Any]] = {}
+    start = time.perf_counter()
+    for config in args.configs:  # one process each, one at a time (memory and timing are per process)
+        result = run_one({"kind": "quantized", "config": config, **settings}, threads=args.threads)
+        results[config] = result
+        print(f"  {config}: {result.get('process_seconds', 0):.0f} s, {'ok' if result.get('ok') else result.get('error')}",
+              flush=True)
+    text = report(results, settings)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "quantized.md").write_text(text, encoding="utf-8")
+    payload = {"settings": settings, "results": results, "machine": machine_info(RESULTS.parent.parent),
+               "wall_seconds": time.perf_counter() - start}
+    (RESULTS / "quantized.json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

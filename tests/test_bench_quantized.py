@@ -1,0 +1,40 @@
+"""The quantized-base benchmark's instruments: stored weight bytes and the ratio table (no training)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _quant_models import quantized_llama, tiny_llama  # noqa: E402
+
+from bench.quantized import report, weight_bytes  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def test_weight_bytes_counts_values_and_scales_as_stored() -> None:
+    float_model, nf4 = tiny_llama(), quantized_llama("nf4")
+    linear = [m for n, m in float_model.named_modules() if n.startswith("model.layers") and isinstance(m, torch.nn.Linear)]
+    linear_fp32 = sum(m.weight.numel() * 4 for m in linear)
+    n_values = linear_fp32 // 4
+    saved = weight_bytes(float_model) - weight_bytes(nf4)
+    # nf4: half a byte per value, plus one 8-bit scale per 64-value block and a float32 scale per 256 blocks
+    nf4_linear = n_values / 2 + n_values / 64 + 4 * n_values / (64 * 256)
+    assert saved == pytest.approx(linear_fp32 - nf4_linear, rel=0.01)
+
+
+def test_report_gives_ratios_to_the_float32_run_and_deltatune_over_peft() -> None:
+    row = {"ok": True, "weight_mb": 100.0, "peak_mb": 200.0, "step_s": 1.0, "test_ppl": 10.0, "merge_max": 0.0,
+           "merge_mean": 0.0}
+    results = {"float32": row, "nf4": row | {"weight_mb": 30.0, "step_s": 1.5},
+               "peft-nf4": row | {"weight_mb": 30.0, "step_s": 2.0}, "int8": {"ok": False, "error": "boom"}}
+    text = report(results, {"steps": 1})
+    assert "| nf4 | 30.0 | 0.30x | 200 | 1.00x | 1.500 | 1.50x |" in text
+    assert "| int8 | failed: boom |" in text
+    assert "deltatune/peft (nf4): step time 0.75x, peak training memory 1.00x" in text
