@@ -162,3 +162,48 @@ def test_trl_dpo_trainer(base_dir, tmp_path) -> None:
     trainer.save_model(str(tmp_path / "dpo_final"))
     config = json.loads((tmp_path / "dpo_final" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4
+
+
+@pytest.mark.integration
+def test_smollm2_sft_then_auto_peft_model_and_gguf(tmp_path) -> None:
+    """The bundled SmolLM2: two SFT steps, the saved adapter names the local export as its base,
+    AutoPeftModelForCausalLM rebuilds the trained model from the folder alone, and it exports to GGUF."""
+    trl = pytest.importorskip("trl")
+    from peft import AutoPeftModelForCausalLM
+
+    from deltatune.bundled import resolve_model_path
+    from deltatune.integrations.gguf_lora import export_gguf_lora
+
+    path = resolve_model_path("smollm2")
+    tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    model = dt.get_delta_model(tf.AutoModelForCausalLM.from_pretrained(path),
+                               dt.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                             layers_to_transform=[0, 1], task_type="CAUSAL_LM"))
+    args = trl.SFTConfig(str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2, max_length=16,
+                         report_to=[], use_cpu=True, save_strategy="no", learning_rate=1e-2)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": TEXTS}),
+                             processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(Path(path).resolve())
+    saved = safetensors.torch.load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    trained = {k.replace(".default.", ".").replace("base_model.", "base_model.model.", 1): v
+               for k, v in adapter_tensors(model).items()}
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
+    # (The trained DeltaModel itself now computes under the Trainer's bf16 autocast: accelerate wraps its
+    # forward, as it does a PeftModel's. The reference is the adapter rebuilt by deltatune in fp32.)
+    ids = tokenizer("the cat sat", return_tensors="pt")["input_ids"]
+    reference = dt.DeltaModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(path), tmp_path / "adapter")
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+        with reference.disable_adapter():
+            assert (reference(input_ids=ids).logits - expected).abs().max() > 1e-4  # two steps changed the model
+        loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
+    export_gguf_lora(tmp_path / "adapter", tmp_path / "adapter.gguf")
+    import gguf
+
+    names = {t.name for t in gguf.GGUFReader(tmp_path / "adapter.gguf").tensors}
+    assert names == {f"blk.{i}.attn_{m}.weight.lora_{ab}" for i in (0, 1) for m in "qv" for ab in "ab"}
