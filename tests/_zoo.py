@@ -110,6 +110,8 @@ def tiny_config(family: Family) -> Any:
                 setattr(config, key, value)
             except (AttributeError, ValueError, TypeError):
                 pass
+    if family.kind == "encoder-decoder":
+        config.decoder_start_token_id = 0
     if hasattr(config, "tie_word_embeddings"):
         config.tie_word_embeddings = False  # tied heads have their own test (test_tied_embeddings.py)
     return config

@@ -17,7 +17,7 @@ from .layer import DeltaLayer
 from .model_interface import structure_summary
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import MethodSpec
-from .targeting import ALL_LINEAR, find_targets, name_matches, unwrapped
+from .targeting import ALL_LINEAR, find_parameter_targets, find_targets, name_matches, unwrapped
 
 
 def iter_wrappers(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -75,6 +75,9 @@ def inject_layers(model: nn.Module, spec: MethodSpec, config: TargetedConfig, na
     """
     if spec.prepare_config is not None:  # architecture-dependent defaults, recorded in the config
         spec.prepare_config(model, config)
+    by_parameter = _parameter_targets(model, spec, config)
+    if by_parameter and config.target_modules == []:  # HF peft's way of saying "parameters only"
+        return _wrap_parameters(model, spec, config, name, by_parameter)
     wanted = resolve_targets(model, spec, config)
     targets = find_targets(model, config, wanted, protected=protected)
     refused = _refusals(spec, config, targets)
@@ -107,7 +110,27 @@ def inject_layers(model: nn.Module, spec: MethodSpec, config: TargetedConfig, na
         )
     if not wrapped:
         raise TargetError(f"{spec.name}: none of the modules selected by target_modules={wanted!r} can be wrapped.")
-    return wrapped
+    return wrapped + _wrap_parameters(model, spec, config, name, by_parameter)
+
+
+def _parameter_targets(model: nn.Module, spec: MethodSpec, config: TargetedConfig) -> dict[str, list[str]]:
+    """``{module path: parameter names}`` for the config's ``target_parameters`` (checked before any wrapping)."""
+    wanted = getattr(config, "target_parameters", None)
+    if not wanted:
+        return {}
+    if spec.make_parameter_layer is None:
+        raise ConfigError(f"{spec.name} cannot target parameters; leave target_parameters empty.")
+    return find_parameter_targets(model, list(wanted))
+
+
+def _wrap_parameters(model: nn.Module, spec: MethodSpec, config: TargetedConfig, name: str,
+                     by_parameter: dict[str, list[str]]) -> list[str]:
+    modules = dict(model.named_modules())
+    for path, params in by_parameter.items():
+        parent_path, _, child = path.rpartition(".")
+        layer = spec.make_parameter_layer(modules[path], config, name, path, params)  # type: ignore[misc]
+        setattr(modules[parent_path], child, layer)
+    return list(by_parameter)
 
 
 def wrap_modules_to_save(model: nn.Module, names: list[str], adapter: str) -> list[str]:

@@ -140,17 +140,40 @@ def role_paths(model: nn.Module, role: str, roles: ModelRoles | None = None) -> 
     return _inferred_paths(roles or model_roles(model), role)
 
 
-def paths_regex(paths: list[str]) -> str | None:
-    """A regex full-matching ``paths`` with layer numbers generalised (``model\\.layers\\.\\d+\\.self_attn\\.q_proj``)."""
-    parts = [r"\.".join(r"\d+" if c.isdigit() else re.escape(c) for c in p.split(".")) for p in paths]
-    unique = list(dict.fromkeys(parts))
-    return "(?:" + "|".join(unique) + ")" if unique else None
+def _component_regex(path: str, generalise: int | None) -> str:
+    r"""``path`` as a regex, numeric components generalised to ``\d+`` (all of them, or the first ``generalise``)."""
+    parts, seen = [], 0
+    for c in path.split("."):
+        if c.isdigit() and (generalise is None or seen < generalise):
+            parts.append(r"\d+")
+            seen += 1
+        else:
+            parts.append(re.escape(c))
+    return r"\.".join(parts)
+
+
+def paths_regex(paths: list[str], all_paths: list[str] | None = None) -> str | None:
+    r"""A regex full-matching exactly ``paths``, layer numbers generalised (``model\.layers\.\d+\.self_attn\.q_proj``).
+
+    Numbers are generalised only as far as the regex then matches no other path of ``all_paths``
+    (CTRL's ``ffn.2`` must not select ``ffn.0``); failing that the paths are listed one by one.
+    """
+    wanted = set(paths)
+    for generalise in (None, 1, 0):
+        unique = list(dict.fromkeys(_component_regex(p, generalise) for p in paths))
+        if not unique:
+            return None
+        regex = "(?:" + "|".join(unique) + ")"
+        if all_paths is None or {p for p in all_paths if re.fullmatch(regex, p)} == wanted:
+            return regex
+    return regex
 
 
 def role_regex(model: nn.Module, roles: list[str]) -> str | None:
     """A full-match regex over module paths selecting ``roles`` of ``model`` (``None``: no such module)."""
     found = model_roles(model)
-    return paths_regex([p for role in roles for p in role_paths(model, role, found)])
+    paths = [p for role in roles for p in role_paths(model, role, found)]
+    return paths_regex(paths, [p for p, _ in model.named_modules()])
 
 
 def missing_role_reason(model: nn.Module, role: str) -> str | None:

@@ -52,6 +52,9 @@ class MethodSpec:
             each optimizer step (see :mod:`deltatune.step_hooks`; AdaLoRA's rank budget).
         combine: ``combine(model, request)`` adds adapter ``request.name`` made from weighted existing adapters
             of this method (:mod:`deltatune.combination`); ``None``: the method's adapters cannot be combined.
+        make_parameter_layer: ``make_parameter_layer(module, config, adapter_name, module_path, param_names)``
+            wraps a module whose 3-D parameters the config's ``target_parameters`` names (mixture-of-experts
+            weights; see :func:`~deltatune.targeting.find_parameter_targets`), or adds the adapter to its wrapper.
         loraplus_markers: name fragments (``".lora_B."``) of the tensors that LoRA+ (arXiv 2402.12354)
             trains with ``lr * loraplus_lr_ratio``; empty when the method has no such tensors.
     """
@@ -71,6 +74,7 @@ class MethodSpec:
     shared_state: Callable[[DeltaConfig, nn.Module, str], dict[str, torch.Tensor]] | None = None
     make_step_hook: Callable[[DeltaConfig, nn.Module, str], Any] | None = None
     combine: Callable[[Any, Any], None] | None = None
+    make_parameter_layer: Callable[[nn.Module, DeltaConfig, str, str, list[str]], DeltaLayer] | None = None
 
 
 _BY_NAME: dict[str, MethodSpec] = {}

@@ -19,7 +19,7 @@ from .config import TargetedConfig
 from .errors import TargetError
 from .model_interface import is_linear_like, layer_index, output_head_paths
 from .modules_to_save import ModulesToSaveWrapper
-from .structure import unwrapped
+from .structure import original_modules, unwrapped
 
 ALL_LINEAR = "all-linear"
 
@@ -107,6 +107,45 @@ def find_targets(
     if not targets:
         raise TargetError(_nothing_matched_message(model, target_modules, config))
     return targets
+
+
+def find_parameter_targets(model: nn.Module, wanted: list[str]) -> dict[str, list[str]]:
+    """``{module path: [parameter names]}`` selected by ``wanted`` (HF peft's rule: the full name
+    ``<module>.<param>`` equals an entry or ends with ``"." + entry``).
+
+    Raises:
+        TargetError: an entry names no parameter, or a parameter that is not 3-D (one weight per expert).
+    """
+    found: dict[str, list[str]] = {}
+    matched: set[str] = set()
+    three_d = []
+    for path, module in original_modules(model).items():
+        for pname, param in module.named_parameters(recurse=False):
+            full = f"{path}.{pname}" if path else pname
+            if param.dim() == 3:
+                three_d.append(full)
+            hits = [w for w in wanted if full == w or full.endswith("." + w)]
+            if not hits:
+                continue
+            if param.dim() != 3:
+                raise TargetError(
+                    f"target_parameters entry {hits[0]!r} names {full}, a {param.dim()}-D parameter of shape "
+                    f"{tuple(param.shape)}; target_parameters is for 3-D expert weights (E, out, in). Target the "
+                    "module holding it with target_modules (linear layers), or train it in full with modules_to_save."
+                )
+            if not path:
+                raise TargetError(f"target_parameters: {full} sits on the model itself; wrap a submodule's parameter.")
+            found.setdefault(path, []).append(pname)
+            matched.update(hits)
+    missing = [w for w in wanted if w not in matched]
+    if missing:
+        shown = sorted({".".join(p.split(".")[-2:]) for p in three_d})
+        raise TargetError(
+            f"target_parameters entries {missing} name no parameter of {type(model).__name__}. Its 3-D expert "
+            f"parameters are {shown or 'none (the model has no mixture-of-experts weights)'}; give their names "
+            "(suffixes such as 'experts.gate_up_proj')."
+        )
+    return found
 
 
 def _nothing_matched_message(model: nn.Module, spec: list[str] | str, config: TargetedConfig) -> str:

@@ -16,6 +16,7 @@ prompted ``inputs_embeds`` for the encoder.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -73,6 +74,13 @@ def generate_with_prompts(model: nn.Module, kwargs: dict[str, Any], prompts: tor
     """``model.generate`` with ``prompts`` (P, D) in front of the input at the first step (and so in the cache)."""
     if not callable(getattr(model, "generate", None)):
         raise ConfigError(f"{type(model).__name__} cannot generate text (it has no generate()); call the model instead.")
+    prepare = getattr(model, "prepare_inputs_for_generation", None)
+    if not is_encoder_decoder(model) and callable(prepare) and "inputs_embeds" not in inspect.signature(prepare).parameters:
+        raise ConfigError(
+            f"{type(model).__name__}.generate() cannot start from input embeddings (its prepare_inputs_for_generation "
+            "takes no inputs_embeds), so virtual tokens cannot be fed to it; forward and training work. Generate "
+            "with a layer method (LoRA, IA3, adapters) on this model."
+        )
     kwargs = dict(kwargs)
     encoder_decoder = is_encoder_decoder(model)
     ids = kwargs.get("input_ids")

@@ -49,9 +49,23 @@ def base_linears(module: nn.Module) -> list[nn.Module]:
     return found
 
 
+def _experts_width(module: nn.Module) -> int | None:
+    """Feature width of a mixture-of-experts block: its router's weight is ``(E, h)`` for ``E`` experts ``(E, ., .)``."""
+    experts = {p.shape[0] for p in module.parameters() if p.dim() == 3}
+    weights = [getattr(m, "weight", None) for m in module.modules()]
+    widths = {w.shape[1] for w in weights if isinstance(w, nn.Parameter) and w.dim() == 2 and w.shape[0] in experts}
+    return widths.pop() if len(widths) == 1 else None
+
+
 def adapter_dims(module: nn.Module, parallel: bool) -> tuple[int, int] | None:
-    """``(d_in, d_out)`` of an adapter on ``module`` (``None`` when they cannot be told)."""
+    """``(d_in, d_out)`` of an adapter on ``module`` (``None`` when they cannot be told).
+
+    A mixture-of-experts block (3-D expert weights) maps ``h -> h``; ``h`` is read off its router.
+    """
     base = unwrapped(module)
+    if any(p.dim() == 3 for p in base.parameters()):
+        width = _experts_width(base)
+        return None if width is None else (width, width)
     linears = base_linears(base)
     if not linears:
         return None
@@ -77,6 +91,8 @@ class BottleneckLayer(DeltaLayer):
         self.non_linearity: dict[str, str] = {}
         self.dropout_p: dict[str, float] = {}
         self.residual_arg = residual_input_arg(self.get_base_layer())
+        # a mixture-of-experts block may return (hidden, router scores): the adapter acts on the hidden states
+        self.experts_block = any(p.dim() == 3 for p in self.get_base_layer().parameters())
 
     def add(self, name: str, config: BottleneckConfig, path: str = "") -> None:
         parallel = config.variant == "parallel"
@@ -132,11 +148,14 @@ class BottleneckLayer(DeltaLayer):
             args, out = self._run_parallel(lambda x: sum(self.adapt(name, x) for name in parallel), args, kwargs)
         else:
             out = self.base_layer(*args, **kwargs)
+        rest: tuple | None = None
+        if live and self.experts_block and isinstance(out, tuple) and isinstance(out[0], torch.Tensor):
+            out, rest = out[0], out[1:]  # (hidden, router scores ...) of a mixture-of-experts block
         self._check_tensor(live, out)
         for name in live:
             if not self.parallel[name]:
                 out = out + self.adapt(name, out)  # (..., d_out)
-        return out
+        return (out, *rest) if rest is not None else out
 
     def _check_tensor(self, live: list[str], out: Any) -> None:
         if live and not isinstance(out, torch.Tensor):
@@ -185,6 +204,8 @@ class BottleneckLayer(DeltaLayer):
             args = (*args[:k], x + extra, *args[k + 1 :])
             return args, self.base_layer(*args, **kwargs)
         out = self.base_layer(*args, **kwargs)
+        if self.experts_block and isinstance(out, tuple) and isinstance(out[0], torch.Tensor):
+            return args, (out[0] + extra.reshape(out[0].shape), *out[1:])  # some return tokens flattened (B*S, h)
         return args, out + extra if isinstance(out, torch.Tensor) else out
 
 

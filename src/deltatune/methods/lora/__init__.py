@@ -3,7 +3,8 @@
     h = W x + s * B (A x),   A: (r, in),  B: (out, r),  s = alpha / r   (rsLoRA: alpha / sqrt(r))
 
 Trains ``A`` and ``B`` (and DoRA's magnitude vector); ``W`` stays frozen. Mergeable: ``W += s B A``.
-Wraps ``nn.Linear``, transformers' ``Conv1D``, ``nn.Embedding``, ``nn.Conv1d`` and ``nn.Conv2d``.
+Wraps ``nn.Linear``, transformers' ``Conv1D``, ``nn.Embedding``, ``nn.Conv1d`` and ``nn.Conv2d``; with
+``target_parameters``, the 3-D expert weights of mixture-of-experts layers (:mod:`.experts`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ...targeting import find_targets, unwrapped
 from .bias import trained_biases
 from .combine import combine_lora
 from .config import LoraConfig
+from .experts import LoraExperts, make_lora_experts
 from .layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, can_wrap, make_lora_layer
 
 
@@ -55,7 +57,8 @@ SPEC = register(
         extra_trainable=trained_biases,
         loraplus_markers=(".lora_B.", ".lora_embedding_B."),
         combine=combine_lora,
+        make_parameter_layer=make_lora_experts,
     )
 )
 
-__all__ = ["SPEC", "LoraConfig", "LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear"]
+__all__ = ["SPEC", "LoraConfig", "LoraConv", "LoraEmbedding", "LoraExperts", "LoraLayer", "LoraLinear"]

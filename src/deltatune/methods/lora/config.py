@@ -33,6 +33,9 @@ class LoraConfig(TargetedConfig):
             for tests: the adapter changes the output from the start).
         rank_pattern / alpha_pattern: ``{regex: value}`` overriding ``r`` / ``lora_alpha`` for modules
             whose path ends with a match.
+        target_parameters: names (suffixes) of 3-D expert parameters to adapt, one low-rank update per
+            expert (mixture-of-experts models, ``["experts.gate_up_proj", "experts.down_proj"]``; see
+            :mod:`.experts`). With ``target_modules=[]`` only these are adapted.
     """
 
     PEFT_TYPE: ClassVar[str] = "LORA"
@@ -48,6 +51,7 @@ class LoraConfig(TargetedConfig):
     init_lora_weights: bool | str = True
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

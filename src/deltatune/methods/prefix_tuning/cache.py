@@ -99,6 +99,7 @@ def probe_layout(model: nn.Module) -> KVLayout:
     try:
         with torch.no_grad():
             model(**inputs)
+            _probe_prefixed_call(model, inputs, kwarg, encoder_decoder)
     finally:
         for module, mode in modes:
             module.training = mode
@@ -110,6 +111,19 @@ def probe_layout(model: nn.Module) -> KVLayout:
         raise _cannot(model, f"its layers cache keys of different shapes {sorted(shapes)}")
     heads, head_dim = shapes.pop()
     return KVLayout(len(keys), heads, head_dim, kwarg, encoder_decoder)
+
+
+def _probe_prefixed_call(model: nn.Module, inputs: dict, kwarg: str, encoder_decoder: bool) -> None:
+    """Call the model as prefix tuning will: one cached position, a mask covering it and the new token."""
+    if "attention_mask" not in inputs or encoder_decoder:
+        return
+    token = inputs["input_ids"]
+    call = {"input_ids": token, kwarg: inputs[kwarg], "attention_mask": torch.ones(1, 2, dtype=torch.long, device=token.device)}
+    try:
+        model(**call)
+    except (AssertionError, RuntimeError, ValueError, IndexError) as err:
+        raise _cannot(model, f"its forward refuses an attention mask that covers cached positions "
+                             f"({type(err).__name__}: {str(err)[:120] or 'assertion failed'})") from err
 
 
 def build_cache(prefix: torch.Tensor, layout: KVLayout, batch: int, blocks: list[int]) -> Cache:
