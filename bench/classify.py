@@ -8,7 +8,7 @@ the same process, each from a freshly loaded model. The cost jobs (:mod:`bench.c
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,10 +28,15 @@ class Prepared:
     train: list[dict[str, Any]]
     test: list[dict[str, Any]]
     pad_id: int
+    evals: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # every split in ``eval_splits``
 
 
 def prepare(job: dict[str, Any]) -> Prepared:
-    """Tokenizer, encoded ``train`` (first ``n_train`` rows of the fixed split) and evaluation features."""
+    """Tokenizer, encoded ``train`` (first ``n_train`` rows of the fixed split) and evaluation features.
+
+    ``job["eval_splits"]`` (e.g. ``["validation", "test"]``) evaluates each trained model on several
+    splits; ``test`` is then the first of them. Otherwise ``job["eval_split"]`` (default ``"test"``).
+    """
     from transformers import AutoTokenizer
 
     from deltatune.bundled import bundled_model_path
@@ -46,18 +51,21 @@ def prepare(job: dict[str, Any]) -> Prepared:
         return encode_classification(rows, tokenizer, labels, max_length=job["max_length"])
 
     train_rows = load_builtin(job["task"], "train", max_examples=job["n_train"])
-    eval_rows = load_builtin(job["task"], job.get("eval_split", "test"))
-    return Prepared(path, labels, enc(train_rows), enc(eval_rows), int(tokenizer.pad_token_id))
+    splits = job.get("eval_splits") or [job.get("eval_split", "test")]
+    evals = {split: enc(load_builtin(job["task"], split)) for split in splits}
+    return Prepared(path, labels, enc(train_rows), evals[splits[0]], int(tokenizer.pad_token_id), evals)
 
 
-def load_model(prep: Prepared, method: str, lib: str, seed: int) -> tuple[nn.Module, dict[str, int]]:
-    """MiniLM with a fresh classifier head (seeded: identical for every method) and the method applied."""
+def load_model(prep: Prepared, method: str, lib: str, seed: int,
+               options: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, int]]:
+    """MiniLM with a fresh classifier head (seeded: identical for every method) and the method applied
+    (``options`` override fields of its config)."""
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(prep.path, num_labels=len(prep.labels))
     base_params = sum(p.numel() for p in model.parameters())
-    model = build(model, method, lib, "SEQ_CLS")
+    model = build(model, method, lib, "SEQ_CLS", options)
     trainable, total = trainable_counts(model)
     return model, {"trainable": trainable, "total": total, "base_params": base_params}
 
@@ -74,7 +82,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     prep = prepare(job)
     runs = []
     for seed in job["seeds"]:
-        model, counts = load_model(prep, job["method"], job["lib"], seed)
+        model, counts = load_model(prep, job["method"], job["lib"], seed, job.get("method_options"))
         batches = batches_for(prep, job, seed)
         stats = train(model, batches, lr=job.get("lr") or METHODS[job["method"]].lr, autocast=job.get("autocast"))
         runs.append({
@@ -84,6 +92,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
             "step_s": median_after_warmup(stats.step_times, 5),  # informational: these runs may share the CPU
             "accuracy": accuracy(model, prep.test, pad_id=prep.pad_id),
         })
+        if len(prep.evals) > 1:
+            runs[-1]["accuracies"] = {split: accuracy(model, f, pad_id=prep.pad_id) for split, f in prep.evals.items()}
         del model, batches
         gc.collect()
     return {"n_train": len(prep.train), "n_test": len(prep.test), "runs": runs}

@@ -30,7 +30,7 @@ so by default for ``task_type="SEQ_CLS"``). The rates were picked on TREC's vali
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -153,8 +153,12 @@ def head_modules(model: nn.Module) -> list[nn.Module]:
     return heads
 
 
-def build(model: nn.Module, name: str, lib: str, task_type: str) -> nn.Module:
-    """Apply method ``name`` of library ``lib`` to ``model``; trainable parameters have requires_grad."""
+def build(model: nn.Module, name: str, lib: str, task_type: str, options: dict[str, Any] | None = None) -> nn.Module:
+    """Apply method ``name`` of library ``lib`` to ``model``; trainable parameters have requires_grad.
+
+    ``options`` override fields of the method's config (``{"r": 16, "target_modules": "all-linear"}``),
+    the same way for both libraries (used by the recipe search, :mod:`bench.recipe`).
+    """
     method = METHODS[name]
     if method.kind == "full":
         for p in model.parameters():
@@ -169,9 +173,9 @@ def build(model: nn.Module, name: str, lib: str, task_type: str) -> nn.Module:
         return model
     if lib == "deltatune":
         assert method.dt is not None
-        return _dt().get_delta_model(model, method.dt(task_type))
+        return _dt().get_delta_model(model, replace(method.dt(task_type), **(options or {})))
     assert method.hf is not None
-    return _hf().get_peft_model(model, method.hf(task_type))
+    return _hf().get_peft_model(model, replace(method.hf(task_type), **(options or {})))
 
 
 def trainable_counts(model: nn.Module) -> tuple[int, int]:

@@ -29,9 +29,12 @@ def test_demo_trains_minilm_and_compares_with_baselines(tmp_path: Path, capsys: 
     assert "trainable parameters:" in printed and "adapter size:" in printed
     summary = json.loads((out / "summary.json").read_text())
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert config["r"] == 8 and sorted(config["target_modules"]) == ["query", "value"]
+    assert config["r"] == 16 and config["lora_alpha"] == 32  # the default recipe (LoraConfig.recommended)
     assert config["modules_to_save"] == ["classifier"]
-    assert summary["trainable_params"] == 2 * 6 * 8 * (384 + 384) + (384 * 6 + 6)  # q,v LoRA in 6 layers + head
+    # LoRA r=16 on every linear layer: per layer q, k, v, attention output (384 -> 384), intermediate
+    # (384 -> 1536), output (1536 -> 384); the pooler (384 -> 384); plus the 6-class head.
+    per_layer = 4 * 16 * (384 + 384) + 2 * 16 * (384 + 1536)
+    assert summary["trainable_params"] == 6 * per_layer + 16 * (384 + 384) + (384 * 6 + 6)
     assert f"{summary['final']['test']['accuracy']:8.3f}" in printed
     for name in ("report.md", "loss.png", "metric.png"):
         assert (out / name).is_file()

@@ -203,8 +203,9 @@ def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="fine-tune MiniLM with LoRA on TREC and compare with baselines (a few minutes)",
                        formatter_class=fmt, epilog=EPILOG,
-                       description="Fine-tunes the bundled MiniLM with LoRA r=8 on query/value plus the classifier "
-                       "head on 2,000 TREC questions for 2 epochs, then prints test accuracy next to the "
+                       description="Fine-tunes the bundled MiniLM with the default LoRA recipe (every linear "
+                       "layer, r=16; see 'deltatune train --list-methods') plus the classifier head on 2,000 TREC "
+                       "questions for 2 epochs, then prints test accuracy next to the "
                        "majority-class baseline and the untrained model. No arguments needed.")
     p.add_argument("--output-dir", default="runs/demo", help="where the adapter, plots and report go")
     p.add_argument("--max-train-examples", type=int, help="training questions (default: 2000)")
@@ -225,6 +226,10 @@ def _train(args: argparse.Namespace) -> int:
         for spec in all_methods():
             fields = [f.name for f in dataclasses.fields(spec.config_cls) if f.init]
             print(f"{spec.name:<16} {spec.kind:<6} options: {', '.join(fields)}")
+            recipe = getattr(spec.config_cls, "RECOMMENDED_OPTIONS", None)
+            if recipe is not None:  # what 'deltatune train' uses when given no --method-opt (and no --lr)
+                opts = " ".join(f"{k}={v}" for k, v in recipe.items())
+                print(f"{'':<23} default recipe: {opts}, lr={getattr(spec.config_cls, 'RECOMMENDED_LR', None)}")
         return 0
     cli = {k: v for k, v in vars(args).items() if k not in ("command", "config", "method_opt", "list_methods")}
     cli["method_options"] = dict(parse_method_opt(text) for text in args.method_opt)

@@ -21,6 +21,7 @@ from .data.sources import DataSpec
 from .extras import require_yaml
 from .fields import option
 
+DEFAULT_LR = 2e-3  # methods without a measured recipe, or with options the user chose
 TASKS = ("seq_cls", "instruct", "causal_lm", "seq2seq")
 SCHEDULES = ("linear", "cosine", "constant")
 PROMPT_FORMATS = ("auto", "chat", "plain")
@@ -58,7 +59,9 @@ class TrainOptions(DataSpec):
     max_steps: int | None = option(None, "stop after N optimizer steps (overrides --epochs)")
     batch_size: int = option(16, "rows per forward pass (per rank under torchrun)")
     grad_accum: int = option(1, "forward passes per optimizer step")
-    lr: float = option(2e-3, "peak learning rate (LoRA likes 5e-4..3e-3)")
+    lr: float | None = option(None,
+        "peak learning rate (default: the method's recommended rate when its recommended options are used "
+        f"(LoRA: see 'deltatune train --list-methods'), else {DEFAULT_LR})")
     schedule: str = option("linear", "learning-rate decay after warm-up: linear | cosine | constant")
     warmup_ratio: float = option(0.06, "share of steps with linear warm-up")
     warmup_steps: int | None = option(None, "warm-up steps (overrides --warmup-ratio)")
@@ -93,7 +96,27 @@ class TrainOptions(DataSpec):
         "under torchrun: seconds a rank waits for the others before the job fails with an error")
 
     def __post_init__(self) -> None:
+        self._apply_recipe()
         self.validate()
+
+    def _apply_recipe(self) -> None:
+        """Fill in the method's measured recipe (``RECOMMENDED_OPTIONS`` / ``RECOMMENDED_LR`` of its config
+        class, e.g. :meth:`deltatune.LoraConfig.recommended`) where the user chose nothing.
+
+        No method options given -> the recipe's options; then no ``lr`` given -> the recipe's rate. A rate
+        is only measured together with its options: with options of the user's own, the default rate is
+        :data:`DEFAULT_LR`. Methods without a recipe keep their config's defaults and :data:`DEFAULT_LR`.
+        """
+        names = [m.name for m in all_methods()]
+        if self.method not in names:
+            return  # validate() names the registered methods
+        cls = get_method(self.method).config_cls
+        recipe, recipe_lr = getattr(cls, "RECOMMENDED_OPTIONS", None), getattr(cls, "RECOMMENDED_LR", None)
+        use_recipe = recipe is not None and self.method_options == {}
+        if use_recipe:
+            self.method_options = dict(recipe)
+        if self.lr is None:
+            self.lr = recipe_lr if use_recipe and recipe_lr is not None else DEFAULT_LR
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad option and what is allowed."""

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import Any, ClassVar
+
+from torch import nn
 
 from ...config import TargetedConfig
 from ...errors import ConfigError
+from .recipe import RECOMMENDED_LR, RECOMMENDED_OPTIONS, task_type_of
 
 INIT_CHOICES = (True, False, "gaussian", "pissa")
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -39,6 +42,10 @@ class LoraConfig(TargetedConfig):
     """
 
     PEFT_TYPE: ClassVar[str] = "LORA"
+    #: Peak learning rate of :meth:`recommended`'s recipe (``deltatune train`` uses it by default).
+    RECOMMENDED_LR: ClassVar[float] = RECOMMENDED_LR
+    #: The fields :meth:`recommended` sets (``deltatune train`` uses them when given no method options).
+    RECOMMENDED_OPTIONS: ClassVar[dict[str, Any]] = RECOMMENDED_OPTIONS
     METADATA_FIELDS: ClassVar[frozenset[str]] = TargetedConfig.METADATA_FIELDS | {"megatron_core", "qalora_group_size"}
 
     r: int = 8
@@ -64,6 +71,22 @@ class LoraConfig(TargetedConfig):
             raise ConfigError(f"bias={self.bias!r} is not one of {BIAS_CHOICES}.")
         if self.init_lora_weights not in INIT_CHOICES:
             raise ConfigError(f"init_lora_weights={self.init_lora_weights!r} is not one of {INIT_CHOICES}.")
+
+    @classmethod
+    def recommended(cls, model: nn.Module | None = None, **overrides: Any) -> LoraConfig:
+        """deltatune's measured recipe (see :mod:`deltatune.methods.lora.recipe`), not peft's defaults.
+
+        LoRA on every linear layer (``"all-linear"``: the output head excluded), ``r=16``,
+        ``lora_alpha=32``, ``lora_dropout=0.1``; train it at :attr:`RECOMMENDED_LR`. ``task_type`` comes
+        from ``model``'s class (``...ForSequenceClassification`` -> ``"SEQ_CLS"``) unless given;
+        ``overrides`` replace any field::
+
+            config = dt.LoraConfig.recommended(model)
+            model = dt.get_delta_model(model, config)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=dt.LoraConfig.RECOMMENDED_LR)
+        """
+        values = {"task_type": task_type_of(model), **RECOMMENDED_OPTIONS, **overrides}
+        return cls(**values)
 
     def checkpoint_config(self) -> LoraConfig:
         """Saved PiSSA adapters read back as plain LoRA: their ``A``/``B`` are in the file, and the base
