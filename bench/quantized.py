@@ -108,8 +108,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from deltatune.bundled import bundled_model_path
-    from deltatune.train.data import load_builtin
-    from deltatune.train.encoding import encode_instruction
+    from deltatune.train.data.builtin import load_builtin
+    from deltatune.train.data.encoding import encode_instruction
 
     config = job["config"]
     tokenizer = AutoTokenizer.from_pretrained(bundled_model_path("smollm2"))

@@ -11,9 +11,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _quant_models import quantized_llama, tiny_llama  # noqa: E402
+from _quant_models import quantized_llama, tiny_llama
 
-from bench.quantized import report, weight_bytes  # noqa: E402
+from bench.quantized import report, weight_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -50,7 +50,7 @@ def test_recommended_wraps_every_linear_layer_but_the_head(make_model: Any) -> N
 
 def _options_from_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> TrainOptions:
     """The options ``deltatune train ARGS`` would train with (training itself is replaced by a recorder)."""
-    import deltatune.train.loop as loop
+    from deltatune.train import loop
 
     seen: list[TrainOptions] = []
     monkeypatch.setattr(loop, "train", lambda options: seen.append(options) or {})

@@ -44,8 +44,11 @@ def qrun(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_quantized_run_records_its_quantization_and_eval_reuses_it(qrun: dict, capsys: pytest.CaptureFixture) -> None:
-    config = json.loads((qrun["run"] / "adapter" / "adapter_config.json").read_text())
-    assert config["deltatune_base_model_fingerprint"]["quantization"] == "nf4"
+    from deltatune.checkpoint.state import read_fingerprint
+
+    folder = qrun["run"] / "adapter"
+    fingerprint = read_fingerprint(folder, json.loads((folder / "adapter_config.json").read_text()))
+    assert fingerprint["quantization"] == "nf4"
     capsys.readouterr()
     assert main(["eval", str(qrun["run"]), "--json"]) == 0  # loads the base as nf4 (fingerprint check passes)
     result = json.loads(capsys.readouterr().out)

@@ -50,15 +50,17 @@ def from_pretrained_quantized(cls: Any, path: str, kind: str, device: torch.devi
 
 def adapter_quantization(folder: str | Path) -> str | None:
     """The quantization the adapter in ``folder`` was trained on (from its saved fingerprint), if any."""
-    from ..fingerprint import FINGERPRINT_KEY
+    from ..checkpoint.state import read_fingerprint
+    from ..config import CONFIG_NAME
 
-    path = Path(folder) / "adapter_config.json"
+    path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         return None
     try:
-        kind = json.loads(path.read_text(encoding="utf-8")).get(FINGERPRINT_KEY, {}).get("quantization")
-    except (ValueError, AttributeError):
+        fingerprint = read_fingerprint(Path(folder), json.loads(path.read_text(encoding="utf-8")))
+    except ValueError:
         return None
+    kind = (fingerprint or {}).get("quantization")
     if kind is not None and kind not in KINDS:
         raise QuantizationError(f"The adapter in {folder} was trained on a base quantized as {kind!r}, which the CLI "
                                 f"cannot reproduce (it loads one of {', '.join(KINDS)}); load that base in Python.")
