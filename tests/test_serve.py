@@ -276,6 +276,10 @@ def test_a_failing_request_gets_500_and_the_others_finish(world: World, server: 
         with pytest.raises(openai.InternalServerError) as info:
             bad.result()
         assert "injected fault" in str(info.value)
+        with pytest.raises(openai.APIError, match="injected fault"):  # streamed: an error event ends the stream
+            for _ in client.completions.create(model="boom", prompt="Paris", max_tokens=50, temperature=0,
+                                               stream=True):
+                pass
         assert good.result().choices[0].text == world.reference("a1", world.completion_ids("Once upon a time"), 200)
     assert client.completions.create(model="a1", prompt="x", max_tokens=2, temperature=0).choices[0].text is not None
 
