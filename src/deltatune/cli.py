@@ -219,6 +219,7 @@ def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
 # -- running the commands ------------------------------------------------------------------------------
 def _train(args: argparse.Namespace) -> int:
     from .registry import all_methods
+    from .train.jobs import read_job_file
     from .train.loop import train
     from .train.options import build_options, parse_method_opt, read_yaml
 
@@ -233,6 +234,13 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     cli = {k: v for k, v in vars(args).items() if k not in ("command", "config", "method_opt", "list_methods")}
     cli["method_options"] = dict(parse_method_opt(text) for text in args.method_opt)
+    plan = read_job_file(args.config) if args.config else None
+    if plan is not None:  # a jobs: list: several adapters trained jointly on one base
+        from .train.jobs import make_jobs
+        from .train.multi_run import train_jobs
+
+        train_jobs(make_jobs(*plan, cli=cli))
+        return 0
     file_values = read_yaml(args.config) if args.config else {}
     train(build_options(file_values, cli))
     return 0
