@@ -77,7 +77,10 @@ def inject_layers(model: nn.Module, spec: MethodSpec, config: TargetedConfig, na
         spec.prepare_config(model, config)
     by_parameter = _parameter_targets(model, spec, config)
     if by_parameter and config.target_modules == []:  # HF peft's way of saying "parameters only"
-        return _wrap_parameters(model, spec, config, name, by_parameter)
+        wrapped = _wrap_parameters(model, spec, config, name, by_parameter)
+        if spec.finish_injection is not None:
+            spec.finish_injection(model, config, name)
+        return wrapped
     wanted = resolve_targets(model, spec, config)
     targets = find_targets(model, config, wanted, protected=protected)
     refused = _refusals(spec, config, targets)
@@ -110,7 +113,10 @@ def inject_layers(model: nn.Module, spec: MethodSpec, config: TargetedConfig, na
         )
     if not wrapped:
         raise TargetError(f"{spec.name}: none of the modules selected by target_modules={wanted!r} can be wrapped.")
-    return wrapped + _wrap_parameters(model, spec, config, name, by_parameter)
+    wrapped += _wrap_parameters(model, spec, config, name, by_parameter)
+    if spec.finish_injection is not None:
+        spec.finish_injection(model, config, name)
+    return wrapped
 
 
 def _parameter_targets(model: nn.Module, spec: MethodSpec, config: TargetedConfig) -> dict[str, list[str]]:

@@ -320,16 +320,23 @@ class DeltaModel(nn.Module):
         owners: dict[int, list[str]] = {}
         for path, param in self.base_model.named_parameters(remove_duplicate=False):
             owners.setdefault(id(param), []).append(path)
-        for path, wrapper in iter_wrappers(self.base_model):
+        wrappers = list(iter_wrappers(self.base_model))
+        for path, wrapper in wrappers:
             if not isinstance(wrapper, DeltaLayer) or not any(n in wrapper.adapter_names for n in names):
                 continue
+            if getattr(wrapper, "merges_through", None) is not None:
+                continue  # its weight is written by the wrapper it names, once
+            # modules that merge through this wrapper share its weight on purpose (a tied output head)
+            through = [p for p, w in wrappers if getattr(w, "merges_through", None) is wrapper]
             weight = getattr(wrapper.get_base_layer(), "weight", None)
-            sharing = [p for p in owners.get(id(weight), []) if not p.startswith(path + ".")]
+            sharing = [p for p in owners.get(id(weight), [])
+                       if not any(p.startswith(q + ".") for q in [path, *through])]
             if sharing:
                 raise MergeError(
                     f"The weight of {path} is shared with {sharing} (tied weights); merging would change "
                     f"{'them' if len(sharing) > 1 else 'it'} too. Keep the adapter unmerged, or untie the weights "
-                    "before adding the adapter (e.g. tie_word_embeddings=False)."
+                    "before adding the adapter (e.g. tie_word_embeddings=False); LoRA on a tied embedding can keep the tie "
+                    "with ensure_weight_tying=True."
                 )
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:

@@ -55,6 +55,9 @@ class MethodSpec:
         make_parameter_layer: ``make_parameter_layer(module, config, adapter_name, module_path, param_names)``
             wraps a module whose 3-D parameters the config's ``target_parameters`` names (mixture-of-experts
             weights; see :func:`~deltatune.targeting.find_parameter_targets`), or adds the adapter to its wrapper.
+        finish_injection: ``finish_injection(model, config, adapter_name)`` runs after the targets are wrapped
+            (LoRA wraps an output head tied to a wrapped input embedding). A wrapper whose weight another
+            wrapper's merge writes sets ``merges_through`` to that wrapper; the tie check then lets it merge.
         loraplus_markers: name fragments (``".lora_B."``) of the tensors that LoRA+ (arXiv 2402.12354)
             trains with ``lr * loraplus_lr_ratio``; empty when the method has no such tensors.
     """
@@ -75,6 +78,7 @@ class MethodSpec:
     make_step_hook: Callable[[DeltaConfig, nn.Module, str], Any] | None = None
     combine: Callable[[Any, Any], None] | None = None
     make_parameter_layer: Callable[[nn.Module, DeltaConfig, str, str, list[str]], DeltaLayer] | None = None
+    finish_injection: Callable[[nn.Module, DeltaConfig, str], None] | None = None
 
 
 _BY_NAME: dict[str, MethodSpec] = {}

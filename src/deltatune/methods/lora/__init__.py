@@ -20,6 +20,7 @@ from .combine import combine_lora
 from .config import LoraConfig
 from .experts import LoraExperts, make_lora_experts
 from .layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, can_wrap, make_lora_layer
+from .tied import TiedLoraHead, tie_output_head
 
 
 def default_targets(model: nn.Module, config: LoraConfig) -> str | None:
@@ -58,7 +59,8 @@ SPEC = register(
         loraplus_markers=(".lora_B.", ".lora_embedding_B."),
         combine=combine_lora,
         make_parameter_layer=make_lora_experts,
+        finish_injection=tie_output_head,
     )
 )
 
-__all__ = ["SPEC", "LoraConfig", "LoraConv", "LoraEmbedding", "LoraExperts", "LoraLayer", "LoraLinear"]
+__all__ = ["SPEC", "LoraConfig", "LoraConv", "LoraEmbedding", "LoraExperts", "LoraLayer", "LoraLinear", "TiedLoraHead"]

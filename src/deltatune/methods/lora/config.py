@@ -39,6 +39,9 @@ class LoraConfig(TargetedConfig):
         target_parameters: names (suffixes) of 3-D expert parameters to adapt, one low-rank update per
             expert (mixture-of-experts models, ``["experts.gate_up_proj", "experts.down_proj"]``; see
             :mod:`.experts`). With ``target_modules=[]`` only these are adapted.
+        ensure_weight_tying: LoRA on an input embedding tied to the output head acts on both sides of the
+            tie (HF peft's option; see :mod:`.tied`). Without it the head keeps the base embedding and
+            merging is refused.
     """
 
     PEFT_TYPE: ClassVar[str] = "LORA"
@@ -59,6 +62,7 @@ class LoraConfig(TargetedConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     target_parameters: list[str] | None = None
+    ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
