@@ -207,3 +207,36 @@ def test_smollm2_sft_then_auto_peft_model_and_gguf(tmp_path) -> None:
 
     names = {t.name for t in gguf.GGUFReader(tmp_path / "adapter.gguf").tensors}
     assert names == {f"blk.{i}.attn_{m}.weight.lora_{ab}" for i in (0, 1) for m in "qv" for ab in "ab"}
+
+
+def test_resuming_from_another_adapters_checkpoint_fails_before_training(base_dir, tmp_path) -> None:
+    """A checkpoint of another adapter (here rank 8 for a rank-4 model): a clear error naming the folder."""
+    trainer_for(delta_model(base_dir, r=8), base_dir, tmp_path / "r8", max_steps=2).train()
+    model = delta_model(base_dir)
+    before = adapter_tensors(model)
+    with pytest.raises(dt.CheckpointError, match=f"{tmp_path / 'r8' / 'checkpoint-2'} holds a different adapter"):
+        trainer_for(model, base_dir, tmp_path / "r4", max_steps=2).train(
+            resume_from_checkpoint=str(tmp_path / "r8" / "checkpoint-2"))
+    assert all(torch.equal(before[k], v) for k, v in adapter_tensors(model).items())  # nothing half-loaded
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "ia3"])
+def test_input_and_other_layer_methods_train_with_trainer_and_sft(base_dir, tmp_path, method) -> None:
+    trl = pytest.importorskip("trl")
+    config = {"prompt_tuning": dt.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+              "ia3": dt.IA3Config(task_type="CAUSAL_LM")}[method]
+    for which in ("trainer", "sft"):
+        torch.manual_seed(0)
+        model = dt.get_delta_model(tf.AutoModelForCausalLM.from_pretrained(base_dir), config)
+        start = adapter_tensors(model)
+        if which == "trainer":
+            trainer = trainer_for(model, base_dir, tmp_path / which, max_steps=2, save_strategy="no", learning_rate=1e-2)
+        else:
+            args = trl.SFTConfig(str(tmp_path / which), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                                 use_cpu=True, save_strategy="no", learning_rate=1e-2)
+            trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": TEXTS}),
+                                     processing_class=tf.AutoTokenizer.from_pretrained(base_dir))
+        trainer.train()
+        assert all(not torch.equal(start[k], v) for k, v in adapter_tensors(model).items())
+        trainer.save_model(str(tmp_path / f"{which}_final"))
+        assert {p.name for p in (tmp_path / f"{which}_final").iterdir()} == TRAINER_FILES

@@ -164,8 +164,9 @@ def refuse_checkpointing(model: nn.Module) -> None:
     if any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules()):
         raise ConfigError(
             "Prefix tuning keeps its prefixes in the key/value cache, which transformers drops while training "
-            "with gradient checkpointing. Call model.gradient_checkpointing_disable(), or use prompt tuning / "
-            "P-tuning, which work with checkpointing."
+            "with gradient checkpointing. Call model.gradient_checkpointing_disable() (with transformers' Trainer "
+            "or TRL, which turns it on by default: gradient_checkpointing=False in the training arguments), or use "
+            "prompt tuning / P-tuning, which work with checkpointing."
         )
 
 
