@@ -64,6 +64,22 @@ class TrainStats:
     seconds: float = 0.0
 
 
+def _step_hooks(model: nn.Module, total_steps: int) -> tuple[list[Any], Any]:
+    """Per-step work of methods that act around the optimizer step (AdaLoRA's rank budget), in either
+    library: deltatune's step hooks, and HF peft's ``update_and_allocate`` (its ``total_step`` set here)."""
+    import deltatune
+
+    if isinstance(model, deltatune.DeltaModel):
+        from deltatune.step_hooks import step_hooks
+
+        return step_hooks(model, total_steps), None
+    allocate = getattr(getattr(model, "base_model", None), "update_and_allocate", None)
+    if allocate is not None:
+        for config in model.peft_config.values():
+            config.total_step = total_steps
+    return [], allocate
+
+
 class Trainer:
     """One optimiser over ``model``'s trainable parameters; :meth:`step` does one timed update."""
 
@@ -79,6 +95,8 @@ class Trainer:
             return (step + 1) / warmup if step < warmup else max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.done = 0
+        self.hooks, self.allocate = _step_hooks(model, total_steps)
 
     def step(self, batch: Batch) -> tuple[float, float]:
         """Forward, backward, clip, optimiser step, zero grad; returns (loss, seconds)."""
@@ -86,8 +104,15 @@ class Trainer:
         with torch.autocast("cpu", dtype=self.autocast) if self.autocast else contextlib.nullcontext():
             loss = self.model(**batch).loss
         loss.backward()
+        for hook in self.hooks:
+            hook.before_optimizer_step()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
+        self.done += 1
+        for hook in self.hooks:
+            hook.after_optimizer_step(self.done)
+        if self.allocate is not None:
+            self.allocate(self.done)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach()), time.perf_counter() - t0

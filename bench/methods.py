@@ -20,7 +20,17 @@ parallel   parallel adapter beside the FFN, scaling 4, reduction 16 (arXiv 2110.
 prefix     20 key/value prefixes per layer (Li & Liang, arXiv 2101.00190)           3e-2
 prompt     20 virtual tokens (Lester et al., arXiv 2104.08691)                       1e-1
 ptuning    20 virtual tokens through an MLP encoder, hidden 128 (arXiv 2103.10385)   3e-2
+bitfit     every bias of the encoder (Ben Zaken et al., arXiv 2106.10199)            5e-3 *
+lntuning   every LayerNorm's scale and shift (Zhao et al., arXiv 2312.11420)         5e-3 *
+loha       r=8, alpha=16 on query/value (Hyeon-Woo et al., arXiv 2108.06098)         3e-3 *
+lokr       r=8, alpha=16 on query/value (Yeh et al., arXiv 2212.10650)               3e-3 *
+vera       r=256 shared projections, query/value (Kopiczko et al., 2310.11454)      1e-2 *
+oft        block size 32 on query/value (Qiu et al., arXiv 2306.07280)               3e-3 *
+adalora    init_r=12 -> target_r=8, alpha 16, query/value, deltaT 10 (2303.10512)   3e-3 *
 =========  ======================================================================  ==========
+
+``*``: not swept yet; each rate was set by analogy with the swept ones (LoRA-like factor methods at
+LoRA's rate, vector-only methods at IA3's scale) and is shared by both libraries.
 
 For sequence classification every PEFT method also trains the classifier head (both libraries do
 so by default for ``task_type="SEQ_CLS"``). The rates were picked on TREC's validation split with
@@ -82,6 +92,19 @@ def _lora_targets(task_type: str) -> list[str]:
     return LLAMA_QV if task_type == "CAUSAL_LM" else QV
 
 
+def _adalora(lib: Callable[[], Any]) -> Callable[[str], Any]:
+    """AdaLoRA with its budget schedule over the whole run (the harness sets ``total_step`` to the run's
+    length before training; peft needs a value at construction, so 1 stands in until then)."""
+    return lambda t: lib().AdaLoraConfig(task_type=t, init_r=12, target_r=8, lora_alpha=16, target_modules=QV,
+                                         tinit=0, tfinal=0, deltaT=10, total_step=1 if lib is _hf else None)
+
+
+def _both(name: str, label: str, lr: float, cls: str, **options: Any) -> MethodDef:
+    """A method both libraries have under the same config class name and options."""
+    return MethodDef(name, label, lr, dt=lambda t: getattr(_dt(), cls)(task_type=t, **options),
+                     hf=lambda t: getattr(_hf(), cls)(task_type=t, **options))
+
+
 def _bottleneck(variant: str, scaling: float = 1.0) -> Callable[[str], Any]:
     return lambda t: _dt().BottleneckConfig(task_type=t, variant=variant, reduction_factor=16, scaling=scaling)
 
@@ -124,6 +147,13 @@ METHODS: dict[str, MethodDef] = {
             dt=lambda t: _dt().PTuningConfig(task_type=t, num_virtual_tokens=20, encoder_hidden_size=128),
             hf=lambda t: _hf().PromptEncoderConfig(task_type=t, num_virtual_tokens=20, encoder_hidden_size=128),
         ),
+        MethodDef("bitfit", "BitFit (all biases)", 5e-3, dt=lambda t: _dt().BitFitConfig(task_type=t)),
+        _both("lntuning", "LayerNorm tuning", 5e-3, "LNTuningConfig", target_modules=["LayerNorm"]),
+        _both("loha", "LoHa r=8 (q,v)", 3e-3, "LoHaConfig", r=8, alpha=16, target_modules=QV),
+        _both("lokr", "LoKr r=8 (q,v)", 3e-3, "LoKrConfig", r=8, alpha=16, target_modules=QV),
+        _both("vera", "VeRA r=256 (q,v)", 1e-2, "VeraConfig", r=256, target_modules=QV),
+        _both("oft", "OFT block 32 (q,v)", 3e-3, "OFTConfig", oft_block_size=32, target_modules=QV),
+        MethodDef("adalora", "AdaLoRA 12->8 (q,v)", 3e-3, dt=_adalora(_dt), hf=_adalora(_hf)),
     )
 }
 

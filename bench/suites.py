@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 
 ALL_METHODS = ["full", "head", "lora", "dora", "ia3", "houlsby", "pfeiffer", "parallel", "prefix", "prompt", "ptuning"]
 PEFT_SHARED = ["lora", "dora", "ia3", "prefix", "prompt", "ptuning"]
+#: Methods of issue 16, run by the ``methods`` suites beside full fine-tuning and LoRA (not yet in ``full``).
+NEW_METHODS = ["bitfit", "lntuning", "loha", "lokr", "vera", "oft", "adalora"]
+NEW_PEFT_SHARED = ["lntuning", "loha", "lokr", "vera", "oft", "adalora"]
 
 
 @dataclass(frozen=True)
@@ -69,4 +72,12 @@ SUITES: dict[str, Suite] = {
         lowdata_min_steps=10, forget_steps=4, forget_n_eval=8, infer_rounds=3, infer_reps=1,
     ),
     "full": Suite(name="full", tasks=["trec", "rt", "bbc"], seeds=[0, 1, 2], n_train=2000, epochs=2),
+    "methods-quick": Suite(
+        name="methods-quick", tasks=["trec"], seeds=[0], n_train=400, epochs=1, methods=["full", "lora", *NEW_METHODS],
+        peft_methods=list(NEW_PEFT_SHARED), memory_steps=6, timing_warmup=2, timing_rounds=3, timing_per_round=2,
+        lowdata_sizes=[50], lowdata_methods=["full", "lora"], lowdata_seeds=[0], lowdata_min_steps=10, forget_steps=4,
+        forget_n_eval=8, infer_rounds=3, infer_reps=1,
+    ),
+    "methods": Suite(name="methods", tasks=["trec", "rt", "bbc"], seeds=[0, 1, 2], n_train=2000, epochs=2,
+                     methods=["full", "lora", *NEW_METHODS], peft_methods=list(NEW_PEFT_SHARED)),
 }
