@@ -240,3 +240,25 @@ def test_bias_options_train_and_save_biases(bias, make_model, train, tmp_path, o
     expected = output_of(model, inputs)
     loaded = dt.DeltaModel.from_pretrained(make_model("mlp"), tmp_path)
     torch.testing.assert_close(output_of(loaded, inputs), expected, atol=1e-6, rtol=0)
+
+
+def test_olora_matches_peft_and_keeps_the_output() -> None:
+    """OLoRA (arXiv 2406.01775): A = R_r, B = Q_r of W = Q R, base replaced by W - s B A; the same tensors as
+    HF peft's ``init_lora_weights="olora"``, and an orthonormal B."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(6)
+    linear = nn.Linear(10, 8)
+    r, alpha = 3, 6
+    model, ref = wrap(linear, r=r, lora_alpha=alpha, init_lora_weights="olora")
+    a, b = ab(model)
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=0)  # unchanged at init
+    torch.testing.assert_close(b.T @ b, torch.eye(r), atol=1e-5, rtol=0)
+    q, upper = torch.linalg.qr(ref.weight.detach())
+    torch.testing.assert_close(a, upper[:r], atol=1e-5, rtol=0)
+    torch.testing.assert_close(b, q[:, :r], atol=1e-5, rtol=0)
+    theirs = peft.get_peft_model(nn.Sequential(copy.deepcopy(ref)), peft.LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=["0"], init_lora_weights="olora"))
+    layer = theirs.base_model.model[0]
+    torch.testing.assert_close(layer.lora_A["default"].weight, a, atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer.base_layer.weight, model.base_model.layer.base_layer.weight, atol=1e-6, rtol=0)

@@ -11,7 +11,9 @@ from ...config import TargetedConfig
 from ...errors import ConfigError
 from .recipe import RECOMMENDED_LR, RECOMMENDED_OPTIONS, task_type_of
 
-INIT_CHOICES = (True, False, "gaussian", "pissa")
+INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
+#: Initialisations that move the top of ``W`` into ``A``/``B`` and leave the residual as the base weight.
+REWRITES_BASE = ("pissa", "olora")
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 
@@ -31,7 +33,9 @@ class LoraConfig(TargetedConfig):
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski, arXiv 2312.03732).
         use_dora: weight-decomposed LoRA (Liu et al., arXiv 2402.09353), linear layers only.
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero: starts as the base model),
-            ``"gaussian"`` (A ~ N(0, 1/r), B zero), ``"pissa"`` (A, B from the top-r singular vectors of W,
+            ``"gaussian"`` (A ~ N(0, 1/r), B zero), ``"olora"`` (A = R_r, B = Q_r from the QR ``W = Q R``,
+            W replaced by ``W - s B A``; Buyukakyuz, arXiv 2406.01775), ``"pissa"`` (A, B from the top-r
+            singular vectors of W,
             W replaced by the residual; Meng et al., arXiv 2404.02948) or ``False`` (A and B both random,
             for tests: the adapter changes the output from the start).
         rank_pattern / alpha_pattern: ``{regex: value}`` overriding ``r`` / ``lora_alpha`` for modules
@@ -93,7 +97,7 @@ class LoraConfig(TargetedConfig):
         return cls(**values)
 
     def checkpoint_config(self) -> LoraConfig:
-        """Saved PiSSA adapters read back as plain LoRA: their ``A``/``B`` are in the file, and the base
+        """Saved PiSSA / OLoRA adapters read back as plain LoRA: their ``A``/``B`` are in the file, and the base
         they fit is the residual one, so a load must neither redo the SVD nor change the base again
         (HF peft's own advice is to save PiSSA adapters with ``init_lora_weights=True``)."""
-        return replace(self, init_lora_weights=True) if self.init_lora_weights == "pissa" else self
+        return replace(self, init_lora_weights=True) if self.init_lora_weights in REWRITES_BASE else self

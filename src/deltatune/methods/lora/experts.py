@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from ...errors import ConfigError
 from ...layer import DeltaLayer
-from .config import LoraConfig
+from .config import REWRITES_BASE, LoraConfig
 
 
 def expert_dims(module: nn.Module, param: str) -> tuple[int, int, int]:
@@ -49,10 +49,10 @@ class LoraExperts(DeltaLayer):
         self.scaling: dict[str, float] = {}
 
     def add(self, name: str, config: LoraConfig, path: str = "") -> None:
-        if config.lora_dropout or config.use_dora or config.bias != "none" or config.init_lora_weights == "pissa":
+        if config.lora_dropout or config.use_dora or config.bias != "none" or config.init_lora_weights in REWRITES_BASE:
             raise ConfigError(
                 "target_parameters (LoRA on 3-D expert weights) supports neither lora_dropout, use_dora, bias nor "
-                "PiSSA init (as in HF peft); set lora_dropout=0, use_dora=False, bias='none'."
+                "PiSSA/OLoRA init (as in HF peft); set lora_dropout=0, use_dora=False, bias='none'."
             )
         base = self.get_base_layer()
         a_dict, b_dict = nn.ModuleDict(), nn.ModuleDict()

@@ -7,6 +7,9 @@
   replaced by the residual ``W - s B A`` (Meng et al., arXiv 2404.02948): the model starts equal to
   the base, while the adapter holds the principal components. The saved adapter then only fits
   the residual base, which the fingerprint check enforces.
+* ``"olora"``: with the thin QR ``W = Q R``, ``A = R_r`` (first ``r`` rows), ``B = Q_r`` (first ``r``
+  columns) and ``W`` replaced by ``W - s B A`` (Buyukakyuz, arXiv 2406.01775): orthonormal ``B``, the
+  model starts equal to the base; like PiSSA the saved adapter fits the residual base.
 * ``False``: ``A`` and ``B`` both random (non-zero start; for tests of merging and saving).
 """
 
@@ -22,8 +25,8 @@ from ...errors import ConfigError
 
 def init_lora(a: torch.Tensor, b: torch.Tensor, mode: bool | str, r: int) -> None:
     """Initialise a linear or convolution LoRA pair in place: ``a`` is ``A`` ``(r, in, ...)``, ``b`` is ``B``."""
-    if mode == "pissa":
-        raise ConfigError("init_lora_weights='pissa' supports linear layers only; use init_pissa for those.")
+    if mode in ("pissa", "olora"):
+        raise ConfigError(f"init_lora_weights={mode!r} supports linear layers only; use init_{mode} for those.")
     with torch.no_grad():
         if mode == "gaussian":
             nn.init.normal_(a, std=1 / r)
@@ -37,8 +40,8 @@ def init_lora(a: torch.Tensor, b: torch.Tensor, mode: bool | str, r: int) -> Non
 
 def init_lora_embedding(a: torch.Tensor, b: torch.Tensor, mode: bool | str) -> None:
     """Initialise an embedding LoRA pair in place: ``a`` is ``(r, vocab)``, ``b`` is ``(dim, r)``."""
-    if mode == "pissa":
-        raise ConfigError("init_lora_weights='pissa' supports linear layers only, not embeddings.")
+    if mode in ("pissa", "olora"):
+        raise ConfigError(f"init_lora_weights={mode!r} supports linear layers only, not embeddings.")
     with torch.no_grad():
         nn.init.normal_(b)
         if mode is False:
@@ -57,4 +60,16 @@ def init_pissa(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, scaling: 
         root = (sv[:r] / scaling).sqrt()
         a.copy_(root[:, None] * vh[:r])  # (r, in)
         b.copy_(u[:, :r] * root[None, :])  # (out, r)
+        return weight - scaling * b @ a
+
+
+def init_olora(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, scaling: float) -> torch.Tensor:
+    """OLoRA: fill ``a`` ``(r, in)`` with the first ``r`` rows of ``R`` and ``b`` ``(out, r)`` with the first ``r``
+    columns of ``Q`` (thin QR ``weight = Q R``, ``weight``: ``(out, in)``); return the residual ``weight - s B A``."""
+    r = a.shape[0]
+    with torch.no_grad():
+        weight = weight.float()
+        q, upper = torch.linalg.qr(weight)  # (out, k), (k, in), k = min(out, in)
+        a.copy_(upper[:r])
+        b.copy_(q[:, :r])
         return weight - scaling * b @ a

@@ -21,9 +21,9 @@ from ...model_interface import is_linear_like, linear_dims
 from ...targeting import pattern_value, unwrapped
 from ...weights import quantization, read_weight
 from .batched import LoraStack, routed_lora, stack_lora
-from .config import LoraConfig
+from .config import REWRITES_BASE, LoraConfig
 from .dora import DoraMixin
-from .init import init_lora, init_lora_embedding, init_pissa
+from .init import init_lora, init_lora_embedding, init_olora, init_pissa
 
 
 class LoraLayer(DeltaLayer):
@@ -78,8 +78,9 @@ class LoraLinear(DoraMixin, LoraLayer):
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=torch.float32)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=torch.float32)
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        if config.init_lora_weights == "pissa":
-            residual = init_pissa(a, b, self.base_weight(), self.scaling[name])  # (out, in)
+        if config.init_lora_weights in REWRITES_BASE:
+            init = init_pissa if config.init_lora_weights == "pissa" else init_olora
+            residual = init(a, b, self.base_weight(), self.scaling[name])  # (out, in)
             weight.data.copy_((residual.T if self.fan_in_fan_out else residual).to(weight.dtype))
         else:
             init_lora(a, b, config.init_lora_weights, r)
@@ -211,11 +212,12 @@ def can_wrap(module: nn.Module, config: LoraConfig, path: str) -> str | None:
         return f"{kind} is not supported (LoRA wraps nn.Linear, Conv1D, nn.Embedding, nn.Conv1d/2d with groups=1)"
     if cls is not LoraLinear and config.use_dora:
         return f"use_dora supports linear layers only, this is an {kind}; exclude it or drop use_dora"
-    if cls is not LoraLinear and config.init_lora_weights == "pissa":
-        return f"init_lora_weights='pissa' supports linear layers only, this is an {kind}"
+    init = config.init_lora_weights
+    if cls is not LoraLinear and init in REWRITES_BASE:
+        return f"init_lora_weights={init!r} supports linear layers only, this is an {kind}"
     quantized = quantization(unwrapped(module))
-    if quantized and config.init_lora_weights == "pissa":
-        return (f"init_lora_weights='pissa' rewrites the base weight, which is quantized ({quantized}) here; "
+    if quantized and init in REWRITES_BASE:
+        return (f"init_lora_weights={init!r} rewrites the base weight, which is quantized ({quantized}) here; "
                 "initialise on the float model, or use the default initialisation")
     return None
 
