@@ -136,9 +136,32 @@ def test_not_mergeable(make_model) -> None:
     assert layers_of(model)  # nothing was unloaded
 
 
-def test_parallel_on_bart_explains_and_accepts_explicit_targets(make_model, output_of) -> None:
-    with pytest.raises(dt.TargetError, match="computes its feed-forward block inline"):
-        dt.get_delta_model(make_model("bart"), dt.BottleneckConfig(variant="parallel"))
+def test_parallel_beside_an_inline_feed_forward(make_model, output_of, tmp_path) -> None:
+    """BART computes fc2(act(fc1(x))) inline: the default parallel adapter wraps fc2 and reads fc1's input x.
+    Reference: the plain base model with torch hooks adding a(x) (formula written here) to every fc2 output."""
+    inputs = make_model.inputs("bart")
+    model = dt.get_delta_model(make_model("bart"), dt.BottleneckConfig(variant="parallel", scaling=2.0,
+                                                                       init_weights=False))
+    layers = layers_of(model)
+    assert sorted(layers) == sorted(f"model.{side}.layers.{i}.fc2" for side in ("encoder", "decoder") for i in (0, 1))
+    assert model.peft_config["default"].parallel_inputs["model.encoder.layers.0.fc2"] == "model.encoder.layers.0.fc1"
+    reference = make_model("bart")
+    handles, seen = [], {}
+    for path, layer in layers.items():
+        fc1, fc2 = reference.get_submodule(path[:-1] + "1"), reference.get_submodule(path)
+        handles.append(fc1.register_forward_pre_hook(lambda m, a, p=path: seen.__setitem__(p, a[0])))
+        handles.append(fc2.register_forward_hook(
+            lambda m, a, out, p=path, lay=layer: out + _adapter(lay, seen[p], F.relu, 2.0)))
+    expected = output_of(reference, inputs)
+    for handle in handles:
+        handle.remove()
+    out = output_of(model, inputs)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert not torch.allclose(out, output_of(make_model("bart"), inputs), atol=1e-4)
+    model.save_pretrained(tmp_path)
+    loaded = dt.DeltaModel.from_pretrained(make_model("bart"), tmp_path)
+    assert torch.allclose(output_of(loaded, inputs), out, atol=1e-6)
+    # explicit targets keep their meaning: beside fc2, reading fc2's own input
     model = dt.get_delta_model(make_model("bart"), dt.BottleneckConfig(variant="parallel", target_modules=["fc2"],
                                                                        init_weights=False))
     layer = layers_of(model)["model.encoder.layers.0.fc2"]

@@ -72,8 +72,6 @@ NO_EMBEDDINGS = (dt.ConfigError, "has no get_input_embeddings",
                  "a plain nn.Module has no token embeddings for virtual tokens to be prepended to")
 NO_KV_CACHE = (dt.TargetError, "takes no key/value cache",
                "the model's forward takes no key/value cache (past_key_values), so there is no place for prefixes")
-NO_FFN_BLOCK = ("BART has no feed-forward block module (fc1 -> act -> fc2 run inline in the layer's forward), so "
-                "there is nothing to sit beside without copying transformers code; explicit target_modules (e.g. ['fc2']) work")
 NO_BIAS = (dt.TargetError, "has no bias", "Llama and T5 use bias=False in every linear and norm layer: BitFit has nothing to train")
 NO_NORM = (dt.TargetError, "has no normalisation layer", "the plain MLP has no normalisation layer to tune")
 ROWS: dict[str, Row] = {
@@ -87,9 +85,7 @@ ROWS: dict[str, Row] = {
                                                                 target_modules=_mlp(k, ["fc2"]), task_type=t)),
     "bottleneck-parallel": Row(
         "bottleneck",
-        lambda c, k, t: c(variant="parallel", bottleneck_size=4, scaling=4.0, target_modules=_mlp(k, ["fc2"]), task_type=t),
-        cannot={"bart": (dt.TargetError, "computes its feed-forward block inline", NO_FFN_BLOCK)},
-    ),
+        lambda c, k, t: c(variant="parallel", bottleneck_size=4, scaling=4.0, target_modules=_mlp(k, ["fc2"]), task_type=t)),
     "bitfit": Row("bitfit", lambda c, k, t: c(target_modules=_mlp(k, ["fc1", "fc2"]), task_type=t),
                   cannot={"llama_lm": NO_BIAS, "t5": NO_BIAS}),
     "ln_tuning": Row("ln_tuning", lambda c, k, t: c(task_type=t), cannot={"mlp": NO_NORM}),

@@ -28,9 +28,6 @@ import deltatune as dt
 FULL_ZOO_ROWS = ("lora", "bottleneck-parallel", "prefix_tuning", "prompt_tuning")
 SUBSET = ("llama", "gpt2", "gpt_neox", "mixtral", "bert", "distilbert", "t5", "bart")
 
-INLINE_FFN = (dt.TargetError, "computes its feed-forward block inline",
-              ("the feed-forward runs inline in the layer's forward (fc1 -> act -> fc2): no module to sit beside; "
-               "explicit target_modules (the down projection) work"))
 NO_CACHE = (dt.TargetError, "takes no key/value cache|do not read the key/value cache",
             "the attention takes no key/value cache, so there is no place for prefixes")
 NO_BIAS = (dt.TargetError, "has no bias", "every linear and norm layer is bias-free: BitFit has nothing to train")
@@ -41,8 +38,6 @@ NO_PREFIXED_MASK = (dt.TargetError, "refuses an attention mask that covers cache
 UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str, str]] = {
     ("prefix_tuning", "flaubert"): NO_PREFIXED_MASK,
     **{("bitfit", f): NO_BIAS for f in ("llama", "mixtral", "t5")},
-    **{("bottleneck-parallel", f): INLINE_FFN
-       for f in ("opt", "biogpt", "xglm", "bart", "mbart", "pegasus", "blenderbot", "marian", "m2m_100", "plbart")},
     **{("prefix_tuning", f): NO_CACHE
        for f in ("albert", "deberta", "deberta-v2", "distilbert", "mpnet", "nomic_bert", "megatron-bert", "openai-gpt")},
 }

@@ -7,9 +7,11 @@ Trains ``W_down``, ``W_up`` and their biases (``adapter_down``, ``adapter_up``);
 frozen. ``W_up`` starts at zero, so the wrapped model starts exactly equal to the base. Placement
 comes from :mod:`deltatune.model_interface` (roles): Houlsby wraps the attention output projection
 (``o``) and the feed-forward output (``ffn_out``: the down projection, or a mixture-of-experts block as
-a whole) of every layer, Pfeiffer only the latter, parallel sits beside the feed-forward block (``ffn_block``). Adapters are inserted by
-wrapping those modules; no transformers forward code is copied. Where an architecture has no
-module for the placement (BART has no feed-forward block module), a clear error says so.
+a whole) of every layer, Pfeiffer only the latter, parallel sits beside the feed-forward block
+(``ffn_block``; where the layer computes it inline, BART-style, the adapter wraps the down projection
+and reads the up projection's input, see :mod:`.inline`). Adapters are inserted by wrapping those
+modules; no transformers forward code is copied. Where an architecture has no module for the
+placement, a clear error says so.
 
 Not mergeable: the non-linearity keeps the adapter out of any weight matrix, so ``merge_adapter``
 raises :class:`~deltatune.errors.MergeError`. HF peft has no bottleneck adapters; deltatune saves
@@ -23,9 +25,10 @@ from __future__ import annotations
 from torch import nn
 
 from ...errors import TargetError
-from ...model_interface import missing_role_reason, model_type, role_regex
+from ...model_interface import missing_role_reason, model_type, paths_regex, role_paths, role_regex
 from ...registry import MethodSpec, register
 from .config import BottleneckConfig
+from .inline import connect_inputs, inline_sites
 from .layer import BottleneckLayer, can_wrap, make_bottleneck_layer
 
 #: Roles of :mod:`deltatune.model_interface` each variant wraps by default.
@@ -38,9 +41,20 @@ def default_targets(model: nn.Module, config: BottleneckConfig) -> str | None:
 
 
 def prepare_config(model: nn.Module, config: BottleneckConfig) -> None:
-    """Resolve the default placement (saved with the adapter); explain architectures that lack it."""
+    """Resolve the default placement (saved with the adapter); explain architectures that lack it.
+
+    Parallel adapters beside a feed-forward block computed inline wrap its down projection and read
+    the up projection's input (:mod:`.inline`; the pairs go to ``parallel_inputs``).
+    """
     if config.target_modules is not None:
         return
+    if config.variant == "parallel":
+        inline = inline_sites(model)
+        blocks = role_paths(model, "ffn_block")
+        if inline or blocks:
+            config.parallel_inputs = inline or None
+            config.target_modules = paths_regex([*blocks, *inline], [p for p, _ in model.named_modules()])
+            return
     for role in VARIANT_ROLES[config.variant]:
         reason = missing_role_reason(model, role)
         if reason:
@@ -63,6 +77,7 @@ SPEC = register(
         mergeable=False,
         prepare_config=prepare_config,
         can_wrap=can_wrap,
+        finish_injection=connect_inputs,
     )
 )
 

@@ -37,6 +37,10 @@ class BottleneckConfig(TargetedConfig):
         target_modules: ``None`` places the adapters where the variant says, from the architecture
             table. Given explicitly, ``"houlsby"`` / ``"pfeiffer"`` put an adapter after each target,
             ``"parallel"`` beside each target (reading the target's input).
+        parallel_inputs: ``{down projection path: up projection path}`` for parallel adapters beside a
+            feed-forward block computed inline in its layer (BART's ``fc1 -> act -> fc2``): the adapter wraps
+            the down projection and reads the up projection's input, ``fc2(..) + a(x)``. Filled from the
+            model's structure when ``target_modules`` is left ``None``; saved with the adapter.
     """
 
     PEFT_TYPE: ClassVar[str] = "BOTTLENECK"
@@ -48,6 +52,7 @@ class BottleneckConfig(TargetedConfig):
     scaling: float = 1.0
     adapter_dropout: float = 0.0
     init_weights: bool = True
+    parallel_inputs: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

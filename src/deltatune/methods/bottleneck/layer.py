@@ -93,10 +93,16 @@ class BottleneckLayer(DeltaLayer):
         self.residual_arg = residual_input_arg(self.get_base_layer())
         # a mixture-of-experts block may return (hidden, router scores): the adapter acts on the hidden states
         self.experts_block = any(p.dim() == 3 for p in self.get_base_layer().parameters())
+        # beside an inline feed-forward: the block input, handed over by a hook on the up projection (.inline)
+        self.reads_block_input = False
+        self.block_input: torch.Tensor | None = None
 
     def add(self, name: str, config: BottleneckConfig, path: str = "") -> None:
         parallel = config.variant == "parallel"
         dims = adapter_dims(self.base_layer, parallel)
+        if parallel and path in (config.parallel_inputs or {}):  # reads the block input, adds to its output
+            width = linear_dims(self.get_base_layer())[1]  # type: ignore[index]
+            dims, self.reads_block_input = (width, width), True
         if dims is None:
             raise TargetError(f"bottleneck: cannot tell the feature size of {path} ({type(self.get_base_layer()).__name__}).")
         d_in, d_out = dims
@@ -193,7 +199,12 @@ class BottleneckLayer(DeltaLayer):
                       kwargs: dict[str, Any]) -> tuple[tuple, Any]:
         """Call the wrapped module with the parallel adapters' output ``extra_of(x)`` added beside it."""
         k = self.residual_arg if self.residual_arg is not None else 0
-        if len(args) > k:
+        if self.reads_block_input:
+            x, self.block_input = self.block_input, None
+            if x is None:
+                raise TargetError("bottleneck: the feed-forward block's up projection was not called before its "
+                                  f"down projection ({type(self.get_base_layer()).__name__}); cannot read the block input.")
+        elif len(args) > k:
             x = args[k]
         elif k == 0 and kwargs:
             x = next(iter(kwargs.values()))
