@@ -111,6 +111,8 @@ def test_job_file_and_bad_jobs(assets: dict, tmp_path: Path) -> None:
         make_jobs(base, [{"name": "a", "gradient_checkpointing": True}])
     with pytest.raises(ConfigError, match="Unknown option"):
         make_jobs(base, [{"name": "a", "method_options": {"rank": 3}}])
+    with pytest.raises(ConfigError, match="step hook"):  # AdaLoRA's rank budget runs in solo runs only
+        make_jobs(base, [{"name": "a", "method": "adalora"}])
 
 
 def test_cli_jobs_file_and_resume_after_interruption(assets: dict, tmp_path: Path, monkeypatch) -> None:

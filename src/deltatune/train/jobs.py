@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..registry import get_method
 from .options import TrainOptions, build_options
 
 #: options every job must share (the one loaded base model and how it runs)
@@ -109,6 +110,9 @@ def check_jobs(jobs: list[Job]) -> None:
                          ("compile", "not supported for joint runs yet"), ("fsdp", "not supported for joint runs yet")):
             if getattr(job.options, key):
                 raise ConfigError(f"Job {job.name!r}: {key} cannot be used in a joint run ({why}); drop it.")
+        if get_method(job.options.method).make_step_hook is not None:
+            raise ConfigError(f"Job {job.name!r}: {job.options.method} changes the adapter around every optimizer step "
+                              "(a step hook the joint loop does not run yet); train it as a solo run.")
         if job.options.method_options.get("bias", "none") != "none":
             raise ConfigError(f"Job {job.name!r}: bias={job.options.method_options['bias']!r} trains the base model's "
                               "biases, which every job shares; use bias='none' in a joint run.")
