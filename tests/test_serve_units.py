@@ -48,14 +48,16 @@ def test_batch_rows_joining_and_leaving_equal_each_sequence_alone(make_model: An
     gen = torch.Generator().manual_seed(1)
     batch, names, seqs = BatchCache(), [], []
 
-    def join(name: str, length: int) -> None:
-        prompt = torch.randint(1, 100, (length,), generator=gen).tolist()
-        ids = torch.tensor([prompt])
-        logits, tensors = forward_rows(model, [name], {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [])
-        torch.testing.assert_close(logits[0], _alone(model, name, prompt), atol=1e-4, rtol=1e-4)
-        batch.join(tensors, length)
-        names.append(name)
-        seqs.append(prompt + [int(logits[0].argmax())])
+    def join(*newcomers: tuple[str, int]) -> None:
+        """Prefill the newcomers in one left-padded forward (one row per adapter name) and add them."""
+        prompts = [torch.randint(1, 100, (length,), generator=gen).tolist() for _, length in newcomers]
+        inputs = BatchCache.prefill_inputs(prompts)
+        logits, tensors = forward_rows(model, [name for name, _ in newcomers], inputs, [])
+        for row, ((name, _), prompt) in enumerate(zip(newcomers, prompts)):
+            torch.testing.assert_close(logits[row], _alone(model, name, prompt), atol=1e-4, rtol=1e-4)
+            names.append(name)
+            seqs.append(prompt + [int(logits[row].argmax())])
+        batch.join(tensors, inputs["attention_mask"])
 
     def step() -> None:
         logits, tensors = forward_rows(model, names, batch.step_inputs([s[-1] for s in seqs]), batch.tensors)
@@ -64,14 +66,12 @@ def test_batch_rows_joining_and_leaving_equal_each_sequence_alone(make_model: An
             torch.testing.assert_close(logits[row], _alone(model, names[row], seq), atol=1e-4, rtol=1e-4)
             seq.append(int(logits[row].argmax()))
 
-    for name, length in (("a", 5), (BASE, 3), ("b", 7)):
-        join(name, length)
+    join(("a", 5), (BASE, 3), ("b", 7))
     step()
     step()
     batch.keep([0, 2])  # the base sequence leaves
     del names[1], seqs[1]
-    join("b", 11)  # a longer newcomer: the batch is padded to its width
-    join("a", 2)
+    join(("b", 11), ("a", 2))  # a longer newcomer: the batch is padded to its width
     step()
     batch.keep([1, 2, 3])  # the oldest leaves: its leading columns go
     del names[0], seqs[0]

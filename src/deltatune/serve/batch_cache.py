@@ -6,8 +6,8 @@ on the left padding, and ``positions`` ``(B,)`` is each sequence's own next posi
 Keys are stored after the rotary embedding, so padding never shifts a sequence's positions: with the
 mask, one forward of the batch computes for each row what a forward of that row alone computes.
 
-Sequences join between steps (their prefill cache is padded to the batch's width, or the batch to
-theirs) and leave between steps (their rows are dropped, then columns that are padding in every row).
+Sequences join between steps (the newcomers are prefilled together, left-padded to the longest
+prompt; then their rows or the batch's are padded to the common width) and leave between steps (their rows are dropped, then columns that are padding in every row).
 """
 
 from __future__ import annotations
@@ -51,22 +51,19 @@ class BatchCache:
     def rows(self) -> int:
         return self.mask.shape[0]
 
-    def join(self, tensors: Sequence[tuple[torch.Tensor, torch.Tensor]], length: int, copies: int = 1) -> None:
-        """Append ``copies`` rows of one prefilled sequence of ``length`` tokens (its tensors ``(1, H, length, D)``)."""
-        width = max(self.mask.shape[1], length)
-        new_mask = torch.ones(copies, length, dtype=torch.long)
+    def join(self, tensors: Sequence[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        """Append rows prefilled together: ``tensors`` ``(R, H, W, D)`` per layer, left-padded as ``mask`` ``(R, W)``."""
+        width = max(self.mask.shape[1], mask.shape[1])
         if not self.tensors:
-            self.tensors = [(k.expand(copies, -1, -1, -1).clone(), v.expand(copies, -1, -1, -1).clone())
-                            for k, v in tensors]
-            self.mask, self.positions = new_mask, torch.full((copies,), length, dtype=torch.long)
-            return
-        self.tensors = [
-            (torch.cat([_left_pad(k, width), _left_pad(nk, width).expand(copies, -1, -1, -1)]),
-             torch.cat([_left_pad(v, width), _left_pad(nv, width).expand(copies, -1, -1, -1)]))
-            for (k, v), (nk, nv) in zip(self.tensors, tensors)
-        ]
-        self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(new_mask, (width - length, 0))])
-        self.positions = torch.cat([self.positions, torch.full((copies,), length, dtype=torch.long)])
+            self.tensors = list(tensors)
+            self.mask = mask.clone()
+        else:
+            self.tensors = [(torch.cat([_left_pad(k, width), _left_pad(nk, width)]),
+                             torch.cat([_left_pad(v, width), _left_pad(nv, width)]))
+                            for (k, v), (nk, nv) in zip(self.tensors, tensors)]
+            self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)),
+                                   F.pad(mask, (width - mask.shape[1], 0))])
+        self.positions = torch.cat([self.positions, mask.sum(-1)])
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (in that order); drop the columns that are then padding in every row."""
@@ -82,6 +79,17 @@ class BatchCache:
         self.positions = self.positions.index_select(0, index)
         self.tensors = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
                         for k, v in self.tensors]
+
+    @staticmethod
+    def prefill_inputs(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+        """Model inputs of one forward over several prompts: left-padded, each at its own positions 0..len-1."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (R, W)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+            mask[row, width - len(prompt):] = 1
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
 
     def step_inputs(self, last_tokens: Sequence[int]) -> dict[str, torch.Tensor]:
         """Model inputs for one decoding step: each row's last token at its own position."""

@@ -1,14 +1,14 @@
 """Continuous batching: one decoding loop in a thread serves every request, across adapters.
 
-Each loop turn (1) admits waiting jobs while slots are free: a job's prompt is prefilled alone (one
-forward with its adapter), its ``n`` choices pick their first tokens and join the batch, sharing the
-prompt's cache rows; (2) runs ONE forward for all running sequences, each row with its own adapter,
+Each loop turn (1) admits waiting jobs while slots are free: their prompts are prefilled in one
+forward (left-padded, each row with its job's adapter), each job's ``n`` choices pick their first
+tokens and join the batch with copies of the prompt's cache row; (2) runs ONE forward for all running sequences, each row with its own adapter,
 its own cache row and position (:mod:`.batch_cache`, :mod:`.mixed_forward`); (3) lets sequences that
 finished (end-of-sequence token, a stop string, ``max_tokens``) or whose client went away leave at
 once, freeing their slots for the next turn.
 
-Faults stay with their request: a prefill that raises fails its job only; a batched step that raises
-is retried row by row, so only the rows that raise alone fail (their jobs get an error event) and
+Faults stay with their request: a prefill or a decoding step that raises is retried job by job (row
+by row), so only the rows that raise alone fail (their jobs get an error event) and
 every other sequence goes on. The HTTP layer sees a job only through the events it ``emit``s.
 """
 
@@ -141,32 +141,39 @@ class Engine:
                     job = self.waiting.popleft()
                     free -= job.n
                     admitted.append(job)
-            for job in admitted:
-                self._prefill(job)
+            self._prefill(admitted)
             self._drop_cancelled()
             if self.seqs:
                 self._decode_step()
 
-    def _prefill(self, job: Job) -> None:
-        if job.cancelled.is_set():
+    def _prefill(self, jobs: list[Job]) -> None:
+        """One forward over the newcomers' prompts (each with its adapter); their choices join the batch."""
+        jobs = [job for job in jobs if not job.cancelled.is_set()]
+        if not jobs:
             return
-        ids = torch.tensor([job.prompt_ids], dtype=torch.long)  # (1, T)
+        inputs = BatchCache.prefill_inputs([job.prompt_ids for job in jobs])
         try:
             with self.registry.lock:
-                logits, tensors = forward_rows(self.registry.model, [job.adapter],
-                                               {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [])
-        except Exception as exc:  # noqa: BLE001 (the request fails, the server goes on)
-            self._fail(job, exc)
+                logits, tensors = forward_rows(self.registry.model, [job.adapter for job in jobs], inputs, [])
+        except Exception as exc:  # noqa: BLE001 (find the jobs that fail alone; the others go on)
+            if len(jobs) == 1:
+                self._fail(jobs[0], exc)
+            else:
+                for job in jobs:
+                    self._prefill([job])
             return
-        joined = []
-        for choice in range(job.n):
-            seq = _Sequence(job, choice, make_generator(job.params, choice),
-                            TextTracker(self.tokenizer, job.params.stop))
-            if self._take_token(seq, logits[0]):
-                joined.append(seq)
-        if joined and not job.cancelled.is_set():
-            self.batch.join(tensors, len(job.prompt_ids), copies=len(joined))
-            self.seqs.extend(joined)
+        rows: list[int] = []
+        for row, job in enumerate(jobs):
+            for choice in range(job.n):
+                seq = _Sequence(job, choice, make_generator(job.params, choice),
+                                TextTracker(self.tokenizer, job.params.stop))
+                if self._take_token(seq, logits[row]):
+                    rows.append(row)
+                    self.seqs.append(seq)
+        if rows:
+            index = torch.tensor(rows)  # a job's prompt row once per running choice
+            self.batch.join([(k.index_select(0, index), v.index_select(0, index)) for k, v in tensors],
+                            inputs["attention_mask"].index_select(0, index))
 
     def _decode_step(self) -> None:
         names = [s.job.adapter for s in self.seqs]
