@@ -144,8 +144,8 @@ def report(results: dict[str, dict[str, Any]], settings: dict[str, Any]) -> str:
     ref = results.get("float32", {})
     lines = ["# Quantized bases: LoRA on SmolLM2-135M-Instruct, ChatterBot", "",
              f"Settings: {json.dumps(settings)}", "",
-             "| config | weight MB | vs fp32 | peak train MB | vs fp32 | step s | vs fp32 | test ppl | vs fp32 "
-             "| merge max / mean logit error |", "|---|---|---|---|---|---|---|---|---|---|"]
+             ("| config | weight MB | vs fp32 | peak train MB | vs fp32 | step s | vs fp32 | test ppl | vs fp32 "
+              "| merge max / mean logit error |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for config in CONFIGS:
         r = results.get(config)
         if r is None:
@@ -160,9 +160,10 @@ def report(results: dict[str, dict[str, Any]], settings: dict[str, Any]) -> str:
             f"| {r['merge_max']:.3g} / {r['merge_mean']:.3g} |")
     ours, theirs = results.get("nf4", {}), results.get("peft-nf4", {})
     if ours.get("ok") and theirs.get("ok"):
-        lines += ["", f"deltatune/peft (nf4): step time {_ratio(ours['step_s'], theirs['step_s'])}, peak training "
-                  f"memory {_ratio(ours['peak_mb'], theirs['peak_mb'])}, test perplexity "
-                  f"{_ratio(ours['test_ppl'], theirs['test_ppl'])}"]
+        summary = (f"deltatune/peft (nf4): step time {_ratio(ours['step_s'], theirs['step_s'])}, peak training "
+                   f"memory {_ratio(ours['peak_mb'], theirs['peak_mb'])}, test perplexity "
+                   f"{_ratio(ours['test_ppl'], theirs['test_ppl'])}")
+        lines += ["", summary]
     return "\n".join(lines) + "\n"
 
 

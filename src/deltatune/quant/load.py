@@ -44,8 +44,8 @@ def from_pretrained_quantized(cls: Any, path: str, kind: str, device: torch.devi
     """``cls.from_pretrained(path, ...)`` with ``kind`` quantization, on ``device``."""
     config = quantization_config(kind)
     device = torch.device(device)
-    return cls.from_pretrained(path, quantization_config=config, dtype=torch.float32,
-                               device_map={"": device.index if device.type == "cuda" else device.type}, **kwargs)
+    return cls.from_pretrained(path, quantization_config=config, dtype=torch.float32, device_map={"": str(device)},
+                               **kwargs)
 
 
 def adapter_quantization(folder: str | Path) -> str | None:
