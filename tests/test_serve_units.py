@@ -47,6 +47,8 @@ def test_batch_rows_joining_and_leaving_equal_each_sequence_alone(make_model: An
     model = _two_adapter_model(make_model)
     gen = torch.Generator().manual_seed(1)
     batch, names, seqs = BatchCache(), [], []
+    calls: list[int] = []
+    model.base_model.register_forward_hook(lambda *_: calls.append(1))
 
     def join(*newcomers: tuple[str, int]) -> None:
         """Prefill the newcomers in one left-padded forward (one row per adapter name) and add them."""
@@ -60,7 +62,9 @@ def test_batch_rows_joining_and_leaving_equal_each_sequence_alone(make_model: An
         batch.join(tensors, inputs["attention_mask"])
 
     def step() -> None:
+        calls.clear()
         logits, tensors = forward_rows(model, names, batch.step_inputs([s[-1] for s in seqs]), batch.tensors)
+        assert len(calls) == 1  # one forward of the causal LM for every row, whatever the adapter mix
         batch.advance(tensors)
         for row, seq in enumerate(seqs):
             torch.testing.assert_close(logits[row], _alone(model, names[row], seq), atol=1e-4, rtol=1e-4)
