@@ -121,3 +121,19 @@ def test_cli_names_the_adapter_whose_recorded_base_is_missing(base_dir, tmp_path
     assert main(["generate", str(tmp_path / "adapter"), "--prompt", "the cat"]) == 2
     err = capsys.readouterr().err
     assert f"The adapter in {tmp_path / 'adapter'} was trained on '{tmp_path / 'gone'}'" in err and "--model" in err
+
+
+def test_delta_model_is_what_trainer_and_trl_recognise_as_a_peft_model(base_dir) -> None:
+    import copy
+
+    from accelerate.utils import is_peft_model
+    from transformers.trainer_utils import _is_peft_model, unwrap_peft_model
+
+    torch.manual_seed(0)
+    hf = tf.AutoModelForCausalLM.from_pretrained(base_dir)
+    model = dt.get_delta_model(hf, dt.LoraConfig(**LORA))
+    assert _is_peft_model(model) and is_peft_model(model) and isinstance(model, dt.DeltaModel)
+    assert type(model).__name__ == "DeltaModel" and unwrap_peft_model(model) is hf is model.get_base_model()
+    assert model.peft_config["default"].r == 4 and model.active_adapters == ["default"]  # deltatune's own attributes
+    twin = copy.deepcopy(model)
+    assert isinstance(twin, peft.PeftModel) and twin.get_base_model() is not hf
