@@ -1,6 +1,7 @@
-"""Glue between deltatune and the tools people already use: transformers' ``Trainer``, TRL, HF peft
+"""Glue between deltatune and the tools people already use: transformers' ``Trainer``, TRL and HF peft
 (:mod:`.peft_identity`), adapter model cards (:mod:`.model_card`) and llama.cpp (:mod:`.gguf_lora`).
 
-The core imports only :mod:`.peft_identity` (which needs nothing beyond peft, and only when peft is
-installed); the GGUF writer is loaded by the ``export`` command alone.
+``model.py`` imports :mod:`.peft_identity` (which imports peft, when installed, only when a DeltaModel
+is built) and :mod:`.model_card`; nothing here imports transformers' Trainer or TRL, and the GGUF writer
+(the ``gguf`` package) is loaded by the ``export`` command alone.
 """
