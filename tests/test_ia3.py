@@ -38,10 +38,12 @@ def set_vectors(model: nn.Module, zero_one: bool = False) -> None:
     """Deterministic vectors != 1 (a ramp 0.5 .. 1.5 per layer); ``zero_one`` puts one exact zero in each."""
     with torch.no_grad():
         for layer in ia3_layers(model).values():
-            for vec in layer.ia3_l.values():
+            for name, vec in layer.ia3_l.items():
                 vec.copy_(torch.linspace(0.5, 1.5, vec.numel()).view(vec.shape))
                 if zero_one:
                     vec.view(-1)[1] = 0.0
+                if name in layer.fixed_rows:  # the query rows of a fused q/k/v projection act as 1 (test_ia3_fused.py)
+                    vec[layer.fixed_rows[name]] = 1.0
 
 
 def hand_rescaled(base: nn.Module, model: dt.DeltaModel) -> nn.Module:

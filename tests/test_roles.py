@@ -115,3 +115,13 @@ def test_model_without_attention_gets_an_error_naming_what_was_found() -> None:
         dt.get_delta_model(model, dt.LoraConfig(r=2))
     message = str(info.value)
     assert "found 0 attention module(s)" in message and "in_proj" in message and "register_architecture" in message
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_roles_see_through_adapter_wrappers(family: str) -> None:
+    """A second adapter of another method gets the same defaults as the first: wrappers are looked through."""
+    model = zoo_model(family)
+    before = {role: mi.role_paths(model, role) for role in mi.ROLES}
+    delta = dt.get_delta_model(model, dt.LoraConfig(r=2, target_modules="all-linear"))
+    after = {role: mi.role_paths(delta.base_model, role) for role in mi.ROLES}
+    assert after == before

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .modules import is_linear_like, is_norm_layer, linear_dims, original_modules, residual_input_arg
+from .modules import is_linear_like, is_norm_layer, linear_dims, original_modules, residual_input_arg, unwrapped
 from .vocabulary import CROSS, FUSED_QKV, GATE_NAMES, GATE_PARTNER, GATE_PARTS, KEY, OUTPUT, QUERY, VALUE
 
 
@@ -117,10 +117,10 @@ def _projection(path: str, module: nn.Module, names: frozenset[str] | tuple[str,
         name = kids.get(wanted)
         if name is None:
             continue
-        child = getattr(module, name)
+        child = unwrapped(getattr(module, name))
         if is_linear_like(child):
             return f"{path}.{name}" if path else name
-        inner = [(n, c) for n, c in child.named_children() if is_linear_like(c)]
+        inner = [(n, c) for n, c in child.named_children() if is_linear_like(unwrapped(c))]
         if len(inner) == 1 and len(list(child.children())) == 1:
             return f"{path}.{name}.{inner[0][0]}" if path else f"{name}.{inner[0][0]}"
     return None

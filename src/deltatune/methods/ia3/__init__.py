@@ -9,8 +9,9 @@ output rows (input columns for feed-forward modules); unmerging divides again.
 
 Default targets (``IA3Config()``): the key and value projections and the feed-forward output
 projection of the architecture, the latter treated as feed-forward (its input, the feed-forward
-activation, is rescaled). GPT-2 fuses q, k, v in ``c_attn``, so there the whole fused output is
-rescaled, as in HF peft. Saved in HF peft's format (``peft_type: IA3``, tensors ``...ia3_l``).
+activation, is rescaled). Where q, k, v are fused in one projection (GPT-2's ``c_attn``), only its
+key and value rows are rescaled: the query rows of the vector stay 1 (HF peft rescales the whole fused
+output; its files, whose query rows are not 1, are read with that meaning). Saved in HF peft's format (``peft_type: IA3``, tensors ``...ia3_l``).
 Wraps ``nn.Linear``, transformers' ``Conv1D`` and ungrouped ``nn.Conv1d/2d/3d``.
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...model_interface import role_regex
+from ...model_interface import fused_qkv_rows, role_paths, role_regex
 from ...registry import MethodSpec, register
 from .combine import combine_ia3
 from .config import IA3Config
@@ -42,6 +43,9 @@ def prepare_config(model: nn.Module, config: IA3Config) -> None:
     """
     if config.target_modules is None:
         config.target_modules = default_targets(model, config)
+        # a fused query/key/value projection: only its key and value rows are rescaled (not saved: the
+        # file holds 1 in the query rows, which is what they act as, so either library reads it alike)
+        config.fixed_rows = {path: fused_qkv_rows(model, path)["q"] for path in role_paths(model, "qkv")}
     if config.feedforward_modules is None:
         config.feedforward_modules = role_regex(model, FEEDFORWARD_ROLES) or []
 

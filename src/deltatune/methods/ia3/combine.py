@@ -50,7 +50,7 @@ def combine_ia3(model: object, request: CombineRequest) -> None:
             new.fill_(1.0)
             for adapter, weight in zip(request.adapters, request.weights):
                 if adapter in layer.ia3_l:
-                    new.add_(weight * (layer.ia3_l[adapter].detach().float() - 1.0))
+                    new.add_(weight * (layer.vector(adapter).detach().float() - 1.0))
 
 
 __all__ = ["combine_ia3"]

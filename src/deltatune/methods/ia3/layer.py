@@ -69,6 +69,8 @@ class IA3Layer(DeltaLayer):
             self.in_features, self.out_features = linear_dims(base)
         self.ia3_l = nn.ParameterDict()
         self.feedforward: dict[str, bool] = {}
+        #: per adapter, output rows held at 1 (the query rows of a fused query/key/value projection)
+        self.fixed_rows: dict[str, torch.Tensor] = {}
         self._stash: dict[str, WeightSnapshot] = {}
 
     def add(self, name: str, config: IA3Config, path: str = "") -> None:
@@ -82,18 +84,45 @@ class IA3Layer(DeltaLayer):
         init = torch.ones if config.init_ia3_weights else torch.randn
         self.ia3_l[name] = nn.Parameter(init(shape, device=weight.device, dtype=torch.float32))
         self.feedforward[name] = ff
+        rows = getattr(config, "fixed_rows", {}).get(path)
+        if rows is not None and not ff and not self.is_conv:
+            mask = torch.zeros(n, dtype=torch.bool, device=weight.device)
+            mask[rows] = True
+            self.fixed_rows[name] = mask.view(shape)
         self.set_active(self.active_adapters)
+
+    def vector(self, name: str) -> torch.Tensor:
+        """Adapter ``name``'s vector as it acts: ``ia3_l`` with its fixed rows at 1 (no gradient reaches them)."""
+        mask = self.fixed_rows.get(name)
+        vec = self.ia3_l[name]
+        return vec if mask is None else vec.masked_fill(mask, 1.0)
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """HF peft's ``ia3_l``, with fixed rows written as the 1 they act as."""
+        state = super().adapter_state(name)
+        if name in self.fixed_rows:
+            state["ia3_l"] = self.vector(name).detach()
+        return state
+
+    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """A file whose fixed rows are not all 1 (HF peft scales the whole fused output) scales them all."""
+        mask = self.fixed_rows.get(name)
+        if mask is not None and not bool((state["ia3_l"].to(mask.device)[mask] == 1).all()):
+            del self.fixed_rows[name]
+        with torch.no_grad():
+            self.ia3_l[name].copy_(state["ia3_l"].to(self.ia3_l[name].dtype))
 
     def delete(self, name: str) -> None:
         super().delete(name)
         self.feedforward.pop(name, None)
+        self.fixed_rows.pop(name, None)
 
     # -- forward ---------------------------------------------------------------------------------
     def _scale(self, names: list[str]) -> torch.Tensor | None:
         """Product of the vectors of ``names``, shaped to broadcast over activations: ``(C,)`` or ``(1, C, 1, ...)``."""
         scale = None
         for name in names:
-            vec = self.ia3_l[name] if self.is_conv else self.ia3_l[name].flatten()
+            vec = self.vector(name) if self.is_conv else self.vector(name).flatten()
             scale = vec if scale is None else scale * vec
         return scale
 
@@ -102,7 +131,7 @@ class IA3Layer(DeltaLayer):
         ``(K+1, in)`` and ``(K+1, out)``; an adapter of the other kind has ones in the stack it does not use."""
         ones_in = self.ia3_l[names[0]].new_ones(self.in_features)
         ones_out = self.ia3_l[names[0]].new_ones(self.out_features)
-        vec = {n: self.ia3_l[n].flatten() for n in names}
+        vec = {n: self.vector(n).flatten() for n in names}
         ins = [vec[n] if self.feedforward[n] else ones_in for n in names]
         outs = [ones_out if self.feedforward[n] else vec[n] for n in names]
         return torch.stack([*ins, ones_in]), torch.stack([*outs, ones_out])
@@ -144,7 +173,7 @@ class IA3Layer(DeltaLayer):
     # -- merging ---------------------------------------------------------------------------------
     def _weight_scale(self, name: str) -> torch.Tensor:
         """Adapter ``name``'s vector shaped to broadcast over the base weight."""
-        vec = self.ia3_l[name].detach().flatten().float()
+        vec = self.vector(name).detach().flatten().float()
         weight = self.get_base_layer().weight
         ff = self.feedforward[name]
         if self.is_conv:  # (out, in, *k)
