@@ -25,7 +25,14 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .modules import is_linear_like, is_norm_layer, linear_dims, original_modules, residual_input_arg, unwrapped
+from .modules import (
+    is_linear_like,
+    is_norm_layer,
+    linear_dims,
+    original_modules,
+    residual_input_arg,
+    unwrapped,
+)
 from .vocabulary import CROSS, FUSED_QKV, GATE_NAMES, GATE_PARTNER, GATE_PARTS, KEY, OUTPUT, QUERY, VALUE
 
 
