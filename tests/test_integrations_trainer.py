@@ -53,8 +53,10 @@ def trainer_for(model, base_dir: Path, out: Path, **args) -> tf.Trainer:
     tokenizer, data = tokenized(base_dir)
     settings = {"per_device_train_batch_size": 4, "report_to": [], "use_cpu": True, "max_steps": 4,
                 "save_steps": 2, "logging_steps": 1, "seed": 0} | args
+    evaluate = settings.get("eval_strategy", "no") != "no"
     return tf.Trainer(model=model, args=tf.TrainingArguments(str(out), **settings), train_dataset=data,
-                      data_collator=tf.DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer)
+                      eval_dataset=data if evaluate else None, processing_class=tokenizer,
+                      data_collator=tf.DataCollatorForLanguageModeling(tokenizer, mlm=False))
 
 
 def test_trainer_checkpoints_hold_the_adapter_and_resume(base_dir, tmp_path) -> None:
@@ -240,3 +242,20 @@ def test_input_and_other_layer_methods_train_with_trainer_and_sft(base_dir, tmp_
         assert all(not torch.equal(start[k], v) for k, v in adapter_tensors(model).items())
         trainer.save_model(str(tmp_path / f"{which}_final"))
         assert {p.name for p in (tmp_path / f"{which}_final").iterdir()} == TRAINER_FILES
+
+
+def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(base_dir, tmp_path) -> None:
+    model = delta_model(base_dir)
+    trainer = trainer_for(model, base_dir, tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2,
+                          load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,
+                          learning_rate=1e-2)  # "best" = highest loss: step 2, not the last step
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.name == "checkpoint-2"
+    last = safetensors.torch.load_file(tmp_path / "checkpoint-4" / "adapter_model.safetensors")
+    saved = safetensors.torch.load_file(best / "adapter_model.safetensors")
+    live = {k.replace(".default.", ".").replace("base_model.", "base_model.model.", 1): v
+            for k, v in adapter_tensors_all(model).items()}
+    assert saved.keys() == live.keys() and all(torch.equal(saved[k], live[k]) for k in saved)
+    assert not all(torch.equal(last[k], live[k]) for k in saved)  # the best, not the last, is loaded
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)  # still trainable
