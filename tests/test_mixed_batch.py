@@ -308,3 +308,19 @@ def test_prefix_tuning_with_different_lengths(make_model: Any, kind: str) -> Non
                     model.set_adapter(name)
                     ref = model.generate(input_ids=ids[i : i + 1], **gen)
                 assert torch.equal(mixed[i, : ref.shape[1]], ref[0]), name
+
+
+def test_cached_stacks_follow_weight_changes_and_new_adapters(make_model: Any) -> None:
+    """Under no_grad the stacks are cached; an in-place update (optimizer step, load) or a new adapter rebuilds them."""
+    model = build(make_model, "llama_lm", {"a": lora(2, 4), "b": lora(4, 4)})
+    inputs = make_model.inputs("llama_lm", batch=3)
+    names = ["a", "b", BASE]
+    assert_mixed_equals_solo(model, inputs, names)
+    with torch.no_grad():
+        for p in model.adapter_parameters("b"):
+            p.mul_(-2.0)
+    assert_mixed_equals_solo(model, inputs, names)
+    model.add_adapter("c", lora(3, 2))
+    assert_mixed_equals_solo(model, inputs, ["c", "b", "a"])
+    model.delete_adapter("a")
+    assert_mixed_equals_solo(model, inputs, ["c", "b", BASE])

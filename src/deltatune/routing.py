@@ -39,7 +39,7 @@ class Routing:
     names: tuple[str, ...]
     index: torch.Tensor  # (B,)
     uniform: str | None = None  # the one name every example uses (BASE included); None when the batch mixes
-    _slots: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    _slots: dict[tuple[object, ...], torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_names(cls, adapter_names: Sequence[str], known: Sequence[str]) -> Routing:
@@ -82,15 +82,18 @@ class Routing:
 
     def slots(self, stack: Sequence[str], n: int, device: torch.device) -> torch.Tensor:
         """For each of ``n`` rows, the position of its adapter in ``stack``; ``len(stack)`` where ``stack``
-        lacks it (the base model, or an adapter that does not touch this layer): ``(n,)`` long."""
-        key = tuple(stack)
-        lookup = self._slots.get(key)
-        if lookup is None:
+        lacks it (the base model, or an adapter that does not touch this layer): ``(n,)`` long.
+
+        Cached per call for each ``(stack, n, device)``: layers holding the same adapters share one index."""
+        key = (tuple(stack), n, str(device))
+        found = self._slots.get(key)
+        if found is None:
             where = {name: i for i, name in enumerate(stack)}
             # one entry per routing slot, then the base (-1 indexes the last entry)
             lookup = torch.tensor([where.get(name, len(stack)) for name in self.names] + [len(stack)])
-            self._slots[key] = lookup
-        return lookup.to(device)[self.rows(n, device)]
+            found = lookup[self.rows(n)].to(device)
+            self._slots[key] = found
+        return found
 
 
 _CURRENT: ContextVar[Routing | None] = ContextVar("deltatune_routing", default=None)
