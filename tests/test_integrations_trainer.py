@@ -96,17 +96,22 @@ def test_gradient_checkpointing_and_accumulation_match_plain_steps(base_dir, tmp
         trainer_for(model, base_dir, tmp_path / str(checkpointing), max_steps=2, save_strategy="no",
                     gradient_checkpointing=checkpointing, gradient_accumulation_steps=2,
                     per_device_train_batch_size=2).train()
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == checkpointing
         results.append(adapter_tensors(model))
     for key in results[0]:
         torch.testing.assert_close(results[1][key], results[0][key], atol=1e-6, rtol=0)
 
 
 def test_bf16_autocast_trains(base_dir, tmp_path) -> None:
+    fp32 = trainer_for(delta_model(base_dir), base_dir, tmp_path / "fp32", max_steps=1, save_strategy="no")
+    fp32.train()
     model = delta_model(base_dir)
     start = adapter_tensors(model)
     trainer = trainer_for(model, base_dir, tmp_path, max_steps=2, save_strategy="no", bf16=True)
     trainer.train()
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+    first, reference = trainer.state.log_history[0]["loss"], fp32.state.log_history[0]["loss"]
+    assert first != reference and abs(first - reference) < 0.05  # computed in bf16: close to fp32, not equal
     assert all(not torch.equal(start[k], v) for k, v in adapter_tensors(model).items())
     assert all(v.dtype == torch.float32 for v in adapter_tensors(model).values())  # autocast, fp32 master weights
 
@@ -142,6 +147,7 @@ def test_trl_sft_trainer_with_gradient_checkpointing(base_dir, tmp_path) -> None
                          gradient_checkpointing=True, gradient_accumulation_steps=2, save_strategy="no")
     trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": TEXTS * 2}),
                    processing_class=tf.AutoTokenizer.from_pretrained(base_dir)).train()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     assert all(not torch.equal(start[k], v) for k, v in adapter_tensors(model).items())
 
 
