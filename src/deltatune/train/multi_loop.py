@@ -16,6 +16,7 @@ Jobs of different lengths finish at their own step and are saved then, as a solo
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,13 @@ def mixed_logits(model: DeltaModel, task: str, batch: dict[str, torch.Tensor], n
     return model(**inputs, adapter_names=names).logits
 
 
+def _autocast(model: DeltaModel, bf16: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast when ``bf16`` is on, as in a solo run."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=next(model.parameters()).device.type, dtype=torch.bfloat16)
+
+
 def joint_step(model: DeltaModel, active: list[JobRun], step: int, pad_id: int) -> dict[str, dict[str, Any]]:
     """One optimizer step of every job in ``active``; returns each job's record."""
     task = active[0].run.task
@@ -154,14 +162,15 @@ def joint_step(model: DeltaModel, active: list[JobRun], step: int, pad_id: int) 
                 rows += [feats[name][i] for i in group[k]]
                 names += [name] * len(group[k])
         batch = collate(rows, pad_id)
-        logits = mixed_logits(model, task, batch, names)
-        joint = logits.new_zeros(())
-        for name, (a, b) in spans.items():
-            part = {key: value[a:b] for key, value in batch.items()}
-            loss, _ = loss_sum(task, logits[a:b], part)
-            joint = joint + loss / denom[name]
-            totals[name] += float(loss.detach())
-            tokens[name] += int(part["attention_mask"].sum())
+        with _autocast(model, active[0].job.options.bf16):
+            logits = mixed_logits(model, task, batch, names)
+            joint = logits.new_zeros((), dtype=torch.float32)
+            for name, (a, b) in spans.items():
+                part = {key: value[a:b] for key, value in batch.items()}
+                loss, _ = loss_sum(task, logits[a:b], part)
+                joint = joint + loss / denom[name]
+                totals[name] += float(loss.detach())
+                tokens[name] += int(part["attention_mask"].sum())
         joint.backward()
     records = {}
     for jr in active:
