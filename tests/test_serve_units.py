@@ -126,3 +126,50 @@ def test_serve_refuses_bad_options_before_loading_anything(tmp_path: Any, capsys
                         (["--max-batch", "0"], "--max-batch must be at least 1")):
         assert main(["serve", "--model", missing_model, *args]) == 2
         assert words in capsys.readouterr().err
+
+
+class _NumberTokenizer:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f" {i}" for i in ids)
+
+
+def test_engine_prefills_newcomers_in_chunks_and_each_answer_equals_generate(
+    make_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from deltatune.serve.adapters import AdapterRegistry
+    from deltatune.serve.engine import Engine, Event, Job
+
+    model = make_model("llama_lm")
+    chunks: list[int] = []
+    real = BatchCache.prefill_inputs
+    monkeypatch.setattr(BatchCache, "prefill_inputs",
+                        staticmethod(lambda prompts, pad_id=0: chunks.append(sum(map(len, prompts))) or real(prompts)))
+    engine = Engine(AdapterRegistry(model, "tiny"), _NumberTokenizer(), eos_ids=set(), max_batch=8,
+                    max_prefill_tokens=10)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, 100, (6,), generator=gen).tolist() for _ in range(4)]
+    texts, done = ["" for _ in prompts], threading.Semaphore(0)
+
+    def emitter(i: int) -> Any:
+        def emit(event: Event) -> None:
+            texts[i] += event.text
+            if event.kind != "text":
+                done.release()
+        return emit
+
+    jobs = [Job(BASE, p, SamplingParams(max_tokens=5), 1, emitter(i)) for i, p in enumerate(prompts)]
+    for job in jobs:  # queued before the loop starts: the first turn sees all four
+        engine.submit(job)
+    engine.start()
+    try:
+        for _ in jobs:
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    assert chunks == [6, 6, 6, 6]  # 12 > 10 tokens: one 6-token prompt per turn
+    for prompt, text in zip(prompts, texts):
+        ids = torch.tensor([prompt])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+        assert text == "".join(f" {i}" for i in out[0, 6:].tolist())

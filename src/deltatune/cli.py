@@ -105,6 +105,8 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
                    "KEY' on every route but /health (default: $DELTATUNE_API_KEY)")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429")
+    p.add_argument("--max-prefill-tokens", type=int, default=512, help="prompt tokens prefilled between two "
+                   "decoding steps (newcomers beyond it wait for the next step)")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt in tokens")
     p.add_argument("--max-n", type=int, default=8, help="largest n (choices per request)")

@@ -1,7 +1,8 @@
 """Continuous batching: one decoding loop in a thread serves every request, across adapters.
 
-Each loop turn (1) admits waiting jobs while slots are free: their prompts are prefilled in one
-forward (left-padded, each row with its job's adapter), each job's ``n`` choices pick their first
+Each loop turn (1) admits waiting jobs while slots are free and the turn's prompt-token budget lasts
+(so a crowd of newcomers is prefilled in chunks, with decoding steps for the running sequences in
+between): their prompts are prefilled in one forward (left-padded, each row with its job's adapter), each job's ``n`` choices pick their first
 tokens and join the batch with copies of the prompt's cache row; (2) runs ONE forward for all running sequences, each row with its own adapter,
 its own cache row and position (:mod:`.batch_cache`, :mod:`.mixed_forward`); (3) lets sequences that
 finished (end-of-sequence token, a stop string, ``max_tokens``) or whose client went away leave at
@@ -70,12 +71,13 @@ class Engine:
     """The decoding loop; ``submit`` and ``cancel`` are safe to call from any thread."""
 
     def __init__(self, registry: Any, tokenizer: Any, eos_ids: set[int], max_batch: int = 32,
-                 max_queue: int = 256) -> None:
+                 max_queue: int = 256, max_prefill_tokens: int = 512) -> None:
         self.registry = registry  # .lock (held around every forward) and .model
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens  # prompt tokens prefilled per turn (at least one job)
         self.waiting: collections.deque[Job] = collections.deque()
         self.jobs: set[Job] = set()  # waiting or running
         self.cond = threading.Condition()
@@ -135,11 +137,12 @@ class Engine:
                     self.cond.wait()
                 if self.stopping:
                     return
-                admitted = []
-                free = self.max_batch - len(self.seqs)
-                while self.waiting and self.waiting[0].n <= free:
+                admitted: list[Job] = []
+                free, budget = self.max_batch - len(self.seqs), self.max_prefill_tokens
+                while self.waiting and self.waiting[0].n <= free and (
+                        not admitted or len(self.waiting[0].prompt_ids) <= budget):
                     job = self.waiting.popleft()
-                    free -= job.n
+                    free, budget = free - job.n, budget - len(job.prompt_ids)
                     admitted.append(job)
             self._prefill(admitted)
             self._drop_cancelled()

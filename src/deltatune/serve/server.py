@@ -50,7 +50,8 @@ def build_server(args: argparse.Namespace) -> Server:
     adapters_dir = Path(args.adapters_dir) if args.adapters_dir else None
     if adapters_dir is not None and not adapters_dir.is_dir():
         raise ConfigError(f"--adapters-dir {adapters_dir} is not a directory.")
-    for flag in ("max_batch", "max_queue", "max_tokens_limit", "max_prompt_tokens", "max_n", "max_body_bytes"):
+    for flag in ("max_batch", "max_queue", "max_tokens_limit", "max_prompt_tokens", "max_n", "max_body_bytes",
+                 "max_prefill_tokens"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1.")
     if args.threads:
@@ -75,7 +76,7 @@ def build_server(args: argparse.Namespace) -> Server:
     limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=min(args.max_prompt_tokens, positions),
                     max_tokens=args.max_tokens_limit, max_n=min(args.max_n, args.max_batch), context_length=positions)
     engine = Engine(registry, tokenizer, eos_ids(model, tokenizer), max_batch=args.max_batch,
-                    max_queue=args.max_queue)
+                    max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens)
     return Server(engine, registry, tokenizer, limits, args.api_key or None)
 
 
