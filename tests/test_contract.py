@@ -100,7 +100,7 @@ ROWS: dict[str, Row] = {
     "p_tuning": Row("p_tuning", lambda c, k, t: c(num_virtual_tokens=3, encoder_hidden_size=8, task_type=t),
                     cannot={"mlp": NO_EMBEDDINGS}, identity_start=False),
     "prefix_tuning": Row("prefix_tuning", lambda c, k, t: c(num_virtual_tokens=3, task_type=t),
-                         cannot={"mlp": NO_KV_CACHE, "distilbert_seq_cls": NO_KV_CACHE}, identity_start=False),
+                         cannot={"mlp": NO_KV_CACHE}, identity_start=False),
 }
 REGISTERED = {spec.name for spec in dt.all_methods()}
 CELLS = [(row, kind) for row in ROWS if ROWS[row].method in REGISTERED for kind in FAMILIES]

@@ -29,7 +29,7 @@ FULL_ZOO_ROWS = ("lora", "bottleneck-parallel", "prefix_tuning", "prompt_tuning"
 SUBSET = ("llama", "gpt2", "gpt_neox", "mixtral", "bert", "distilbert", "t5", "bart")
 
 NO_CACHE = (dt.TargetError, "takes no key/value cache|do not read the key/value cache",
-            "the attention takes no key/value cache, so there is no place for prefixes")
+            "the attention takes no key/value cache and does not go through transformers' attention interface")
 NO_BIAS = (dt.TargetError, "has no bias", "every linear and norm layer is bias-free: BitFit has nothing to train")
 NO_PREFIXED_MASK = (dt.TargetError, "refuses an attention mask that covers cached positions",
                     ("the model asserts its attention mask is as long as the input, so cached prefix positions "
@@ -39,7 +39,7 @@ UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str, str]] = {
     ("prefix_tuning", "flaubert"): NO_PREFIXED_MASK,
     **{("bitfit", f): NO_BIAS for f in ("llama", "mixtral", "t5")},
     **{("prefix_tuning", f): NO_CACHE
-       for f in ("albert", "deberta", "deberta-v2", "distilbert", "mpnet", "nomic_bert", "megatron-bert", "openai-gpt")},
+       for f in ("deberta", "deberta-v2", "mpnet", "megatron-bert", "openai-gpt")},
 }
 NO_EMBEDS_GENERATE = (dt.ConfigError, "cannot start from input embeddings",
                       "the model's generate() cannot start from input embeddings; forward and training work")

@@ -6,7 +6,9 @@ Trains the prefixes (``P x L*2*D`` numbers, with ``D = kv_heads * head_dim``: gr
 prefixes as wide as their key/value heads), optionally through an MLP (``prefix_projection``), plus
 ``modules_to_save``. The prefixes travel in the model's own key/value cache (see :mod:`.cache`), so
 ``generate()`` keeps them at every step. Encoder-only models (BERT, RoBERTa) work when their attention
-reads a cache (transformers 5 does); models whose attention reads none (DistilBERT) get a clear error.
+reads a cache (transformers 5 does); models whose attention reads none (DistilBERT, ALBERT) get their
+prefixes through transformers' attention interface (:mod:`.interface`) where their attention uses it,
+else a clear error.
 Encoder-decoder models: prefixes in every decoder self-attention layer (HF peft's layout); with
 ``encoder_prefix=True`` (deltatune only) also in every encoder self-attention and every decoder
 cross-attention layer, through forward pre-hooks on those attention modules (see :mod:`.attention`).
@@ -30,15 +32,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ...errors import ConfigError
+from ...errors import ConfigError, TargetError
 from ...input_delta import InputDelta, bind_call
 from ...registry import MethodSpec, register
 from ...routing import Routing
 from .._virtual_tokens import ReparamTable, fill_from_model
+from .._virtual_tokens.config import text_config
 from . import mixed
 from .attention import ROLES, Site, attached, find_sites, flat_width
 from .cache import KVLayout, build_cache, probe_layout
 from .config import PrefixTuningConfig
+from .interface import interface_sites, switched
 
 if TYPE_CHECKING:
     from transformers import Cache
@@ -201,9 +205,63 @@ def _blocks(config: PrefixTuningConfig, layout: KVLayout) -> list[int]:
     return list(range(layers))
 
 
+class InterfacePrefixDelta(PrefixTuningDelta):
+    """Prefixes for a model whose attention reads no cache: handed to its attention function (:mod:`.interface`)."""
+
+    def __init__(self, table: ReparamTable, layout: KVLayout, num_virtual_tokens: int, sites: list[nn.Module]) -> None:
+        super().__init__(table, layout, num_virtual_tokens, list(range(layout.num_layers)))
+        self.sites = sites  # plain list: the base model's modules stay unregistered here
+
+    def _prefixes(self, dtype: torch.dtype) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+        flat = self.table().to(dtype)  # (P, L * 2 * D): layer 0 keys, layer 0 values, layer 1 keys ...
+        width = flat.shape[1] // (2 * len(self.sites))
+        return {site: (flat[:, 2 * i * width:(2 * i + 1) * width], flat[:, (2 * i + 1) * width:(2 * i + 2) * width])
+                for i, site in enumerate(self.sites)}
+
+    def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        with switched(model, self._prefixes(model_dtype(model))):
+            return model(*args, **kwargs)
+
+    def generate(self, model: nn.Module, kwargs: dict[str, Any]) -> Any:
+        with switched(model, self._prefixes(model_dtype(model))):
+            return model.generate(**kwargs)
+
+
+def _through_interface(model: nn.Module, config: PrefixTuningConfig, no_cache: TargetError) -> InterfacePrefixDelta:
+    """The prefixes of a model without a usable cache, if its attention goes through transformers' interface."""
+    try:
+        sites = interface_sites(model)
+    except Exception as err:
+        raise TargetError(f"{no_cache} (Nor does {err}.)") from err
+    widths = {width for _, width in sites}
+    cfg = text_config(model)
+    heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", None)
+    if len(widths) != 1 or not isinstance(heads, int) or next(iter(widths)) % heads:
+        raise no_cache
+    if config.encoder_prefix:
+        raise ConfigError("encoder_prefix=True is for encoder-decoder models; leave it False.")
+    width = widths.pop()
+    layout = KVLayout(len(sites), heads, width // heads, "", False)
+    _check_layout(config, layout, model)
+    config.num_transformer_submodules = config.num_transformer_submodules or 1
+    fill_from_model(config, model)
+    config.num_layers = layout.num_layers
+    if config.encoder_hidden_size is None:
+        config.encoder_hidden_size = config.token_dim
+    table = _table(config, width, 2 * layout.num_layers * width, model)
+    return InterfacePrefixDelta(table, layout, config.num_virtual_tokens, [module for module, _ in sites])
+
+
 def make_prefix_tuning(model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> PrefixTuningDelta:
-    """Read the model's cache layout, fill the config, build the prefix table (and MLP when projecting)."""
-    layout = probe_layout(model)
+    """Read the model's cache layout, fill the config, build the prefix table (and MLP when projecting).
+
+    A model whose forward takes no cache gets its prefixes through transformers' attention interface
+    instead (:mod:`.interface`), where its attention goes through it.
+    """
+    try:
+        layout = probe_layout(model)
+    except TargetError as err:
+        return _through_interface(model, config, err)
     _check_layout(config, layout, model)
     if config.num_transformer_submodules is None:  # HF peft can read encoder-decoder prefixes only with 2
         config.num_transformer_submodules = 2 if layout.encoder_decoder else 1
