@@ -36,7 +36,7 @@ import torch
 from bench.loop import epoch_batches, perplexity, train
 from bench.measure import PeakMemory, machine_info, median_after_warmup
 
-CONFIGS = ("float32", "nf4", "int8", "torchao-int8", "peft-nf4")
+CONFIGS = ("float32", "nf4", "peft-nf4", "int8", "torchao-int8")  # run in this order
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -183,17 +183,18 @@ def main(argv: list[str] | None = None) -> int:
                 "n_test": args.n_test, "lr": args.lr, "threads": args.threads}
     results: dict[str, dict[str, Any]] = {}
     start = time.perf_counter()
+    machine = machine_info(RESULTS.parent.parent)
     for config in args.configs:  # one process each, one at a time (memory and timing are per process)
         result = run_one({"kind": "quantized", "config": config, **settings}, threads=args.threads)
         results[config] = result
         print(f"  {config}: {result.get('process_seconds', 0):.0f} s, {'ok' if result.get('ok') else result.get('error')}",
               flush=True)
-    text = report(results, settings)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quantized.md").write_text(text, encoding="utf-8")
-    payload = {"settings": settings, "results": results, "machine": machine_info(RESULTS.parent.parent),
-               "wall_seconds": time.perf_counter() - start}
-    (RESULTS / "quantized.json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+        text = report(results, settings)  # saved after every configuration: an interrupted run keeps what it has
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "quantized.md").write_text(text, encoding="utf-8")
+        payload = {"settings": settings, "results": results, "machine": machine,
+                   "wall_seconds": time.perf_counter() - start}
+        (RESULTS / "quantized.json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
     print(text)
     return 0
 
