@@ -265,3 +265,22 @@ def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(base_dir, tmp
     assert saved.keys() == live.keys() and all(torch.equal(saved[k], live[k]) for k in saved)
     assert not all(torch.equal(last[k], live[k]) for k in saved)  # the best, not the last, is loaded
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)  # still trainable
+
+
+def test_trainer_trains_a_classifier_and_saves_its_head_with_the_adapter(make_model, tmp_path) -> None:
+    """Sequence classification: the ``label`` column reaches the model, the head trains and is saved."""
+    model = dt.get_delta_model(make_model("bert_seq_cls"), dt.LoraConfig(r=4, target_modules=["query", "value"],
+                                                                         task_type="SEQ_CLS"))
+    start = adapter_tensors(model)
+    ids = torch.randint(1, 100, (16, 8), generator=torch.Generator().manual_seed(0))
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * 8] * 16,
+                                       "label": [i % 3 for i in range(16)], "note": ["unused"] * 16})
+    args = tf.TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=8, report_to=[], use_cpu=True,
+                                save_strategy="no", learning_rate=1e-2)
+    trainer = tf.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    assert all(not torch.equal(start[k], v) for k, v in adapter_tensors(model).items())
+    assert any(".classifier." in k for k in start)
+    trainer.save_model(str(tmp_path / "final"))
+    saved = safetensors.torch.load_file(tmp_path / "final" / "adapter_model.safetensors")
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= set(saved)
