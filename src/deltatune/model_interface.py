@@ -33,13 +33,13 @@ from torch import nn
 from .errors import ConfigError
 from .structure import (
     ModelRoles,
+    attention_heads,
     infer_roles,
     is_linear_like,
     is_norm_layer,
     linear_dims,
     original_modules,
     residual_input_arg,
-    text_config,
 )
 
 ROLES = ("q", "k", "v", "qkv", "o", "attn_block", "self_attn", "enc_self_attn", "cross_attn", "up", "gate", "down",
@@ -93,7 +93,8 @@ def register_architecture(model_type: str, roles: dict[str, str] | None = None, 
         try:
             re.compile(pattern)
         except re.error as err:
-            raise ConfigError(f"register_architecture: the regex for role {role!r} ({pattern!r}) is invalid: {err}.") from err
+            raise ConfigError(
+                f"register_architecture: the regex for role {role!r} ({pattern!r}) is invalid: {err}.") from err
     _OVERRIDES[model_type] = ArchitectureOverride(dict(roles or {}), dict(missing or {}), fused_qkv_layout)
 
 
@@ -209,8 +210,9 @@ def fused_qkv_rows(model: nn.Module, path: str) -> dict[str, torch.Tensor]:
     if site is None or site.o is None:
         raise ConfigError(f"{path} is not a fused query/key/value projection of {type(model).__name__}.")
     mods = original_modules(model)
-    heads = next(getattr(text_config(model), n) for n in ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
-                 if isinstance(getattr(text_config(model), n, None), int))
+    heads = attention_heads(model)
+    if heads is None:
+        raise ConfigError(f"{type(model).__name__}'s config names no number of attention heads.")
     width = linear_dims(mods[site.o])[0]  # type: ignore[index]
     d = width // heads
     kv = (linear_dims(mods[path])[1] - width) // (2 * d)  # type: ignore[index]
@@ -253,7 +255,7 @@ def layer_index(path: str, layers_pattern: list[str] | str | None) -> int | None
 
 
 __all__ = [
-    "FUSED_LAYOUTS", "HEAD_NAMES", "ROLES", "fused_qkv_rows", "head_names", "is_linear_like", "is_norm_layer", "layer_index",
-    "linear_dims", "missing_role_reason", "model_roles", "model_type", "output_head_paths", "paths_regex",
+    "FUSED_LAYOUTS", "HEAD_NAMES", "ROLES", "fused_qkv_rows", "head_names", "is_linear_like", "is_norm_layer",
+    "layer_index", "linear_dims", "missing_role_reason", "model_roles", "model_type", "output_head_paths", "paths_regex",
     "register_architecture", "residual_input_arg", "role_paths", "role_regex", "structure_summary",
 ]

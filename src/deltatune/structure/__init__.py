@@ -5,7 +5,7 @@ See :mod:`deltatune.model_interface` for the API methods use (roles, regexes, ov
 
 from __future__ import annotations
 
-from .infer import AttentionSite, FeedForwardSite, ModelRoles, infer_roles, text_config
+from .infer import AttentionSite, FeedForwardSite, ModelRoles, attention_heads, infer_roles, text_config
 from .modules import (
     is_linear_like,
     is_norm_layer,
@@ -16,6 +16,16 @@ from .modules import (
 )
 
 __all__ = [
-    "AttentionSite", "FeedForwardSite", "ModelRoles", "infer_roles", "is_linear_like", "is_norm_layer", "linear_dims",
-    "original_modules", "residual_input_arg", "text_config", "unwrapped",
+    "AttentionSite",
+    "FeedForwardSite",
+    "ModelRoles",
+    "attention_heads",
+    "infer_roles",
+    "is_linear_like",
+    "is_norm_layer",
+    "linear_dims",
+    "original_modules",
+    "residual_input_arg",
+    "text_config",
+    "unwrapped",
 ]

@@ -104,7 +104,8 @@ def text_config(model: nn.Module) -> object | None:
     return getter() if callable(getter) else config
 
 
-def _heads(model: nn.Module) -> int | None:
+def attention_heads(model: nn.Module) -> int | None:
+    """The config's number of query heads (``None`` when it has none)."""
     cfg = text_config(model)
     for name in ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"):
         value = getattr(cfg, name, None)
@@ -158,7 +159,7 @@ def _output(mods: dict[str, nn.Module], path: str, width: int, taken: set[str]) 
 
 def _fused_ok(model: nn.Module, module: nn.Module, qkv: nn.Module, o_in: int) -> bool:
     """A fused projection is ``(H + 2 KV) d`` wide with ``d = o_in / H``; state-space mixers (with a conv) are not."""
-    heads = _heads(model)
+    heads = attention_heads(model)
     if heads is None or o_in % heads or any(isinstance(c, nn.Conv1d) for c in module.children()):
         return False
     d = o_in // heads
@@ -248,7 +249,8 @@ def _site(mods: dict[str, nn.Module], layer: str, down: str, ups: list[str], hol
     return FeedForwardSite(layer, up, gate, down, block, residual)
 
 
-def feed_forward_sites(mods: dict[str, nn.Module], sites: list[AttentionSite], experts: list[str]) -> list[FeedForwardSite]:
+def feed_forward_sites(mods: dict[str, nn.Module], sites: list[AttentionSite],
+                       experts: list[str]) -> list[FeedForwardSite]:
     """The feed-forward blocks of every layer that holds an attention (see the module docstring).
 
     Layers holding expert parameters get one site for their mixture-of-experts block (the module

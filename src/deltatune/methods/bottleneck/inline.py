@@ -46,7 +46,8 @@ def connect_inputs(model: nn.Module, config: BottleneckConfig, name: str) -> Non
     originals = original_modules(model)
     for down, up in config.parallel_inputs.items():
         layer = wrapped.get(down)
-        while layer is not None and not isinstance(layer, BottleneckLayer) and getattr(layer, "_delta_base_child", None):
+        while (layer is not None and not isinstance(layer, BottleneckLayer)
+               and getattr(layer, "_delta_base_child", None)):
             layer = getattr(layer, layer._delta_base_child)
         if not isinstance(layer, BottleneckLayer) or getattr(layer, "_input_hook", None) is not None:
             continue

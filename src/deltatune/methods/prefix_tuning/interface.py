@@ -103,8 +103,8 @@ def interface_sites(model: nn.Module) -> list[tuple[nn.Module, int]]:
         ConfigError: the model has self-attention modules that the interface does not reach.
     """
     modules = original_modules(model)
-    sites = [(modules[s.path], linear_dims(modules[s.k or s.qkv])[1]) for s in model_roles(model).attention  # type: ignore[index]
-             if not s.cross and (s.k or s.qkv)]
+    found = [s for s in model_roles(model).attention if not s.cross and (s.k or s.qkv)]
+    sites = [(modules[s.path], linear_dims(modules[s.k or s.qkv])[1]) for s in found]  # type: ignore[index]
     if not sites:
         raise ConfigError(f"{type(model).__name__} has no self-attention module deltatune can find.")
     _CALLED.clear()
