@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seeds", nargs="+", type=int, default=[0])
     t = sub.add_parser("test", help="the shipped recipe (and full fine-tuning where asked) on the test splits")
     t.add_argument("--tasks", nargs="+", default=["trec", "rt", "bbc", "sms"])
-    t.add_argument("--full-tasks", nargs="+", default=["sms"], help="tasks on which full fine-tuning runs too")
+    t.add_argument("--full-tasks", nargs="*", default=["sms"], help="tasks on which full fine-tuning runs too")
     t.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     sub.add_parser("report", help="rewrite recipe.md / recipe.json from the finished jobs")
     args = parser.parse_args(argv)

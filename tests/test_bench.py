@@ -149,3 +149,23 @@ def test_timing_runs_each_peft_twin_beside_its_deltatune_configuration() -> None
     names = ["full/deltatune", "lora/deltatune", "ia3/deltatune", "lora/peft", "ia3/peft", "odd/peft"]
     assert _twin_units(names) == [("full/deltatune",), ("lora/deltatune", "lora/peft"), ("ia3/deltatune", "ia3/peft"),
                                   ("odd/peft",)]
+
+
+def test_recipe_pick_reads_validation_only_and_gap_uses_the_same_seeds() -> None:
+    from bench import recipe
+
+    def done(task: str, lr: float, seed: int, val: float, test: float) -> tuple[dict, dict]:
+        job = recipe.job(task, seed, "lora", lr, recipe.lora_options("all", 16))
+        return job, {"ok": True, "runs": [{"seed": seed, "accuracy": val,
+                                            "accuracies": {"validation": val, "test": test}}]}
+
+    runs = [done(t, 1e-3, 0, 0.80, 0.50) for t in ("trec", "rt", "bbc")]  # best validation, worst test
+    runs += [done(t, 2e-3, 0, 0.70, 0.99) for t in ("trec", "rt", "bbc")]
+    runs += [done("trec", 5e-4, 0, 0.99, 0.99)]  # best of all, but not run on every task: not eligible
+    acc = recipe.accuracies(runs)
+    _, best = recipe.search_table(acc, ["trec", "rt", "bbc"])
+    assert best is not None and best["lr"] == 1e-3 and best["mean"] == pytest.approx(80.0)
+    runs.append(done("trec", 1e-3, 1, 0.81, 0.60))
+    rows = recipe.test_table(recipe.accuracies(runs), {"trec": {0: 70.0, 1: 80.0, 2: 99.0}})
+    row = next(r for r in rows if r.startswith("| TREC |") and "| 0.001 |" in r)
+    assert "| 0,1 | 55.00 ± 7.07 | 75.00 (round one) | -20.00 |" in row  # mean of seeds 0 and 1 only
