@@ -36,13 +36,20 @@ SUBSET = ("llama", "gpt2", "gpt_neox", "mixtral", "bert", "distilbert", "t5", "b
 NO_CACHE = (dt.TargetError, "takes no key/value cache|do not read the key/value cache",
             "the attention takes no key/value cache and does not go through transformers' attention interface")
 NO_BIAS = (dt.TargetError, "has no bias", "every linear and norm layer is bias-free: BitFit has nothing to train")
+NO_NORM = (dt.TargetError, "has no normalisation layer", "OLMo's layer norms have no learnable scale or shift")
+#: families whose linear and norm layers are all bias-free (the contract runs BitFit on them only with
+#: DELTATUNE_ZOO_ALL=1, except llama, mixtral and t5, which are in SUBSET)
+BIAS_FREE = ("llama", "mistral", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "cohere", "olmo", "olmo2",
+             "granite", "helium", "smollm3", "mpt", "mixtral", "qwen3_moe", "olmoe", "granitemoe", "llama4_text",
+             "t5", "mt5", "umt5", "longt5", "switch_transformers")
 NO_PREFIXED_MASK = (dt.TargetError, "refuses an attention mask that covers cached positions",
                     ("the model asserts its attention mask is as long as the input, so cached prefix positions "
                      "cannot be attended to"))
 #: (row, family) -> (error, message regex, why): get_delta_model refuses, before changing anything
 UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str, str]] = {
     ("prefix_tuning", "flaubert"): NO_PREFIXED_MASK,
-    **{("bitfit", f): NO_BIAS for f in ("llama", "mixtral", "t5")},
+    **{("bitfit", f): NO_BIAS for f in BIAS_FREE},
+    ("ln_tuning", "olmo"): NO_NORM,
     **{("prefix_tuning", f): NO_CACHE
        for f in ("deberta", "deberta-v2", "mpnet", "megatron-bert", "openai-gpt")},
 }

@@ -57,11 +57,13 @@ def linear_dims(module: nn.Module) -> tuple[int, int] | None:
 def is_norm_layer(module: nn.Module) -> bool:
     """A normalisation layer with a learned scale (``nn.LayerNorm``, ``LlamaRMSNorm``, ``T5LayerNorm``, ...).
 
-    Recognised by structure, not by a list of classes: a class name ending in ``Norm`` (any case) that owns
-    a ``weight`` parameter. Batch/group norms are left out (their features live on dimension 1).
+    Recognised by structure, not by a list of classes: a subclass of ``nn.LayerNorm`` / ``nn.RMSNorm``
+    (Nemotron's ``LayerNorm1P``) or a class name ending in ``Norm`` (any case), owning a ``weight``
+    parameter. Batch/group norms are left out (their features live on dimension 1).
     """
-    name = type(module).__name__
-    if not name.lower().endswith("norm") or name.lower().startswith(("batchnorm", "groupnorm", "instancenorm")):
+    name = type(module).__name__.lower()
+    named = name.endswith("norm") and not name.startswith(("batchnorm", "groupnorm", "instancenorm"))
+    if not named and not isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         return False
     return isinstance(getattr(module, "weight", None), nn.Parameter)
 
