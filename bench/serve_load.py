@@ -132,10 +132,10 @@ def report(rows: list[dict], settings: dict) -> str:
     lines = [("| clients | adapters | requests | failed | tokens/s | x one-at-a-time | slowdown vs 1 adapter | "
              "p50 latency s | p95 latency s | p50 TTFT s |"), "|" + "---|" * 10]
     for r in rows:
-        speedup = r["tokens_per_s"] / base[r["adapters"]] if base.get(r["adapters"]) else float("nan")
-        slowdown = one_adapter[r["clients"]] / r["tokens_per_s"] if one_adapter.get(r["clients"]) else float("nan")
+        speedup = f"{r['tokens_per_s'] / base[r['adapters']]:.2f}" if base.get(r["adapters"]) else "-"
+        slowdown = f"{one_adapter[r['clients']] / r['tokens_per_s']:.2f}" if one_adapter.get(r["clients"]) else "-"
         lines.append(f"| {r['clients']} | {r['adapters']} | {r['requests']} | {r['failed']} | {r['tokens_per_s']:.1f} "
-                     f"| {speedup:.2f} | {slowdown:.2f} | {r['p50_latency_s']:.2f} | {r['p95_latency_s']:.2f} "
+                     f"| {speedup} | {slowdown} | {r['p50_latency_s']:.2f} | {r['p95_latency_s']:.2f} "
                      f"| {r['p50_ttft_s']:.2f} |")
     head = (f"deltatune serve on SmolLM2-135M, {settings['max_tokens']} new tokens per request, greedy, "
             f"--max-batch {settings['max_batch']}, {settings['threads']} torch thread(s), {platform.processor() or platform.machine()}")
