@@ -20,6 +20,8 @@ from torch import nn
 
 from ..config import read_config_file
 from ..errors import DeltaError
+from ..inject import iter_wrappers
+from ..layer import DeltaLayer
 from ..model import DeltaModel
 from ..registry import get_method
 from .errors import ApiError
@@ -97,6 +99,7 @@ class AdapterRegistry:
                     self.model = DeltaModel.from_pretrained(self.model, folder, adapter_name=name)
             except DeltaError as exc:
                 raise ApiError(400, f"Cannot load adapter {name!r}: {exc}", param="path") from exc
+            self._check_routable(name)
             self.model.eval()
             self.names.append(name)
 
@@ -109,6 +112,16 @@ class AdapterRegistry:
             assert isinstance(self.model, DeltaModel)
             self.model.delete_adapter(name)
             self.names.remove(name)
+
+    def _check_routable(self, name: str) -> None:
+        """Refuse (and unload) an adapter whose layers cannot serve rows of a mixed-adapter batch."""
+        assert isinstance(self.model, DeltaModel)
+        unrouted = sorted({w.method_name for _, w in iter_wrappers(self.model.base_model) if isinstance(w, DeltaLayer)
+                           and name in w.adapter_names and not w.serves_mixed_batches})
+        if unrouted:
+            self.model.delete_adapter(name)
+            raise ApiError(400, f"Adapter {name!r} uses {', '.join(unrouted)}, whose layers cannot share a "
+                           "mixed-adapter batch yet; serve it with 'deltatune generate'.", param="path")
 
     @staticmethod
     def _check_kind(folder: Path) -> None:
