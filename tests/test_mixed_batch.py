@@ -81,6 +81,29 @@ def test_lora_ranks_alphas_dora_rslora(make_model: Any, kind: str) -> None:
     assert_mixed_equals_solo(model, make_model.inputs(kind, batch=len(names)), names)
 
 
+def test_lora_on_embeddings(make_model: Any) -> None:
+    def emb(r: int) -> dt.LoraConfig:
+        return dt.LoraConfig(r=r, target_modules=["word_embeddings", "query"], init_lora_weights=False)
+
+    model = perturbed(build(make_model, "bert", {"a": emb(2), "b": emb(5)}))
+    inputs = make_model.inputs("bert", batch=4)
+    inputs["input_ids"][0, -2:] = 0  # padding ids too
+    with torch.no_grad():
+        mixed = model(**inputs, adapter_names=["b", "a", BASE, "b"]).last_hidden_state
+        for i, name in enumerate(["b", "a"]):
+            model.set_adapter(name)
+            ref = model(**{k: v[i : i + 1] for k, v in inputs.items()}).last_hidden_state
+            torch.testing.assert_close(mixed[i : i + 1], ref, atol=1e-5, rtol=1e-5)
+    model.set_adapter(["a", "b"])  # gradients: the padding id gets none, as in nn.Embedding
+    model(**inputs, adapter_names=["b", "a", BASE, "b"]).last_hidden_state[0].sum().backward()
+    mixed_grads = [p.grad.clone() for p in model.adapter_parameters("b")]
+    model.zero_grad()
+    model.set_adapter("b")
+    model(**{k: v[:1] for k, v in inputs.items()}).last_hidden_state.sum().backward()
+    for got, want in zip(mixed_grads, [p.grad for p in model.adapter_parameters("b")]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["llama_lm", "bert_seq_cls", "gpt2_lm"])
 def test_ia3_and_lora_in_one_batch(make_model: Any, kind: str) -> None:
     configs = {"i": ia3(kind), "l": lora(4, 8), "i2": ia3(kind)}

@@ -158,6 +158,28 @@ class LoraEmbedding(LoraLayer):
                            base.scale_grad_by_freq, base.sparse)  # (..., r)
         return result + (rows @ self.lora_embedding_B[name].T * self.scaling[name]).to(result.dtype)
 
+    def add_routed_delta(self, names: list[str], slots: torch.Tensor, x: torch.Tensor, result: torch.Tensor,
+                         *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each row's ``A^T[x]`` from one lookup in the stacked tables (row ``k * vocab + id``), then one ``bmm``."""
+        base = self.get_base_layer()
+        if base.max_norm is not None or base.scale_grad_by_freq or base.sparse:
+            return super().add_routed_delta(names, slots, x, result, *args, **kwargs)
+        table, up = self.stacked(names, self._embedding_stack)  # ((K+1) * vocab, R), (K+1, dim, R)
+        flat = x + slots.view(-1, *([1] * (x.dim() - 1))) * base.num_embeddings  # (n, ...)
+        rows = F.embedding(flat, table)  # (n, ..., R)
+        if base.padding_idx is not None and torch.is_grad_enabled():  # as nn.Embedding: no gradient for padding
+            rows = torch.where((x == base.padding_idx).unsqueeze(-1), rows.detach(), rows)
+        n = x.shape[0]
+        delta = torch.bmm(rows.reshape(n, -1, rows.shape[-1]), up[slots].transpose(1, 2))  # (n, L, dim)
+        return result + delta.view(result.shape).to(result.dtype)
+
+    def _embedding_stack(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A_k^T`` stacked as one ``((K+1) * vocab, R)`` table and ``s_k B_k`` as ``(K+1, dim, R)``, ranks
+        zero-padded, plus an all-zero slot for rows of no adapter."""
+        stack = stack_lora([self.lora_embedding_A[n] for n in names], [self.lora_embedding_B[n] for n in names],
+                           [self.scaling[n] for n in names], [None] * len(names))
+        return stack.a.transpose(1, 2).reshape(-1, stack.a.shape[1]), stack.b
+
 
 class LoraConv(LoraLayer):
     """LoRA on ``nn.Conv1d`` / ``nn.Conv2d``: ``A`` has the base kernel with ``r`` outputs, ``B`` is 1x1."""
