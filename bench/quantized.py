@@ -123,8 +123,14 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     weights = weight_bytes(model)
     model = _adapt(model, config)
     torch.manual_seed(0)  # the same LoRA initialisation draws in every configuration
+    from deltatune.weights import param_tensors
+
+    with torch.no_grad():  # make every weight page resident (what PeakMemory.start does; torchao tensors have no sum)
+        for tensor in [*model.parameters(), *model.buffers()]:
+            for part in param_tensors(tensor):
+                part.sum()
     memory = PeakMemory()
-    memory.start(model)
+    memory.start()
     stats = train(model, batches, lr=job["lr"])
     out: dict[str, Any] = {
         "config": config, "weight_mb": weights / 2**20, "peak_mb": memory.peak_mb(), "mem_method": memory.method,
