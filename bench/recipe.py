@@ -165,18 +165,18 @@ def write_report() -> None:
     search, best = search_table(acc, SEARCH_TASKS)
     options, lr = shipped_recipe()
     md = ["# LoRA default recipe (`python -m bench.recipe`)", "",
-          "Bundled MiniLM, round one's accuracy protocol: first 2,000 training rows (BBC 1,701), 2 epochs, batch 16, "
+          ("Bundled MiniLM, round one's accuracy protocol: first 2,000 training rows (BBC 1,701), 2 epochs, batch 16, "
           "bf16 autocast, AdamW (no weight decay), 6 % warm-up then linear decay, gradient clipping at 1; "
           "LoRA dropout 0.1, alpha = 2r, classifier head trained. One process at a time, 1 thread. Every "
-          "trained model is scored on the validation and the test split; the pick reads only validation.", "",
+          "trained model is scored on the validation and the test split; the pick reads only validation."), "",
           "## Search (validation splits, seed 0)", "", *search, "",
           (f"Best mean validation accuracy: **{best['label']}, lr {best['lr']:g}** ({best['mean']:.2f})." if best else
            "No candidate has finished on every search task yet."),
           f"Shipped as `LoraConfig.recommended` / `deltatune train`'s default: {options}, lr {lr:g}.", "",
           "## Test splits", "",
-          "Gap = configuration − full fine-tuning (lr 1e-4) over the same seeds; full fine-tuning from this run "
+          ("Gap = configuration − full fine-tuning (lr 1e-4) over the same seeds; full fine-tuning from this run "
           "where it ran here, else from round one's `full` suite (same protocol, `bench/results/full.json`). "
-          "SMS spam was not used to pick the recipe.", "",
+          "SMS spam was not used to pick the recipe."), "",
           *test_table(acc, round_one_full()), ""]
     (RESULTS / "recipe.md").write_text("\n".join(md))
     (RESULTS / "recipe.json").write_text(json.dumps([{"job": j, "result": r} for j, r in done], indent=1) + "\n")
