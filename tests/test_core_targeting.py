@@ -174,3 +174,37 @@ def test_second_adapter_never_wraps_a_trained_head(make_model) -> None:
     assert isinstance(model.base_model.classifier, ModulesToSaveWrapper)
     assert not any(p.startswith("classifier") for p in wrapped_paths(model))
     assert "bert.pooler.dense" in wrapped_paths(model)
+
+
+def test_modules_inside_a_wrapped_block_stay_targetable(tmp_path) -> None:
+    """A bottleneck adapter wraps a whole feed-forward block; later adapters still find the projections
+    inside it under their original paths (they used to match nothing), and the result saves and reloads."""
+    import transformers as tf
+
+    from deltatune.inject import iter_wrappers
+
+    def tiny() -> torch.nn.Module:
+        torch.manual_seed(0)
+        cfg = tf.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1)
+        return tf.LlamaForCausalLM(cfg)
+
+    model = dt.get_delta_model(tiny(), dt.BottleneckConfig(variant="parallel"))
+    block = [p for p, w in iter_wrappers(model.base_model) if "default" in getattr(w, "adapter_names", [])]
+    model.add_adapter("pf", dt.BottleneckConfig(variant="pfeiffer"))
+    model.add_adapter("lora", dt.LoraConfig(r=2, target_modules=["down_proj"], init_lora_weights=False))
+    wrapped = {p for p, w in iter_wrappers(model.base_model) if "lora" in getattr(w, "adapter_names", [])}
+    assert wrapped == {"model.layers.0.mlp.down_proj"} and all(not p.endswith("down_proj") for p in block)
+    ids = torch.randint(0, 50, (2, 5))
+    model.set_adapter(["default", "pf"])
+    without = model(input_ids=ids).logits
+    model.set_adapter(["default", "pf", "lora"])
+    with_lora = model(input_ids=ids).logits
+    assert not torch.allclose(without, with_lora)  # the LoRA inside the wrapped block acts
+    model.save_pretrained(tmp_path, selected_adapters=["lora"])
+    reloaded = dt.DeltaModel.from_pretrained(tiny(), tmp_path / "lora", adapter_name="lora")
+    with model.disable_adapter():
+        base = model(input_ids=ids).logits
+    model.set_adapter("lora")
+    assert torch.allclose(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6)
+    assert not torch.allclose(model(input_ids=ids).logits, base)

@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import BaseModelMismatchError
 from .model_interface import model_type
-from .targeting import unwrapped
+from .structure import original_modules
 from .weights import model_quantization, param_numel, param_tensors, quantization
 
 SAMPLE = 256
@@ -91,11 +91,12 @@ def fingerprint_of(model: nn.Module, digests: list[Digest], skip: list[str]) -> 
 
 
 def target_shapes(model: nn.Module, paths: list[str]) -> dict[str, list[int] | None]:
-    """Shapes of the original weights at ``paths`` (``None`` where the path or weight is missing)."""
-    modules = dict(model.named_modules())
+    """Shapes of the original weights at ``paths`` (original module paths, as if no wrapper were present;
+    ``None`` where the path or weight is missing)."""
+    modules = original_modules(model)
     shapes: dict[str, list[int] | None] = {}
     for path in paths:
-        module = unwrapped(modules[path]) if path in modules else None
+        module = modules.get(path)
         weight = getattr(module, "weight", None)
         if module is not None and quantization(module):  # the logical (out, in), not the packed storage
             shapes[path] = [module.out_features, module.in_features]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import nn
@@ -51,19 +52,28 @@ def pattern_value(path: str, patterns: dict[str, object] | None) -> object | Non
     return None
 
 
-def _is_inside_delta(path: str, delta_paths: list[str]) -> bool:
-    """Inside a wrapper (its base module or adapter tensors); the wrapper itself may be targeted again."""
-    return any(path.startswith(p + ".") for p in delta_paths)
-
-
 def unwrapped_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """``{path: original module}`` for every module of ``model`` outside deltatune's wrappers' insides.
+    """``{path: original module}`` for every module of ``model`` under its original path (wrappers' adapter
+    tensors left out). A wrapped module is listed once, under its own path, as the module it wraps."""
+    return {p: m for p, m in original_modules(model).items() if p}
 
-    A wrapped module is listed once, under its own path, as the module it wraps.
+
+def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module, str]]:
+    """``(original path, module there, the module holding it, its attribute name)`` for every module.
+
+    Paths are those of the model before any wrapper. A wrapper is listed under the path of the module it
+    wraps (so it can gain another adapter or be wrapped again), and the walk goes on inside the module it
+    wraps, never into its adapter tensors: modules inside a wrapped block (a bottleneck adapter around a
+    feed-forward block) stay targetable under their own paths.
     """
-    modules = dict(model.named_modules())
-    delta_paths = [n for n, m in modules.items() if getattr(m, "_delta_base_child", None)]
-    return {p: unwrapped(m) for p, m in modules.items() if p and not _is_inside_delta(p, delta_paths)}
+
+    def visit(holder: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module, nn.Module, str]]:
+        for name, child in holder.named_children():
+            path = f"{prefix}{name}"
+            yield path, child, holder, name
+            yield from visit(unwrapped(child), path + ".")
+
+    yield from visit(unwrapped(model), "")
 
 
 def find_targets(
@@ -84,16 +94,15 @@ def find_targets(
     Raises:
         TargetError: when nothing matches; the message lists the closest existing module names.
     """
-    modules = dict(model.named_modules())
-    delta_paths = [n for n, m in modules.items() if getattr(m, "_delta_base_child", None)]
+    walk = list(_walk(model))
     # Modules trained in full (task heads) are never wrapped, nor is anything inside them.
-    skip = {p for p, m in modules.items() if p and (name_matches(p, protected) or isinstance(m, ModulesToSaveWrapper))}
+    skip = {p for p, m, _, _ in walk if name_matches(p, protected) or isinstance(m, ModulesToSaveWrapper)}
     all_linear = target_modules == ALL_LINEAR
     if all_linear:
         skip |= output_head_paths(model)
     targets: list[Target] = []
-    for path, module in modules.items():
-        if not path or _is_inside_delta(path, delta_paths) or any(path == s or path.startswith(s + ".") for s in skip):
+    for path, module, parent, child in walk:
+        if any(path == s or path.startswith(s + ".") for s in skip):
             continue
         selected = is_linear_like(unwrapped(module)) if all_linear else name_matches(path, target_modules)
         if not selected or name_matches(path, config.exclude_modules):
@@ -102,8 +111,7 @@ def find_targets(
             index = layer_index(path, config.layers_pattern)
             if index is None or index not in config.layers_to_transform:
                 continue
-        parent_path, _, child = path.rpartition(".")
-        targets.append(Target(path, module, modules[parent_path], child))
+        targets.append(Target(path, module, parent, child))
     if not targets:
         raise TargetError(_nothing_matched_message(model, target_modules, config))
     return targets
