@@ -22,9 +22,9 @@ import os
 
 import pytest
 import torch
+from _contract_checks import ROWS, check_step_keeps_base, perturb, real_positions
 from _zoo import FAMILIES, tiny_inputs, tiny_model
 from conftest import model_output
-from test_contract import ROWS, _check_step_keeps_base, _perturb, _real_positions
 
 import deltatune as dt
 
@@ -125,10 +125,10 @@ def test_zoo(row: str, family: str, tmp_path) -> None:
     model = dt.get_delta_model(base, config)
     if spec.identity_start:
         assert torch.allclose(model_output(model, inputs), reference, atol=1e-6)
-    _perturb(model)
-    assert not torch.allclose(_real_positions(model_output(model, inputs), reference), reference, atol=1e-5)
+    perturb(model)
+    assert not torch.allclose(real_positions(model_output(model, inputs), reference), reference, atol=1e-5)
     _check_gradients(model, inputs, fam.moe)
-    _check_step_keeps_base(model)
+    check_step_keeps_base(model)
     model.zero_grad(set_to_none=True)
     expected = model_output(model, inputs)
     model.save_pretrained(tmp_path)
