@@ -255,11 +255,14 @@ def test_other_layer_methods_use_the_per_adapter_fallback(make_model: Any, metho
     assert_mixed_equals_solo(model, make_model.inputs(kind, batch=len(names)), names)
 
 
-@pytest.mark.parametrize("config", [dt.OFTConfig(r=4, oft_block_size=0, target_modules=["q_proj"]),
-                                    dt.LNTuningConfig(target_modules=["input_layernorm"])], ids=["oft", "ln_tuning"])
-def test_methods_without_routing_are_refused(make_model: Any, config: Any) -> None:
-    model = build(make_model, "llama_lm", {"a": config, "l": lora(2, 4)})
-    with pytest.raises(ConfigError, match="cannot share a mixed-adapter batch"):
+def test_layers_that_do_not_route_are_refused(make_model: Any, monkeypatch: Any) -> None:
+    """A layer class that overrides ``forward`` without routing rows is refused before any work."""
+    from deltatune.methods.oft.layer import OFTLinear
+
+    monkeypatch.setattr(OFTLinear, "routes_rows", False)
+    model = build(make_model, "llama_lm", {"a": dt.OFTConfig(r=4, oft_block_size=0, target_modules=["q_proj"]),
+                                           "l": lora(2, 4)})
+    with pytest.raises(ConfigError, match=r"\['oft'\] adapters cannot share a mixed-adapter batch"):
         model(**make_model.inputs("llama_lm", batch=2), adapter_names=["a", "l"])
 
 

@@ -5,12 +5,14 @@
 The copy starts equal to the original, so the model starts equal to the base. One adapter acts at a
 time (two copies of one norm do not compose). Merging copies the adapter's scale and shift into the
 base layer (the originals are kept aside); unmerging puts the originals back bit-exactly. Tensors
-are saved as HF peft saves them: ``<module>.ln_tuning_layers.weight`` (and ``.bias``).
+are saved as HF peft saves them: ``<module>.ln_tuning_layers.weight`` (and ``.bias``). In a mixed-adapter
+batch the input is normalised once and each row gets its own adapter's scale and shift (:mod:`.batched`).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,7 +21,9 @@ from torch import nn
 from ...errors import ConfigError, MergeError
 from ...layer import DeltaLayer
 from ...model_interface import is_norm_layer
+from ...routing import Routing, current_routing
 from ...targeting import unwrapped
+from .batched import is_affine_in_parameters, normalised, routed_affine, stack_affine
 from .config import LNTuningConfig
 
 
@@ -28,6 +32,7 @@ class LNTuningLayer(DeltaLayer):
 
     adapter_attr_names = ("ln_tuning_layers",)
     method_name = "ln_tuning"
+    routes_rows = True  # mixed-adapter batches: normalise once, each row's own scale and shift (see .batched)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -40,9 +45,41 @@ class LNTuningLayer(DeltaLayer):
             p.requires_grad_(False)  # DeltaModel decides what trains
         self.ln_tuning_layers[name] = tuned
 
+    def _affine_stack(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return stack_affine([*(self.ln_tuning_layers[n] for n in names), self.get_base_layer()])
+
+    def _gathers(self) -> bool:
+        """Whether mixed batches can gather scale and shift (an affine norm not wrapped by another method)."""
+        found = self.__dict__.get("_affine")
+        if found is None:
+            base = self.get_base_layer()
+            found = self.__dict__["_affine"] = self.base_layer is base and is_affine_in_parameters(base)
+        return found
+
+    def _routed_forward(self, routing: Routing, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Every row through its own adapter's copy of the norm (the base layer for rows of no adapter)."""
+        names, uniform = self.routed_names(routing)
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        if uniform:
+            return self.ln_tuning_layers[names[0]](x, *args, **kwargs)
+        slots = routing.slots(names, x.shape[0], x.device)  # (B,); len(names): the base layer
+        if self._gathers() and not args and not kwargs:
+            weight, bias = self.stacked(names, self._affine_stack)  # (K+1, C) each
+            return routed_affine(weight, bias, slots, normalised(self.get_base_layer(), x))
+        out = self.base_layer(x, *args, **kwargs)  # another form of norm: each copy on its own rows
+        for i, name in enumerate(names):
+            rows = (slots == i).nonzero().flatten()  # (n_i,)
+            if rows.numel():
+                out = out.index_copy(0, rows, self.ln_tuning_layers[name](x.index_select(0, rows), *args, **kwargs))
+        return out
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disabled and self.merged_adapters:
             self.unmerge()
+        routing = None if self.disabled else current_routing()
+        if routing is not None:
+            return self._routed_forward(routing, x, *args, **kwargs)
         live = [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
         if not live:
             return self.base_layer(x, *args, **kwargs)

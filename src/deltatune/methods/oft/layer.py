@@ -5,12 +5,14 @@
 Merging folds the rotation into the weight, ``W <- W R^T`` (``nn.Linear``, ``(out, in)``) or
 ``W <- R W`` (``Conv1D``, ``(in, out)``), where ``R = diag(R_1, ..., R_n)``; unmerging solves it back
 (``R`` from the truncated Cayley series is only nearly orthogonal, so no transpose shortcut).
-Tensor names are HF peft's: ``<module>.oft_R.weight``.
+Tensor names are HF peft's: ``<module>.oft_R.weight``. In a mixed-adapter batch each row is rotated by
+its own adapter's ``R``, gathered from a stack in one batched matmul (:mod:`.batched`).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,7 +20,9 @@ from torch import nn
 
 from ...layer import DeltaLayer
 from ...model_interface import is_linear_like, linear_dims
+from ...routing import Routing, current_routing
 from ...targeting import unwrapped
+from .batched import routed_rotate, stack_rotations
 from .config import OFTConfig
 from .rotation import BlockRotation, cayley, constrain, skew
 
@@ -39,6 +43,7 @@ def nearest_divisor(features: int, wanted: int) -> int:
 class OFTLinear(DeltaLayer):
     adapter_attr_names = ("oft_R",)
     method_name = "oft"
+    routes_rows = True  # mixed-adapter batches: each row rotated by its own adapter (see .batched)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -94,9 +99,29 @@ class OFTLinear(DeltaLayer):
         parts = x.to(blocks.dtype).reshape(*x.shape[:-1], n, blocks.shape[-1])  # (..., n, b)
         return torch.einsum("...nk,nkc->...nc", parts, blocks).reshape(x.shape).to(x.dtype)
 
+    def _rotation_stack(self, names: Sequence[str]) -> torch.Tensor:
+        """The adapters' rotations at their common block size plus an identity slot: ``(K+1, m, c, c)``."""
+        return stack_rotations([self._with_dropout(n, self.rotations(n)) for n in names],
+                               [self.blocks[n] for n in names])
+
+    def _routed_input(self, routing: Routing, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with each row rotated by its own adapter (none for the base model's rows)."""
+        names, uniform = self.routed_names(routing)
+        if not names:
+            return x
+        if uniform:
+            return self.rotate(names[0], x)
+        slots = routing.slots(names, x.shape[0], x.device)  # (B,)
+        dropout = self.training and any(self.options[n].module_dropout > 0 for n in names)
+        stack = self._rotation_stack(names) if dropout else self.stacked(names, self._rotation_stack)
+        return routed_rotate(stack, slots, x)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disabled and self.merged_adapters:
             self.unmerge()
+        routing = None if self.disabled else current_routing()
+        if routing is not None:
+            return self.base_layer(self._routed_input(routing, x), *args, **kwargs)
         if not self.disabled:
             for name in self.active_adapters:
                 if name not in self.merged_adapters:
