@@ -2,38 +2,106 @@
 
 Row ``b`` has ``P_b`` prefix positions (``0`` for rows of the base model or of a layer method). The
 cache holds ``P = max P_b`` positions per layer, row ``b``'s prefix in its last ``P_b`` with zeros
-before it, and the attention mask gains ``[0]*(P - P_b) + [1]*P_b`` in front, so no query attends to
-the padding. Positions follow the solo run: the input starts at position ``P_b`` (passed as
-``position_ids``; ``generate`` derives the same from the mask). Decoder-only and encoder models;
-encoder-decoder models and ``encoder_prefix`` are refused (use one adapter per call there).
+before it, and the (decoder) attention mask gains ``[0]*(P - P_b) + [1]*P_b`` in front, so no query
+attends to the padding. Positions follow the solo run:
+
+* decoder-only and encoder models: the input starts at position ``P_b`` (passed as ``position_ids``;
+  ``generate`` derives the same from the mask);
+* encoder-decoder models: the prefixes sit in the decoder self-attention cache, each adapter's layers
+  fed from its own stored blocks (HF peft's ``2l mod L`` pairing included). The decoder's positions
+  start after the whole cache, which equals the solo run only where positions are relative (T5's
+  bias depends on ``key - query``, the same for every real column whatever the padding). A probe run
+  once per model (:func:`padding_is_position_free`) checks that a masked padding column changes
+  nothing; decoders with absolute positions (BART) are refused with a clear error when the prefix
+  counts of the batch differ.
+
+``encoder_prefix`` adapters (prefixes in the encoder and cross-attention too) are refused: use one
+adapter per call there.
 """
 
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ...errors import ConfigError
-from ...routing import Routing
+from ...routing import Routing, routed
 from .cache import KVLayout, _new_cache
 
 if TYPE_CHECKING:
     from transformers import Cache
 
-PrefixTuningDelta = Any  # the package's class (it imports this module); read: layout, extra_sites, table()
+PrefixTuningDelta = Any  # the package's class (it imports this module); read: layout, blocks, extra_sites, table()
+
+_POSITION_FREE: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 def _check(deltas: dict[str, PrefixTuningDelta]) -> KVLayout:
     layout = next(iter(deltas.values())).layout
-    if layout.encoder_decoder or any(d.extra_sites for d in deltas.values()):
+    if any(d.extra_sites for d in deltas.values()):
         raise ConfigError(
-            "Prefix-tuning adapters of an encoder-decoder model cannot share a mixed-adapter batch yet; call them "
-            "one adapter at a time (set_adapter), or use prompt tuning / a layer method for mixed batches."
+            "Prefix-tuning adapters with encoder_prefix=True cannot share a mixed-adapter batch yet; call them "
+            "one adapter at a time (set_adapter), or use adapters without encoder_prefix in mixed batches."
         )
     return layout
+
+
+def _by_model_layer(delta: PrefixTuningDelta, dtype: torch.dtype) -> torch.Tensor:
+    """Adapter ``delta``'s prefix table ``(P_n, L*2*D)`` with block ``l`` the one model layer ``l`` reads."""
+    table = delta.table().to(dtype)  # (P_n, blocks*2*D)
+    blocks = list(delta.blocks)
+    if blocks == list(range(len(blocks))):
+        return table
+    width = 2 * delta.layout.num_heads * delta.layout.head_dim
+    return table.view(table.shape[0], -1, width)[:, blocks].reshape(table.shape[0], -1)
+
+
+def padding_is_position_free(model: nn.Module, layout: KVLayout, dtype: torch.dtype) -> bool:
+    """Whether a masked padding column in front of the decoder cache leaves the output unchanged.
+
+    Runs the model twice on one token (outside the routing, in eval mode, once per model): with a
+    one-position cache, and with the same cache behind one masked zero column."""
+    found = _POSITION_FREE.get(model)
+    if found is not None:
+        return found
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    kv = torch.randn(2, 1, layout.num_heads, 1, layout.head_dim, generator=gen).to(device, dtype)
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    outputs = []
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        for pad in (0, 1):
+            cache = _new_cache(layout.encoder_decoder)
+            target = getattr(cache, "self_attention_cache", cache)
+            keys = torch.cat([torch.zeros_like(kv[:, :, :, :pad]), kv], dim=3)  # (2, 1, H, 1 + pad, Dh)
+            for layer in range(layout.num_layers):
+                target.update(keys[0], keys[1], layer)
+            mask = torch.tensor([[0] * pad + [1, 1]], device=device)
+            with routed(None), torch.no_grad():
+                out = model(input_ids=token, attention_mask=torch.ones_like(token), decoder_input_ids=token,
+                            decoder_attention_mask=mask, **{layout.cache_kwarg: cache})
+            outputs.append(out[0].float())
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    found = bool(torch.allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-5))
+    _POSITION_FREE[model] = found
+    return found
+
+
+def _refuse_absolute_positions(model: nn.Module, layout: KVLayout, counts: set[int], dtype: torch.dtype) -> None:
+    if layout.encoder_decoder and len(counts) > 1 and not padding_is_position_free(model, layout, dtype):
+        raise ConfigError(
+            f"{type(model).__name__}'s decoder counts positions from the length of its cache, so rows with different "
+            f"prefix lengths {sorted(counts)} (0: no prefix) cannot share a mixed-adapter batch exactly. Batch rows "
+            "whose adapters have equal num_virtual_tokens (and no rows without a prefix), or call one adapter at a time."
+        )
 
 
 def routed_prefixes(deltas: dict[str, PrefixTuningDelta], routing: Routing, rows: int,
@@ -42,7 +110,7 @@ def routed_prefixes(deltas: dict[str, PrefixTuningDelta], routing: Routing, rows
     layout = _check(deltas)
     names = routing.name_of_row()
     repeat = rows // len(names)  # generate: each example's beams / returned sequences
-    tables = {n: d.table().to(dtype) for n, d in deltas.items()}  # (P_n, L*2*H*Dh)
+    tables = {n: _by_model_layer(d, dtype) for n, d in deltas.items()}  # (P_n, L*2*H*Dh)
     width = max(t.shape[0] for t in tables.values())
     flat = next(iter(tables.values())).shape[1]
     device = next(iter(tables.values())).device
@@ -56,22 +124,33 @@ def routed_prefixes(deltas: dict[str, PrefixTuningDelta], routing: Routing, rows
     if repeat > 1:
         block, mask = block.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
     kv = block.view(rows, width, -1, layout.num_heads, layout.head_dim).permute(2, 0, 3, 1, 4)  # (2L, B, H, P, Dh)
-    cache = _new_cache(False)
+    cache = _new_cache(layout.encoder_decoder)
+    target = getattr(cache, "self_attention_cache", cache)  # encoder-decoder: the decoder's self-attention
     for layer in range(layout.num_layers):
-        cache.update(kv[2 * layer].contiguous(), kv[2 * layer + 1].contiguous(), layer)
+        target.update(kv[2 * layer].contiguous(), kv[2 * layer + 1].contiguous(), layer)
     return cache, mask, width, layout
+
+
+def _counts(routing: Routing, deltas: dict[str, PrefixTuningDelta]) -> set[int]:
+    """The distinct prefix lengths of the batch's rows (0: a row without a prefix)."""
+    return {deltas[n].num_virtual_tokens if n in deltas else 0 for n in routing.name_of_row()}
 
 
 def run_routed(model: nn.Module, call: dict[str, Any], routing: Routing, deltas: dict[str, PrefixTuningDelta],
                batch: int, dtype: torch.dtype) -> Any:
     """``model(**call)`` with every row's own prefix in the cache."""
+    _refuse_absolute_positions(model, _check(deltas), _counts(routing, deltas), dtype)
     cache, prefix_mask, _, layout = routed_prefixes(deltas, routing, batch, dtype)
-    seq = next(call[k] for k in ("input_ids", "inputs_embeds") if call.get(k) is not None).shape[1]
-    mask = call.get("attention_mask")
+    mask_key, inputs = "attention_mask", ("input_ids", "inputs_embeds")
+    if layout.encoder_decoder:  # the prefixes are the decoder's; its input may come from the labels
+        mask_key, inputs = "decoder_attention_mask", ("decoder_input_ids", "decoder_inputs_embeds", "labels")
+    seq = next(call[k] for k in inputs if call.get(k) is not None).shape[1]
+    mask = call.get(mask_key)
     if mask is None:
         mask = torch.ones(batch, seq, dtype=torch.long, device=prefix_mask.device)
-    call["attention_mask"] = torch.cat([prefix_mask.to(mask.dtype), mask], dim=1)
-    if call.get("position_ids") is None and "position_ids" in inspect.signature(model.forward).parameters:
+    call[mask_key] = torch.cat([prefix_mask.to(mask.dtype), mask], dim=1)
+    if (not layout.encoder_decoder and call.get("position_ids") is None
+            and "position_ids" in inspect.signature(model.forward).parameters):
         lengths = prefix_mask.sum(1, keepdim=True)  # (B, 1)
         call["position_ids"] = lengths + torch.arange(seq, device=lengths.device)  # the solo run's positions
     call[layout.cache_kwarg] = cache
@@ -84,11 +163,19 @@ def generate_routed(model: nn.Module, kwargs: dict[str, Any], routing: Routing,
     kwargs = dict(kwargs)
     source = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
     batch, seq = source.shape[:2]
+    _refuse_absolute_positions(model, _check(deltas), _counts(routing, deltas), dtype)
     cache, prefix_mask, _, layout = routed_prefixes(deltas, routing, batch * expand, dtype)
-    mask = kwargs.get("attention_mask")
-    if mask is None:
-        mask = torch.ones(batch, seq, dtype=torch.long, device=source.device)
-    kwargs["attention_mask"] = torch.cat([prefix_mask[::expand].to(mask.dtype), mask], dim=1)
+    if layout.encoder_decoder:  # the decoder starts from its start token; generate extends this mask every step
+        if kwargs.get("decoder_input_ids") is not None or kwargs.get("decoder_attention_mask") is not None:
+            raise ConfigError("A mixed-adapter prefix-tuning generate on an encoder-decoder model starts the decoder "
+                              "itself; leave out decoder_input_ids and decoder_attention_mask.")
+        ones = torch.ones(batch, 1, dtype=torch.long, device=source.device)
+        kwargs["decoder_attention_mask"] = torch.cat([prefix_mask[::expand].to(ones.dtype), ones], dim=1)
+    else:
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(batch, seq, dtype=torch.long, device=source.device)
+        kwargs["attention_mask"] = torch.cat([prefix_mask[::expand].to(mask.dtype), mask], dim=1)
     kwargs[layout.cache_kwarg] = cache
     kwargs["use_cache"] = True
     return model.generate(**kwargs)
