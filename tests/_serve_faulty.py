@@ -12,16 +12,16 @@ from typing import Any
 from deltatune.cli import main
 from deltatune.serve import engine
 
-_real_forward_rows = engine.forward_rows
+_real_step_rows = engine.step_rows
 
 
-def _forward_rows_failing_for_boom(model: Any, names: Any, inputs: Any, tensors: Any) -> Any:
-    if "boom" in names and inputs["input_ids"].shape[1] == 1:  # decoding steps only: the prefill works
+def _step_rows_failing_for_boom(model: Any, names: Any, inputs: Any, tensors: Any) -> Any:
+    if "boom" in names:  # decoding steps only: the prefill works
         raise RuntimeError("injected fault for adapter boom")
-    return _real_forward_rows(model, names, inputs, tensors)
+    return _real_step_rows(model, names, inputs, tensors)
 
 
-engine.forward_rows = _forward_rows_failing_for_boom
+engine.step_rows = _step_rows_failing_for_boom
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -118,7 +118,7 @@ def test_serve_loads_a_quantized_base_and_decodes_a_mixed_batch(qrun: dict) -> N
     pytest.importorskip("fastapi")
     from deltatune.cli import build_parser
     from deltatune.quant import quantization
-    from deltatune.serve.mixed_forward import BASE, forward_rows
+    from deltatune.serve.mixed_forward import BASE, prefill_rows
     from deltatune.serve.server import build_server
 
     args = build_parser().parse_args(["serve", "--model", str(qrun["model"]), "--quantize", "nf4",
@@ -130,7 +130,7 @@ def test_serve_loads_a_quantized_base_and_decodes_a_mixed_batch(qrun: dict) -> N
     ids = torch.randint(4, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.no_grad():
-        logits, _ = forward_rows(model, ["qa", BASE], inputs, [])
+        logits, _, _ = prefill_rows(model, ["qa", BASE], inputs)
         alone = model(input_ids=ids[:1]).logits[:, -1]
         with model.disable_adapter():
             base = model(input_ids=ids).logits[:, -1]

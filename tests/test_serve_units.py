@@ -16,7 +16,7 @@ import torch
 
 import deltatune as dt
 from deltatune.serve.batch_cache import BatchCache
-from deltatune.serve.mixed_forward import BASE, forward_rows
+from deltatune.serve.mixed_forward import BASE, prefill_rows, step_rows
 from deltatune.serve.sampling import SamplingParams, make_generator, pick_token
 from deltatune.serve.text import TextTracker
 
@@ -54,16 +54,16 @@ def test_batch_rows_joining_and_leaving_equal_each_sequence_alone(make_model: An
         """Prefill the newcomers in one left-padded forward (one row per adapter name) and add them."""
         prompts = [torch.randint(1, 100, (length,), generator=gen).tolist() for _, length in newcomers]
         inputs = BatchCache.prefill_inputs(prompts)
-        logits, tensors = forward_rows(model, [name for name, _ in newcomers], inputs, [])
+        logits, tensors, mask = prefill_rows(model, [name for name, _ in newcomers], inputs)
         for row, ((name, _), prompt) in enumerate(zip(newcomers, prompts)):
             torch.testing.assert_close(logits[row], _alone(model, name, prompt), atol=1e-4, rtol=1e-4)
             names.append(name)
             seqs.append(prompt + [int(logits[row].argmax())])
-        batch.join(tensors, inputs["attention_mask"])
+        batch.join(tensors, mask)
 
     def step() -> None:
         calls.clear()
-        logits, tensors = forward_rows(model, names, batch.step_inputs([s[-1] for s in seqs]), batch.tensors)
+        logits, tensors = step_rows(model, names, batch.step_inputs([s[-1] for s in seqs]), batch.tensors)
         assert len(calls) == 1  # one forward of the causal LM for every row, whatever the adapter mix
         batch.advance(tensors)
         for row, seq in enumerate(seqs):
@@ -126,6 +126,54 @@ def test_serve_refuses_bad_options_before_loading_anything(tmp_path: Any, capsys
                         (["--max-batch", "0"], "--max-batch must be at least 1")):
         assert main(["serve", "--model", missing_model, *args]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_virtual_token_and_prefix_rows_share_steps_with_layer_rows(make_model: Any) -> None:
+    """Prompt tuning, P-tuning and prefix tuning rows: prefilled per input family (what the adapter puts in
+    front enters the row's cache), then decoded in ONE forward with LoRA / IA3 / base rows; every step's
+    logits equal a plain forward of that sequence alone with its adapter (the solo path, no cache)."""
+    from deltatune.serve.mixed_forward import prefill_groups
+
+    model = _two_adapter_model(make_model)
+    model.add_adapter("p", dt.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    model.add_adapter("t", dt.PTuningConfig(num_virtual_tokens=2, encoder_hidden_size=16, task_type="CAUSAL_LM"))
+    model.add_adapter("x", dt.PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # non-zero virtual tokens / prefixes of a clear size
+        for name, param in model.named_parameters():
+            if "input_deltas" in name:
+                param.copy_(torch.randn(param.shape, generator=gen))
+    model.eval()
+    names = ["x", "a", "p", BASE, "t", "b", "x"]
+    lengths = [5, 3, 6, 4, 2, 7, 3]
+    groups = prefill_groups(model, names)
+    assert sorted(i for group in groups for i in group) == list(range(len(names))) and len(groups) == 2
+    assert {names[i] for i in groups[0]} >= {"x"} and {names[i] for i in groups[1]} == {"p", "t"}
+    calls: list[int] = []
+    model.base_model.register_forward_hook(lambda *_: calls.append(1))
+    batch, order, seqs = BatchCache(), [], []
+    for group in groups:
+        prompts = [torch.randint(1, 100, (lengths[i],), generator=gen).tolist() for i in group]
+        inputs = BatchCache.prefill_inputs(prompts)
+        logits, tensors, mask = prefill_rows(model, [names[i] for i in group], inputs)
+        for row, i in enumerate(group):
+            torch.testing.assert_close(logits[row], _alone(model, names[i], prompts[row]), atol=1e-4, rtol=1e-4)
+            order.append(names[i])
+            seqs.append(prompts[row] + [int(logits[row].argmax())])
+        batch.join(tensors, mask)
+    in_front = {"x": 4, "p": 3, "t": 2}  # virtual tokens / prefix positions, as configured above
+    assert batch.positions.tolist() == [len(s) - 1 + in_front.get(n, 0) for n, s in zip(order, seqs)]
+    for _ in range(3):
+        calls.clear()
+        logits, tensors = step_rows(model, order, batch.step_inputs([s[-1] for s in seqs]), batch.tensors)
+        assert len(calls) == 1  # every kind of adapter in one forward of the causal LM
+        batch.advance(tensors)
+        for row, seq in enumerate(seqs):
+            torch.testing.assert_close(logits[row], _alone(model, order[row], seq), atol=1e-4, rtol=1e-4)
+            seq.append(int(logits[row].argmax()))
+        keep = [r for r in range(len(seqs)) if order[r] != "p"]  # the prompt-tuning row leaves after a step
+        batch.keep(keep)
+        order, seqs = [order[r] for r in keep], [seqs[r] for r in keep]
 
 
 class _NumberTokenizer:

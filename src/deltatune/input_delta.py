@@ -52,6 +52,11 @@ class InputDelta(nn.Module):
         """``model.generate`` on a mixed batch (see :meth:`run_routed`)."""
         raise ConfigError(f"{cls.method_name} adapters cannot be used in a mixed-adapter batch (adapter_names).")
 
+    def leading_positions(self) -> int:
+        """Positions this adapter puts in front of a decoder-only model's input in a mixed batch
+        (virtual tokens, a key/value prefix): ``P_b`` of its rows in :func:`deltatune.mixed_batch.leading_mask`."""
+        return 0
+
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Tensors to save, keyed exactly as in HF peft's files (``"prompt_embeddings"``)."""
         raise NotImplementedError

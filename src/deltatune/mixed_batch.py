@@ -6,6 +6,11 @@ and made current for the whole call (every decoding step of ``generate`` include
 read it in their forward, input methods get the call through their ``run_routed`` / ``generate_routed``.
 ``model`` below is a :class:`~deltatune.model.DeltaModel` (not imported: the model imports this module).
 Unlike peft's, it is allowed in training mode: each example's loss reaches only its adapter's tensors.
+
+Step-by-step decoding outside ``generate`` (a server's continuous batching) uses three more calls:
+:func:`input_groups` (which rows may share their first forward), :func:`leading_mask` (the cache
+columns input methods put in front of each row at that first forward: virtual tokens, key/value
+prefixes) and :func:`routed_continuation` (a later step, with those contributions already cached).
 """
 
 from __future__ import annotations
@@ -108,3 +113,49 @@ def mixed_generate(model: nn.Module, adapter_names: list[str], kwargs: dict[str,
         if not deltas:
             return model.base_model.generate(**kwargs)
         return _input_runner(deltas).generate_routed(model.base_model, kwargs, routing, deltas)
+
+
+def _row_deltas(model: nn.Module, adapter_names: list[str]) -> list[InputDelta | None]:
+    return [model.input_deltas[n] if n in model.input_deltas else None  # noqa: SIM401 (ModuleDict has no .get)
+            for n in adapter_names]
+
+
+def input_groups(model: nn.Module, adapter_names: list[str]) -> list[list[int]]:
+    """Rows (indices into ``adapter_names``) that can share one first forward: a mixed batch holds input
+    adapters of one family only, so each family gets a group; rows of layer methods and of the base
+    join the first group. Every row is in exactly one group, in order within it."""
+    groups: dict[object, list[int]] = {}
+    plain: list[int] = []
+    for row, delta in enumerate(_row_deltas(model, adapter_names)):
+        if delta is None:
+            plain.append(row)
+        else:
+            groups.setdefault(type(delta).run_routed.__func__, []).append(row)
+    found = list(groups.values()) or [[]]
+    found[0] = sorted(found[0] + plain)
+    return [group for group in found if group]
+
+
+def leading_mask(model: nn.Module, adapter_names: list[str]) -> torch.Tensor:
+    """``(B, P)`` attention mask of the columns that input methods put in front of each row's input in a
+    first forward of a decoder-only model with ``adapter_names``: row ``b`` has ``P_b`` (its adapter's
+    :meth:`~deltatune.input_delta.InputDelta.leading_positions`) ones at the end, zeros before, ``P = max P_b``.
+    The first forward's cache is ``P`` columns wider than its input; these columns come first."""
+    lengths = [0 if d is None else d.leading_positions() for d in _row_deltas(model, adapter_names)]
+    width = max(lengths, default=0)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if n:
+            mask[row, width - n:] = 1
+    return mask
+
+
+def routed_continuation(model: nn.Module, adapter_names: list[str], kwargs: dict[str, Any]) -> Any:
+    """A later decoding step of rows whose first forward ran with ``adapter_names`` (and whose key/value
+    cache ``kwargs`` carries): what input methods contributed (virtual tokens, prefixes) is in that cache
+    already, so only the layer methods route; ``model.base_model(**kwargs)`` under the routing."""
+    if getattr(model, "_adapters_disabled", False):
+        return model.base_model(**kwargs)
+    routing = make_routing(model, adapter_names, batch_size((), kwargs))
+    with routed(routing):
+        return model.base_model(**kwargs)

@@ -7,7 +7,7 @@ Built on top of the core (nothing in the core or the training loop imports it):
 - :mod:`.adapters`     which adapters are loaded; safe run-time load/unload from ``--adapters-dir``
 - :mod:`.engine`       continuous batching: one forward per step for every running sequence
 - :mod:`.batch_cache`  the left-padded key/value cache of the running sequences
-- :mod:`.mixed_forward` one forward whose rows use different adapters
+- :mod:`.mixed_forward` first forwards and decoding steps whose rows use different adapters
 - :mod:`.sampling`     greedy / temperature / top-p choice of the next token
 - :mod:`.text`         generated ids -> streamed text, stop strings
 - :mod:`.app`          the FastAPI routes, auth and limits

@@ -6,6 +6,16 @@ relative, has no ``..`` part, and neither the folder nor any file in it resolves
 outside the directory. Every load goes through the fingerprint check of
 :meth:`deltatune.model.DeltaModel.load_adapter`, so an adapter trained on another base is refused.
 
+Whatever kind of adapter it is (a layer method such as LoRA, IA3 or OFT, or an input method such as
+prompt, P- or prefix tuning), a new adapter is served only if the mixed-adapter batch path can run it:
+right after loading, a one-token first forward and one decoding step run with it through the very
+calls the engine makes (:mod:`.mixed_forward`); whatever that path refuses is refused here with its
+reason, and the adapter is unloaded again. So the server follows the core without naming any method.
+
+Unloading an adapter that is serving requests drains it: it leaves the model list at once (new
+requests for it get a 404 that says it is being unloaded), the requests in flight finish, then it
+is unloaded between two decoding steps.
+
 The model changes only under ``lock``, which the engine holds around every forward, so adapters come
 and go between decoding steps.
 """
@@ -20,12 +30,11 @@ from torch import nn
 
 from ..config import read_config_file
 from ..errors import DeltaError
-from ..inject import iter_wrappers
-from ..layer import DeltaLayer
+from ..mixed_batch import leading_mask
 from ..model import DeltaModel
-from ..registry import get_method
+from .batch_cache import BatchCache
 from .errors import ApiError
-from .mixed_forward import BASE
+from .mixed_forward import BASE, prefill_rows, step_rows
 
 NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_\-:]{0,63}$")
 CONFIG_FILE = "adapter_config.json"
@@ -62,7 +71,8 @@ class AdapterRegistry:
         self.base_name = base_name
         self.adapters_dir = adapters_dir
         self.lock = threading.RLock()
-        self.names: list[str] = []
+        self.names: list[str] = []  # served: requests may name them
+        self.draining: list[str] = []  # unload asked while busy: no new requests, unloaded once idle
 
     def model_names(self) -> list[str]:
         return [self.base_name, *self.names]
@@ -71,10 +81,27 @@ class AdapterRegistry:
         """The adapter name a request's ``model`` field picks (``BASE`` for the base model); 404 otherwise."""
         if model == self.base_name:
             return BASE
-        if model in self.names:
-            return model
-        raise ApiError(404, f"The model {model!r} does not exist; loaded: {', '.join(self.model_names())}.",
+        self.check_served(model)
+        return model
+
+    def check_served(self, adapter: str) -> None:
+        """404 unless ``adapter`` (a name, or ``BASE``) may take new requests."""
+        if adapter == BASE or adapter in self.names:
+            return
+        why = " is being unloaded (its requests in flight finish first)" if adapter in self.draining else \
+            " does not exist"
+        raise ApiError(404, f"The model {adapter!r}{why}; loaded: {', '.join(self.model_names())}.",
                        param="model", code="model_not_found")
+
+    def leading_positions(self, adapter: str) -> int:
+        """Positions the adapter puts in front of a prompt (virtual tokens, a prefix): they count against the
+        model's context but not in the usage."""
+        if adapter == BASE or not isinstance(self.model, DeltaModel):
+            return 0
+        try:  # no lock (the event loop must not wait for a forward): an adapter unloaded meanwhile gets a 404 later
+            return int(leading_mask(self.model, [adapter]).shape[1])
+        except KeyError:
+            return 0
 
     def load_from_dir(self, name: str, relative: str) -> None:
         """Load an adapter from inside ``--adapters-dir`` (the HTTP route)."""
@@ -92,6 +119,9 @@ class AdapterRegistry:
         with self.lock:
             if name in self.names:
                 raise ApiError(409, f"An adapter named {name!r} is loaded already; unload it first.", param="name")
+            if name in self.draining:
+                raise ApiError(409, f"The adapter named {name!r} is being unloaded (its requests in flight finish "
+                               "first); load it again once it is gone from /health's draining_adapters.", param="name")
             try:
                 if isinstance(self.model, DeltaModel):
                     self.model.load_adapter(folder, name)
@@ -99,41 +129,52 @@ class AdapterRegistry:
                     self.model = DeltaModel.from_pretrained(self.model, folder, adapter_name=name)
             except DeltaError as exc:
                 raise ApiError(400, f"Cannot load adapter {name!r}: {exc}", param="path") from exc
-            self._check_routable(name)
             self.model.eval()
+            self._check_servable(name)
             self.names.append(name)
 
-    def unload(self, name: str, in_use: int) -> None:
+    def start_unload(self, name: str) -> None:
+        """Take ``name`` off the served adapters (no new requests); :meth:`finish_unload` removes it.
+        The caller holds the engine's job lock, so no request for it slips in between."""
+        if name in self.draining:
+            return
         if name not in self.names:
             raise ApiError(404, f"No adapter named {name!r}; loaded: {', '.join(self.names) or 'none'}.")
-        if in_use:
-            raise ApiError(409, f"Adapter {name!r} is serving {in_use} request(s); unload it when they are done.")
+        self.names.remove(name)
+        self.draining.append(name)
+
+    def finish_unload(self, name: str) -> None:
+        """Unload a drained adapter (no request uses it any more); a no-op when it is gone already."""
         with self.lock:
+            if name not in self.draining:
+                return
             assert isinstance(self.model, DeltaModel)
             self.model.delete_adapter(name)
-            self.names.remove(name)
+            self.draining.remove(name)
 
-    def _check_routable(self, name: str) -> None:
-        """Refuse (and unload) an adapter whose layers cannot serve rows of a mixed-adapter batch."""
+    def _check_servable(self, name: str) -> None:
+        """Run the new adapter as the engine will (a first forward, then a decoding step, in a mixed-adapter
+        batch next to the base); refuse and unload it when that path cannot serve it, with its reason."""
         assert isinstance(self.model, DeltaModel)
-        unrouted = sorted({w.method_name for _, w in iter_wrappers(self.model.base_model) if isinstance(w, DeltaLayer)
-                           and name in w.adapter_names and not w.serves_mixed_batches})
-        if unrouted:
+        names = [name, BASE]
+        try:
+            inputs = BatchCache.prefill_inputs([[0], [0, 0]])
+            _, tensors, mask = prefill_rows(self.model, names, inputs)
+            batch = BatchCache()
+            batch.join(tensors, mask)
+            step_rows(self.model, names, batch.step_inputs([0, 0]), batch.tensors)
+        except Exception as exc:  # whatever the mixed path refuses, the server refuses
             self.model.delete_adapter(name)
-            raise ApiError(400, f"Adapter {name!r} uses {', '.join(unrouted)}, whose layers cannot share a "
-                           "mixed-adapter batch yet; serve it with 'deltatune generate'.", param="path")
+            raise ApiError(400, f"Adapter {name!r} cannot be served: a mixed-adapter batch cannot hold it: "
+                           f"{exc} (use 'deltatune generate' for it).", param="path") from exc
 
     @staticmethod
     def _check_kind(folder: Path) -> None:
-        """Only causal-LM adapters of layer methods (LoRA, IA3, bottleneck...) mix in one batch."""
+        """The server generates text: causal-LM adapters only."""
         try:
             config = read_config_file(folder)
-            spec = get_method(str(config.get("peft_type")))
         except DeltaError as exc:
             raise ApiError(400, f"{folder.name}: not a readable adapter folder: {exc}", param="path") from exc
-        if spec.kind != "layer":
-            raise ApiError(400, f"{folder.name} is a {spec.name} adapter; the server batches layer-method adapters "
-                           "(LoRA, IA3, bottleneck); use 'deltatune generate' for prompt/prefix tuning.", param="path")
         if config.get("task_type") not in (None, "CAUSAL_LM"):
             raise ApiError(400, f"{folder.name} is a {config.get('task_type')} adapter; the server generates text "
                            "and needs a CAUSAL_LM adapter.", param="path")

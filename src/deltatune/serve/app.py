@@ -123,15 +123,17 @@ def _check_sampling(req: SamplingFields, limits: Limits, max_tokens: int | None)
     return SamplingParams(budget, req.temperature, req.top_p, list(req.stop or []), req.seed)
 
 
-def _check_prompt(ids: list[int], params: SamplingParams, limits: Limits) -> None:
+def _check_prompt(ids: list[int], params: SamplingParams, limits: Limits, in_front: int = 0) -> None:
+    """``in_front``: positions the adapter puts before the prompt (virtual tokens, a prefix)."""
     if not ids:
         raise ApiError(400, "The prompt is empty (no tokens).", param="prompt")
     if len(ids) > limits.max_prompt_tokens:
         raise ApiError(400, f"The prompt has {len(ids)} tokens; this server takes at most {limits.max_prompt_tokens}.",
                        param="prompt")
-    if len(ids) + params.max_tokens > limits.context_length:
-        raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) is over the model's "
-                       f"context of {limits.context_length} tokens; lower max_tokens.", param="max_tokens")
+    if in_front + len(ids) + params.max_tokens > limits.context_length:
+        front = f"the adapter's {in_front} virtual positions + " if in_front else ""
+        raise ApiError(400, f"{front}prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) is over the "
+                       f"model's context of {limits.context_length} tokens; lower max_tokens.", param="max_tokens")
 
 
 def chat_prompt_ids(tokenizer: Any, req: ChatRequest) -> list[int]:
@@ -171,11 +173,11 @@ def create_app(server: Server) -> FastAPI:
         return {"object": "adapter", "id": req.name, "loaded": True}
 
     @app.delete("/v1/adapters/{name}")
-    async def delete_adapter(name: str) -> dict[str, Any]:
-        def unload() -> None:
-            with server.registry.lock:
-                server.registry.unload(name, server.engine.jobs_using(name))
-        await asyncio.to_thread(unload)
+    async def delete_adapter(name: str) -> Any:
+        busy = await asyncio.to_thread(server.engine.unload, name)
+        if busy:  # drained: no new requests; unloaded once these finish (see /health's draining_adapters)
+            return JSONResponse({"object": "adapter", "id": name, "deleted": False, "draining": True,
+                                 "requests_in_flight": busy}, status_code=202)
         return {"object": "adapter", "id": name, "deleted": True}
 
     @app.post("/v1/completions")
@@ -199,8 +201,9 @@ async def generate(server: Server, request: Request, req: SamplingFields, prompt
                    params: SamplingParams, chat: bool) -> Any:
     """Submit one job per prompt and answer with the whole result or an SSE stream."""
     adapter = server.registry.resolve(req.model)
+    in_front = server.registry.leading_positions(adapter)
     for ids in prompts:
-        _check_prompt(ids, params, server.limits)
+        _check_prompt(ids, params, server.limits, in_front)
     collector = Collector(asyncio.get_running_loop())
     jobs = [Job(adapter, ids, params, req.n, collector.emitter(i)) for i, ids in enumerate(prompts)]
     try:
@@ -211,7 +214,7 @@ async def generate(server: Server, request: Request, req: SamplingFields, prompt
             server.engine.cancel(job)
         raise
     rid = new_id("chatcmpl" if chat else "cmpl")
-    prompt_tokens = sum(len(ids) for ids in prompts)
+    prompt_tokens = sum(len(ids) for ids in prompts)  # the prompt's own tokens: virtual tokens do not count
     if req.stream:
         return StreamingResponse(stream(server, jobs, collector, rid, req.model, prompt_tokens, chat),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -2,8 +2,11 @@
 
 Each loop turn (1) admits waiting jobs while slots are free and the turn's prompt-token budget lasts
 (so a crowd of newcomers is prefilled in chunks, with decoding steps for the running sequences in
-between): their prompts are prefilled in one forward (left-padded, each row with its job's adapter), each job's ``n`` choices pick their first
-tokens and join the batch with copies of the prompt's cache row; (2) runs ONE forward for all running sequences, each row with its own adapter,
+between): their prompts are prefilled in one forward (left-padded, each row with its job's adapter;
+one forward per input-method family, as a mixed batch holds one: prompt tuning and prefix tuning
+newcomers are prefilled apart, and what such an adapter puts in front of the prompt enters the row's
+cache there), each job's ``n`` choices pick their first tokens and join the batch with copies of the
+prompt's cache row; (2) runs ONE forward for all running sequences, each row with its own adapter,
 its own cache row and position (:mod:`.batch_cache`, :mod:`.mixed_forward`); (3) lets sequences that
 finished (end-of-sequence token, a stop string, ``max_tokens``) or whose client went away leave at
 once, freeing their slots for the next turn.
@@ -26,7 +29,7 @@ import torch
 
 from .batch_cache import BatchCache
 from .errors import ApiError
-from .mixed_forward import forward_rows
+from .mixed_forward import prefill_groups, prefill_rows, step_rows
 from .sampling import SamplingParams, make_generator, pick_token
 from .text import TextTracker
 
@@ -72,7 +75,7 @@ class Engine:
 
     def __init__(self, registry: Any, tokenizer: Any, eos_ids: set[int], max_batch: int = 32,
                  max_queue: int = 256, max_prefill_tokens: int = 512) -> None:
-        self.registry = registry  # .lock (held around every forward) and .model
+        self.registry = registry  # an AdapterRegistry: .lock (held around every forward), .model, .draining
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_batch = max_batch
@@ -96,6 +99,7 @@ class Engine:
                 raise ApiError(503, "The server is shutting down; no new requests are taken.")
             if len(self.waiting) >= self.max_queue:
                 raise ApiError(429, f"The queue is full ({self.max_queue} requests waiting); retry shortly.")
+            self.registry.check_served(job.adapter)  # 404 once its unload has begun
             job.open_choices = job.n
             self.waiting.append(job)
             self.jobs.add(job)
@@ -114,10 +118,26 @@ class Engine:
         with self.cond:
             return sum(job.adapter == adapter for job in self.jobs)
 
-    def stats(self) -> dict[str, int]:
+    def unload(self, adapter: str) -> int:
+        """Unload ``adapter`` now when no request uses it (returns 0), else drain it: new requests for it
+        get a 404 from now on, and the loop unloads it once its requests in flight (the count returned) are done."""
+        with self.cond:
+            self.registry.start_unload(adapter)  # 404 for an unknown adapter
+            busy = sum(job.adapter == adapter for job in self.jobs)
+            self.cond.notify()
+        if not busy:
+            self.registry.finish_unload(adapter)
+        return busy
+
+    def _drained(self) -> list[str]:
+        """Draining adapters no request uses any more (call with ``cond`` held)."""
+        used = {job.adapter for job in self.jobs} | {seq.job.adapter for seq in self.seqs}
+        return [name for name in self.registry.draining if name not in used]
+
+    def stats(self) -> dict[str, Any]:
         with self.cond:
             return {"running_sequences": len(self.seqs), "waiting_requests": len(self.waiting),
-                    "slots": self.max_batch}
+                    "slots": self.max_batch, "draining_adapters": list(self.registry.draining)}
 
     def stop(self, timeout: float = 5.0) -> None:
         """Cancel what is left and end the loop (the HTTP server has already drained its requests)."""
@@ -133,10 +153,11 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.cond:
-                while not self.stopping and not self.waiting and not self.seqs:
+                while not self.stopping and not self.waiting and not self.seqs and not self._drained():
                     self.cond.wait()
                 if self.stopping:
                     return
+                drained = self._drained()
                 admitted: list[Job] = []
                 free, budget = self.max_batch - len(self.seqs), self.max_prefill_tokens
                 while self.waiting and self.waiting[0].n <= free and (
@@ -144,26 +165,38 @@ class Engine:
                     job = self.waiting.popleft()
                     free, budget = free - job.n, budget - len(job.prompt_ids)
                     admitted.append(job)
+            for name in drained:  # between two steps: no forward is running
+                self.registry.finish_unload(name)
             self._prefill(admitted)
             self._drop_cancelled()
             if self.seqs:
                 self._decode_step()
 
     def _prefill(self, jobs: list[Job]) -> None:
-        """One forward over the newcomers' prompts (each with its adapter); their choices join the batch."""
+        """First forwards of the newcomers' prompts (each with its adapter; one per group of rows that
+        may share one, see :func:`.mixed_forward.prefill_groups`); their choices join the batch."""
         jobs = [job for job in jobs if not job.cancelled.is_set()]
         if not jobs:
             return
+        try:
+            with self.registry.lock:
+                groups = prefill_groups(self.registry.model, [job.adapter for job in jobs])
+        except Exception:  # noqa: BLE001 (an adapter that cannot be grouped fails alone, below)
+            groups = [[i] for i in range(len(jobs))]
+        for group in groups:
+            self._prefill_group([jobs[i] for i in group])
+
+    def _prefill_group(self, jobs: list[Job]) -> None:
         inputs = BatchCache.prefill_inputs([job.prompt_ids for job in jobs])
         try:
             with self.registry.lock:
-                logits, tensors = forward_rows(self.registry.model, [job.adapter for job in jobs], inputs, [])
+                logits, tensors, mask = prefill_rows(self.registry.model, [job.adapter for job in jobs], inputs)
         except Exception as exc:  # noqa: BLE001 (find the jobs that fail alone; the others go on)
             if len(jobs) == 1:
                 self._fail(jobs[0], exc)
             else:
                 for job in jobs:
-                    self._prefill([job])
+                    self._prefill_group([job])
             return
         rows: list[int] = []
         for row, job in enumerate(jobs):
@@ -176,14 +209,14 @@ class Engine:
         if rows:
             index = torch.tensor(rows)  # a job's prompt row once per running choice
             self.batch.join([(k.index_select(0, index), v.index_select(0, index)) for k, v in tensors],
-                            inputs["attention_mask"].index_select(0, index))
+                            mask.index_select(0, index))
 
     def _decode_step(self) -> None:
         names = [s.job.adapter for s in self.seqs]
         inputs = self.batch.step_inputs([s.last_token for s in self.seqs])
         try:
             with self.registry.lock:
-                logits, tensors = forward_rows(self.registry.model, names, inputs, self.batch.tensors)
+                logits, tensors = step_rows(self.registry.model, names, inputs, self.batch.tensors)
             self.batch.advance(tensors)
         except Exception:  # noqa: BLE001 (find the rows that fail alone; the others go on)
             logits = self._retry_rows_alone(names, inputs)
@@ -198,7 +231,7 @@ class Engine:
             one = torch.tensor([row])
             try:
                 with self.registry.lock:
-                    row_logits, row_tensors = forward_rows(
+                    row_logits, row_tensors = step_rows(
                         self.registry.model, [names[row]], {k: v.index_select(0, one) for k, v in inputs.items()},
                         [(k.index_select(0, one), v.index_select(0, one)) for k, v in self.batch.tensors])
             except Exception as exc:  # noqa: BLE001

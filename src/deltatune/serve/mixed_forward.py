@@ -1,10 +1,18 @@
-"""One forward of a batch whose rows use different adapters (or the base model).
+"""Forwards of a batch whose rows use different adapters (or the base model).
 
-``forward_rows(model, names, inputs, tensors)`` runs the causal LM on ``inputs`` with row ``b`` seeing
-adapter ``names[b]`` (``BASE`` for the base model alone) and the cached keys/values ``tensors``; it
-returns each row's next-token logits and the grown cache. The routing is the core's mixed-adapter
-batch (``delta_model(**batch, adapter_names=[...])``, HF peft's keyword and sentinel): one call for
-the whole batch, whatever mix of adapters it holds.
+``prefill_rows(model, names, inputs)`` runs the first forward of new sequences, row ``b`` with adapter
+``names[b]`` (``BASE`` for the base model alone), through the core's mixed-adapter batch
+(``delta_model(**batch, adapter_names=[...])``, HF peft's keyword and sentinel). Whatever the row's
+adapter adds in front of its input (an input method's virtual tokens or key/value prefix) enters the
+row's cache there, at the positions of the solo ``generate``; the cache's attention mask is the
+input's with :func:`deltatune.mixed_batch.leading_mask` in front:
+
+    cache row b = [pad .. ; lead_1 .. lead_{P_b} ; pad .. ; x_1 .. x_{S_b}]     (P + S columns)
+
+``step_rows(model, names, inputs, tensors)`` runs one decoding step on the cached keys/values: the
+input methods' part is in the cache, so only layer methods route
+(:func:`deltatune.mixed_batch.routed_continuation`). Rows of every kind share that one call. Both
+return each row's next-token logits and the cache; the serve code never asks which method a row uses.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..mixed_batch import input_groups, leading_mask, routed_continuation
 from ..model import DeltaModel
 from .batch_cache import layer_tensors
 
@@ -38,6 +47,10 @@ def _accepts(model: nn.Module, name: str) -> bool:
     return name in _SIGNATURES[type(lm)]
 
 
+def _cache_kwarg(model: nn.Module) -> str:
+    return "cache" if _accepts(model, "cache") else "past_key_values"
+
+
 def _cache_of(tensors: Tensors) -> object:
     """A transformers ``DynamicCache`` that holds ``tensors`` without copying them."""
     from transformers import DynamicCache
@@ -55,17 +68,51 @@ def _cache_of(tensors: Tensors) -> object:
     return cache
 
 
-@torch.no_grad()
-def forward_rows(model: nn.Module, names: Sequence[str], inputs: dict[str, torch.Tensor],
-                 tensors: Tensors) -> tuple[torch.Tensor, Tensors]:
-    """Next-token logits ``(B, V)`` of every row with its own adapter, and the cache one step longer."""
-    cache = _cache_of(tensors)
-    kwargs: dict[str, object] = {"cache" if _accepts(model, "cache") else "past_key_values": cache, "use_cache": True}
+def _common(model: nn.Module, names: Sequence[str]) -> dict[str, object]:
+    kwargs: dict[str, object] = {"use_cache": True}
     if _accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
-    if isinstance(model, DeltaModel):
-        kwargs["adapter_names"] = list(names)
-    elif any(name != BASE for name in names):  # no adapter loaded: only the base can be asked for
+    if not isinstance(model, DeltaModel) and any(name != BASE for name in names):
         raise ValueError(f"adapters {sorted(set(names) - {BASE})} asked of a model without adapters")
-    out = model(**inputs, **kwargs)
-    return out.logits[:, -1, :], layer_tensors(cache)  # (B, V)
+    return kwargs
+
+
+def prefill_groups(model: nn.Module, names: Sequence[str]) -> list[list[int]]:
+    """Rows of ``names`` that may share one :func:`prefill_rows` call (one input-method family each)."""
+    if not isinstance(model, DeltaModel):
+        return [list(range(len(names)))]
+    return input_groups(model, list(names))
+
+
+@torch.no_grad()
+def prefill_rows(model: nn.Module, names: Sequence[str], inputs: dict[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, Tensors, torch.Tensor]:
+    """First forward of new rows: logits ``(B, V)``, the cache ``(B, H, P + S, D)`` per layer and its mask ``(B, P + S)``."""
+    kwargs = _common(model, names)
+    if isinstance(model, DeltaModel):
+        out = model(**inputs, **kwargs, adapter_names=list(names))
+        lead = leading_mask(model, list(names)).to(inputs["attention_mask"])  # (B, P)
+    else:
+        out = model(**inputs, **kwargs)
+        lead = inputs["attention_mask"][:, :0]
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    tensors = layer_tensors(cache)
+    mask = torch.cat([lead, inputs["attention_mask"]], dim=1)
+    if tensors and tensors[0][0].shape[-2] != mask.shape[1]:
+        raise RuntimeError(f"the first forward cached {tensors[0][0].shape[-2]} positions per row, but the adapters "
+                           f"account for {mask.shape[1]} (input {inputs['attention_mask'].shape[1]}, in front "
+                           f"{lead.shape[1]}); this model's cache layout cannot be batched by the server")
+    return out.logits[:, -1, :], tensors, mask
+
+
+@torch.no_grad()
+def step_rows(model: nn.Module, names: Sequence[str], inputs: dict[str, torch.Tensor],
+              tensors: Tensors) -> tuple[torch.Tensor, Tensors]:
+    """Next-token logits ``(B, V)`` of every row with its own adapter, and the cache one step longer."""
+    cache = _cache_of(tensors)
+    kwargs = {**_common(model, names), _cache_kwarg(model): cache, **inputs}
+    if isinstance(model, DeltaModel):
+        out = routed_continuation(model, list(names), kwargs)
+    else:
+        out = model(**kwargs)
+    return out.logits[:, -1, :], layer_tensors(cache)

@@ -113,6 +113,9 @@ class VirtualTokenDelta(InputDelta):
         """The virtual tokens the model reads, ``(P, D)``."""
         return self.table()[: self.num_virtual_tokens]
 
+    def leading_positions(self) -> int:
+        return self.num_virtual_tokens
+
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return model(**prepend_prompts(model, bind_call(model, args, kwargs), self.prompts()))
 

@@ -86,6 +86,9 @@ class PrefixTuningDelta(InputDelta):
         self.extra_sites = [sites for sites, _ in extra]  # plain list: the base model's modules stay unregistered
         self.extra_tables = nn.ModuleList(table for _, table in extra)
 
+    def leading_positions(self) -> int:
+        return self.num_virtual_tokens
+
     def _hooks(self) -> Any:
         """The encoder / cross-attention prefixes in place for one call (nothing without ``encoder_prefix``)."""
         if not self.extra_sites:

@@ -6,7 +6,9 @@ before it, and the (decoder) attention mask gains ``[0]*(P - P_b) + [1]*P_b`` in
 attends to the padding. Positions follow the solo run:
 
 * decoder-only and encoder models: the input starts at position ``P_b`` (passed as ``position_ids``;
-  ``generate`` derives the same from the mask);
+  ``generate`` derives the same from the mask). Explicit ``position_ids`` count the input's own tokens
+  (as in the virtual-token mixed batch) and are shifted by ``P_b``, so a left-padded input keeps each
+  row's solo positions;
 * encoder-decoder models: the prefixes sit in the decoder self-attention cache, each adapter's layers
   fed from its own stored blocks (HF peft's ``2l mod L`` pairing included). The decoder's positions
   start after the whole cache, which equals the solo run only where positions are relative (T5's
@@ -149,9 +151,11 @@ def run_routed(model: nn.Module, call: dict[str, Any], routing: Routing, deltas:
     if mask is None:
         mask = torch.ones(batch, seq, dtype=torch.long, device=prefix_mask.device)
     call[mask_key] = torch.cat([prefix_mask.to(mask.dtype), mask], dim=1)
-    if (not layout.encoder_decoder and call.get("position_ids") is None
-            and "position_ids" in inspect.signature(model.forward).parameters):
-        lengths = prefix_mask.sum(1, keepdim=True)  # (B, 1)
+    lengths = prefix_mask.sum(1, keepdim=True)  # (B, 1)
+    own_positions = not layout.encoder_decoder  # an encoder-decoder's decoder starts after the whole cache
+    if own_positions and call.get("position_ids") is not None:  # counted on the input: shift past the prefix
+        call["position_ids"] = call["position_ids"] + lengths.to(call["position_ids"].dtype)
+    elif own_positions and "position_ids" in inspect.signature(model.forward).parameters:
         call["position_ids"] = lengths + torch.arange(seq, device=lengths.device)  # the solo run's positions
     call[layout.cache_kwarg] = cache
     return model(**call)
