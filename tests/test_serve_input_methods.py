@@ -1,5 +1,6 @@
-"""``deltatune serve`` with input-method adapters (prompt tuning, P-tuning, prefix tuning) next to LoRA and the
-base, and unloading an adapter that is busy (draining). A real server process, the official ``openai`` client.
+"""``deltatune serve`` with input-method adapters (prompt tuning, P-tuning, prefix tuning) and OFT / LN-tuning
+adapters next to LoRA and the base, and unloading an adapter that is busy (draining). A real server process,
+the official ``openai`` client.
 
 The reference for every greedy answer is ``generate`` with that one adapter set, one prompt at a time in
 this test process: the solo path of each method (virtual tokens prepended to the input embeddings, a
@@ -27,18 +28,20 @@ from _serve_world import ServerProcess, build_adapter, build_base, load_base, re
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "Paris is the capital of"]
 VIRTUAL = {"prompt": 5, "ptune": 3, "prefix": 6}  # the adapters' num_virtual_tokens
+SERVED = ("lora", "prompt", "ptune", "prefix", "oft", "ln")  # loaded at start (lora2 is loaded at run time)
 
 
-def _input_adapter(base: Path, out: Path, config: Any, seed: int) -> Path:
-    """An input-method adapter with random non-zero virtual tokens / prefixes (as after training)."""
+def _random_adapter(base: Path, out: Path, config: Any, seed: int) -> Path:
+    """An adapter whose trainable tensors are moved away from their init (as after training): virtual tokens,
+    prefixes, OFT rotations (identity at init), LayerNorm scales and shifts."""
     import deltatune as dt
 
     model = dt.get_delta_model(load_base(base), config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=gen))
+                param.add_(torch.randn(param.shape, generator=gen) * 0.5)
     model.save_pretrained(out)
     return out
 
@@ -53,15 +56,18 @@ class World:
         self.adapters = root / "adapters"
         build_adapter(self.base, self.adapters / "lora", seed=1)
         build_adapter(self.base, self.adapters / "lora2", seed=2, targets=("k_proj", "o_proj"))
-        _input_adapter(self.base, self.adapters / "prompt", dt.PromptTuningConfig(
-            num_virtual_tokens=VIRTUAL["prompt"], task_type="CAUSAL_LM"), seed=3)
-        _input_adapter(self.base, self.adapters / "ptune", dt.PTuningConfig(
-            num_virtual_tokens=VIRTUAL["ptune"], encoder_hidden_size=16, task_type="CAUSAL_LM"), seed=4)
-        _input_adapter(self.base, self.adapters / "prefix", dt.PrefixTuningConfig(
-            num_virtual_tokens=VIRTUAL["prefix"], task_type="CAUSAL_LM"), seed=5)
+        configs = {"prompt": dt.PromptTuningConfig(num_virtual_tokens=VIRTUAL["prompt"], task_type="CAUSAL_LM"),
+                   "ptune": dt.PTuningConfig(num_virtual_tokens=VIRTUAL["ptune"], encoder_hidden_size=16,
+                                             task_type="CAUSAL_LM"),
+                   "prefix": dt.PrefixTuningConfig(num_virtual_tokens=VIRTUAL["prefix"], task_type="CAUSAL_LM"),
+                   "oft": dt.OFTConfig(oft_block_size=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                       task_type="CAUSAL_LM"),
+                   "ln": dt.LNTuningConfig(task_type="CAUSAL_LM")}
+        for seed, (name, config) in enumerate(configs.items(), start=3):
+            _random_adapter(self.base, self.adapters / name, config, seed)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base)
         model = dt.DeltaModel.from_pretrained(load_base(self.base), self.adapters / "lora", adapter_name="lora")
-        for name in ("lora2", "prompt", "ptune", "prefix"):
+        for name in ("lora2", *configs):
             model.load_adapter(self.adapters / name, name)
         self.model = model.eval()
 
@@ -83,7 +89,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 @pytest.fixture(scope="module")
 def server(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    adapters = [f"--adapter={name}={world.adapters / name}" for name in ("lora", "prompt", "ptune", "prefix")]
+    adapters = [f"--adapter={name}={world.adapters / name}" for name in SERVED]
     log = tmp_path_factory.mktemp("log") / "server.log"
     proc = start_server(["--model", str(world.base), *adapters, "--adapters-dir", str(world.adapters),
                          "--max-batch", "6", "--max-tokens-limit", "5000"], log)
@@ -91,16 +97,17 @@ def server(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
     proc.stop()
 
 
-def test_prompt_ptuning_and_prefix_adapters_share_a_burst_with_lora_and_base(world: World, server: ServerProcess
+def test_prompt_prefix_oft_and_ln_adapters_share_a_burst_with_lora_and_base(world: World, server: ServerProcess
                                                                              ) -> None:
     client = server.client()
-    assert [m.id for m in client.models.list().data] == ["base", "lora", "prompt", "ptune", "prefix"]
-    jobs = [(model, prompt) for prompt in PROMPTS for model in ("prefix", "base", "prompt", "lora", "ptune")]
+    assert [m.id for m in client.models.list().data] == ["base", *SERVED]
+    jobs = [(model, prompt) for prompt in PROMPTS for model in ("prefix", "base", "oft", "prompt", "lora", "ln",
+                                                                "ptune")]
 
     def ask(job: tuple[str, str]) -> Any:
         return client.completions.create(model=job[0], prompt=job[1], max_tokens=10, temperature=0)
 
-    with ThreadPoolExecutor(len(jobs)) as pool:  # 15 at once, 6 slots: newcomers of every kind join running rows
+    with ThreadPoolExecutor(len(jobs)) as pool:  # 21 at once, 6 slots: newcomers of every kind join running rows
         answers = list(pool.map(ask, jobs))
     texts: dict[str, list[str]] = {}
     for (model, prompt), answer in zip(jobs, answers):
@@ -108,8 +115,8 @@ def test_prompt_ptuning_and_prefix_adapters_share_a_burst_with_lora_and_base(wor
         assert answer.usage.prompt_tokens == len(world.tokenizer(prompt)["input_ids"])  # no virtual tokens
         assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
         texts.setdefault(model, []).append(answer.choices[0].text)
-    for name in VIRTUAL:
-        assert texts[name] != texts["base"], name  # the virtual tokens / prefix change the answers
+    for name in SERVED:
+        assert texts[name] != texts["base"], name  # every adapter changes the answers
 
 
 def test_streamed_chat_with_a_prefix_adapter(world: World, server: ServerProcess) -> None:

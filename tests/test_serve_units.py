@@ -221,3 +221,27 @@ def test_engine_prefills_newcomers_in_chunks_and_each_answer_equals_generate(
         ids = torch.tensor([prompt])
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
         assert text == "".join(f" {i}" for i in out[0, 6:].tolist())
+
+
+def test_an_adapter_the_mixed_batch_refuses_is_refused_at_load_with_the_reason(
+    make_model: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server asks the mixed-batch path, not a list of methods: a layer that cannot route rows (here LoRA's,
+    patched to say so) makes the load a 400 carrying the core's reason, and the adapter is unloaded again."""
+    from deltatune.layer import DeltaLayer
+    from deltatune.serve.adapters import AdapterRegistry
+    from deltatune.serve.errors import ApiError
+
+    folder = tmp_path / "lora"
+    dt.get_delta_model(make_model("llama_lm"), dt.LoraConfig(r=2, target_modules=["q_proj"],
+                                                             task_type="CAUSAL_LM")).save_pretrained(folder)
+    registry = AdapterRegistry(make_model("llama_lm"), "tiny")
+    monkeypatch.setattr(DeltaLayer, "serves_mixed_batches", property(lambda self: False))
+    with pytest.raises(ApiError) as info:
+        registry.load("l", folder)
+    assert info.value.status == 400
+    assert "cannot be served" in info.value.message and "cannot share a mixed-adapter batch" in info.value.message
+    assert registry.names == [] and "l" not in registry.model.peft_config
+    monkeypatch.undo()
+    registry.load("l", folder)  # the same folder loads once the path takes it
+    assert registry.names == ["l"]
