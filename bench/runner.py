@@ -46,9 +46,11 @@ def run_one(job: dict[str, Any], *, threads: int = 2, timeout: float = 3600) -> 
 
 
 def run_many(jobs: list[dict[str, Any]], *, workers: int = 1, threads: int = 2,
-             progress: Callable[[str], None] = print, cache: JobCache | None = None) -> list[dict[str, Any]]:
+             progress: Callable[[str], None] = print, cache: JobCache | None = None,
+             timeout: float = 3600) -> list[dict[str, Any]]:
     """Run ``jobs`` with ``workers`` processes at once (each with ``threads`` threads); results in job order.
 
+    ``timeout``: seconds before a job's process is killed (reported as failed).
     With a ``cache``, jobs it already holds are not run again and each new success is recorded.
     """
     def describe(job: dict[str, Any]) -> str:
@@ -60,7 +62,7 @@ def run_many(jobs: list[dict[str, Any]], *, workers: int = 1, threads: int = 2,
         if saved is not None:
             progress(f"  [{index + 1}/{len(jobs)}] {describe(jobs[index])}: reused from the interrupted run")
             return saved | {"reused": True}
-        result = run_one(jobs[index], threads=threads)
+        result = run_one(jobs[index], threads=threads, timeout=timeout)
         if cache:
             cache.put(jobs[index], result)
         status = "ok" if result.get("ok") else f"FAILED: {result.get('error')}"
