@@ -13,12 +13,12 @@ folder ...); a job's value wins over the shared one, the command line wins over 
 
 Jobs share one loaded base, so they must agree on what the base is (model, quantization, device) and
 on the task (one model class: a classifier, a causal LM or a seq2seq model); classification jobs
-need heads of one size. What the joint loop cannot do yet is refused here too.
+need heads of one size. What the joint loop cannot do yet is refused here too (FSDP among it: under
+``torchrun`` a joint run is data-parallel, see :mod:`.multi_loop`).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from .options import TrainOptions, build_options
 
 #: options every job must share (the one loaded base model and how it runs)
 SHARED = ("model", "quantize", "device", "bf16", "threads", "save_every", "keep_checkpoints", "resume",
-          "overwrite", "quiet")
+          "overwrite", "quiet", "dist_timeout")
 
 
 @dataclass
@@ -107,14 +107,16 @@ def check_jobs(jobs: list[Job]) -> None:
     for job in jobs:
         job.options.method_config(tasks[job.name])  # bad method options fail now
         for key, why in (("gradient_checkpointing", "the recomputation would not see the per-example routing"),
-                         ("compile", "not supported for joint runs yet"), ("fsdp", "not supported for joint runs yet")):
+                         ("compile", "not supported for joint runs yet"),
+                         ("fsdp", ("a joint run keeps a whole replica of the base on every rank and reduces the "
+                                   "adapters' gradients itself, data-parallel"))):
             if getattr(job.options, key):
-                raise ConfigError(f"Job {job.name!r}: {key} cannot be used in a joint run ({why}); drop it.")
+                instead = (" Start the jobs file under torchrun without --fsdp (data-parallel), or train the "
+                           "job alone with --fsdp." if key == "fsdp" else "")
+                raise ConfigError(f"Job {job.name!r}: {key} cannot be used in a joint run ({why}); drop it.{instead}")
         if get_method(job.options.method).make_step_hook is not None:
             raise ConfigError(f"Job {job.name!r}: {job.options.method} changes the adapter around every optimizer step "
                               "(a step hook the joint loop does not run yet); train it as a solo run.")
         if job.options.method_options.get("bias", "none") != "none":
             raise ConfigError(f"Job {job.name!r}: bias={job.options.method_options['bias']!r} trains the base model's "
                               "biases, which every job shares; use bias='none' in a joint run.")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("Joint runs (a jobs: file) run in one process for now; start them without torchrun.")

@@ -12,6 +12,15 @@ normalised per job over the job's own loss terms of the whole accumulation group
 so, the adapters being disjoint, job ``j``'s gradients are exactly those of its solo run (same seed,
 same data order, dropout 0; the task head starts from the base's, drawn with the first job's seed).
 Jobs of different lengths finish at their own step and are saved then, as a solo run would be.
+
+Under ``torchrun`` (DDP, :mod:`.distributed`) every job's global micro-batch holds ``batch_size x W`` rows
+and rank ``r`` reads positions ``r, r + W, ...`` of it, exactly as in the job's solo DDP run; ``N_j`` is
+summed over the ranks (one all-reduce of K numbers), each rank back-propagates its own rows' ``L``, and
+after the last micro-batch the adapters' gradients are summed over ranks by hand
+(:mod:`.distributed.grads`). No DDP wrapper: with K jobs, different accumulation lengths and ranks
+whose share of a job is empty, some adapter gets no gradient on some rank in most steps, which DDP
+only tolerates with ``find_unused_parameters`` (a graph walk per forward); a rank with no rows at all
+in a micro-batch simply skips it.
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ from ..bundled import resolve_model_path
 from ..errors import ConfigError
 from ..model import DeltaModel, get_delta_model
 from .data.sources import DataSpec, infer_task, limit, load_splits
+from .distributed.grads import all_reduce_gradients
+from .distributed.runtime import Distributed
 from .jobs import Job
 from .loop import Run, Schedule, seed_everything
 from .metrics import MetricsLog
@@ -77,8 +88,9 @@ def _job_data(job: Job, task: str, tokenizer: Any) -> tuple[Encoder, Any, dict[s
     return encoder, splits, {k: encoder.encode_rows(v) if v else [] for k, v in rows.items()}
 
 
-def build_joint(jobs: list[Job]) -> tuple[DeltaModel, list[JobRun]]:
+def build_joint(jobs: list[Job], dist: Distributed | None = None) -> tuple[DeltaModel, list[JobRun]]:
     """Data of every job, then one base model with one adapter per job (each initialised as in its solo run)."""
+    dist = dist or Distributed()
     first = jobs[0].options
     task = first.task or infer_task(DataSpec.from_options(first))
     model_path = resolve_model_path(first.model)
@@ -90,7 +102,7 @@ def build_joint(jobs: list[Job]) -> tuple[DeltaModel, list[JobRun]]:
             raise ConfigError(f"Classification jobs with different numbers of labels {sizes} need different heads and "
                               "cannot share one base; run them separately (or group jobs with equal label counts).")
     seed_everything(first.seed)
-    device = pick_device(first.device)
+    device = dist.model_device(pick_device(first.device))
     base = load_base_model(task, model_path, data[0][1].labels, first.quantize, device)
     after_base = torch.get_rng_state()  # a solo run draws its adapter's initial values from here
     model: DeltaModel | None = None
@@ -106,7 +118,7 @@ def build_joint(jobs: list[Job]) -> tuple[DeltaModel, list[JobRun]]:
         else:
             model.add_adapter(job.name, config)
         lengths = [len(f["input_ids"]) for f in features["train"]]
-        schedule = Schedule(len(lengths), job.options, 1, lengths)
+        schedule = Schedule(len(lengths), job.options, dist.world_size, lengths)
         runs.append(JobRun(job, Run(job.options, task, model_path, encoder, splits, model, features), schedule))
     assert model is not None
     model.to(device)
@@ -145,23 +157,30 @@ def _autocast(model: DeltaModel, bf16: bool) -> contextlib.AbstractContextManage
     return torch.autocast(device_type=next(model.parameters()).device.type, dtype=torch.bfloat16)
 
 
-def joint_step(model: DeltaModel, active: list[JobRun], step: int, pad_id: int) -> dict[str, dict[str, Any]]:
-    """One optimizer step of every job in ``active``; returns each job's record."""
+def joint_step(
+    model: DeltaModel, active: list[JobRun], step: int, pad_id: int, dist: Distributed | None = None,
+) -> dict[str, dict[str, Any]]:
+    """One optimizer step of every job in ``active``; returns each job's record (sums over all ranks)."""
+    dist = dist or Distributed()
     task = active[0].run.task
-    groups = {jr.name: jr.schedule.group(step) for jr in active}
+    groups = {jr.name: jr.schedule.group(step) for jr in active}  # global micro-batches (every rank's rows)
+    shares = {name: [dist.shard(idx) for idx in group] for name, group in groups.items()}  # this rank's rows
     feats = {jr.name: jr.run.features["train"] for jr in active}
-    denom = {name: max(1.0, float(sum(count_terms(task, collate([feats[name][i] for i in idx], pad_id))
-                                      for idx in group))) for name, group in groups.items()}
+    local = [sum(count_terms(task, collate([feats[name][i] for i in share], pad_id)) for share in parts if share)
+             for name, parts in shares.items()]
+    denom = {name: max(1.0, float(n)) for name, n in zip(shares, dist.sum(*local))}
     totals = dict.fromkeys(groups, 0.0)
     tokens = dict.fromkeys(groups, 0)
     for k in range(max(len(g) for g in groups.values())):
         rows, names, spans = [], [], {}
-        for name, group in groups.items():
-            if k < len(group):
-                spans[name] = (len(rows), len(rows) + len(group[k]))
-                rows += [feats[name][i] for i in group[k]]
-                names += [name] * len(group[k])
-        batch = collate(rows, pad_id)
+        for name, parts in shares.items():
+            if k < len(parts) and parts[k]:
+                spans[name] = (len(rows), len(rows) + len(parts[k]))
+                rows += [feats[name][i] for i in parts[k]]
+                names += [name] * len(parts[k])
+        if not rows:  # this rank has no row of any job in micro-batch k
+            continue
+        batch = dist.to_device(collate(rows, pad_id))
         with _autocast(model, active[0].job.options.bf16):
             logits = mixed_logits(model, task, batch, names)
             joint = logits.new_zeros((), dtype=torch.float32)
@@ -172,6 +191,9 @@ def joint_step(model: DeltaModel, active: list[JobRun], step: int, pad_id: int) 
                 totals[name] += float(loss.detach())
                 tokens[name] += int(part["attention_mask"].sum())
         joint.backward()
+    all_reduce_gradients(dist, [p for jr in active for g in jr.optimizer.param_groups for p in g["params"]])
+    sums = dist.sum(*totals.values(), *tokens.values())
+    totals, tokens = dict(zip(totals, sums[: len(totals)])), dict(zip(tokens, sums[len(totals) :]))
     records = {}
     for jr in active:
         o = jr.job.options
@@ -182,5 +204,5 @@ def joint_step(model: DeltaModel, active: list[JobRun], step: int, pad_id: int) 
         jr.scheduler.step()
         jr.optimizer.zero_grad(set_to_none=True)
         records[jr.name] = {"loss": totals[jr.name] / denom[jr.name], "lr": lr,
-                            "examples": sum(len(g) for g in groups[jr.name]), "tokens": tokens[jr.name]}
+                            "examples": sum(len(g) for g in groups[jr.name]), "tokens": int(tokens[jr.name])}
     return records

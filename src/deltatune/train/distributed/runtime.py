@@ -184,11 +184,7 @@ class Distributed:
         if not self.enabled:
             self.wrapped = model
             return model
-        if self.rank > 0:
-            torch.manual_seed(torch.initial_seed() + 1_000_003 * self.rank)
-        if not self.fsdp:
-            model.to(self.device)  # FSDP moves each unit's shards to the device itself
-        self.broadcast_trainable(model)
+        self.replicate(model, move=not self.fsdp)  # FSDP moves each unit's shards to the device itself
         if self.fsdp:
             self.wrapped = fsdp_lib.fully_shard_model(model, self.device.type, self.world_size, self.bf16)
         else:
@@ -196,6 +192,18 @@ class Distributed:
             # init_sync=False: every rank loaded the same base from disk; the trainable tensors were broadcast.
             self.wrapped = _ddp_class()(model, device_ids=ids, forward_sync_buffers=False, init_sync=False)
         return self.wrapped
+
+    def replicate(self, model: nn.Module, move: bool = True) -> None:
+        """Make ``model`` this rank's replica: its own random stream (ranks above 0), on this rank's device
+        (``move``), with rank 0's trainable tensors. Loops that reduce gradients themselves (see
+        :mod:`.grads`) call this instead of :meth:`wrap`."""
+        if not self.enabled:
+            return
+        if self.rank > 0:
+            torch.manual_seed(torch.initial_seed() + 1_000_003 * self.rank)
+        if move:
+            model.to(self.device)
+        self.broadcast_trainable(model)
 
     @torch.no_grad()
     def broadcast_trainable(self, model: nn.Module) -> None:
