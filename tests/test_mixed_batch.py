@@ -243,18 +243,6 @@ def perturbed(model: dt.DeltaModel) -> dt.DeltaModel:
     return model
 
 
-@pytest.mark.parametrize("method", ["loha", "lokr", "vera", "bitfit"])
-def test_other_layer_methods_use_the_per_adapter_fallback(make_model: Any, method: str) -> None:
-    make = {"loha": lambda r: dt.LoHaConfig(r=r, target_modules=["q_proj", "v_proj"]),
-            "lokr": lambda r: dt.LoKrConfig(r=r, target_modules=["q_proj", "v_proj"]),
-            "vera": lambda r: dt.VeraConfig(r=4 * r, target_modules=["q_proj", "v_proj"]),
-            "bitfit": lambda r: dt.BitFitConfig(target_modules=["c_attn", "c_proj"])}[method]
-    kind = "gpt2_lm" if method == "bitfit" else "llama_lm"  # Llama's linears have no bias
-    model = perturbed(build(make_model, kind, {"a": make(2), "b": make(4)}))
-    names = ["b", BASE, "a", "b"]
-    assert_mixed_equals_solo(model, make_model.inputs(kind, batch=len(names)), names)
-
-
 def test_layers_that_do_not_route_are_refused(make_model: Any, monkeypatch: Any) -> None:
     """A layer class that overrides ``forward`` without routing rows is refused before any work."""
     from deltatune.methods.oft.layer import OFTLinear

@@ -2,11 +2,13 @@
 
 A subclass creates its factors in :meth:`create_factors` and forms ``dW`` (``(out, in)``, scale
 included) in :meth:`raw_delta_weight`; this class handles rank/alpha patterns, both dropouts, the
-forward pass and merging (``W <- W + dW``).
+forward pass and merging (``W <- W + dW``). Mixed-adapter batches use the cheapest exact gathered form a
+subclass offers in :meth:`WeightDeltaLayer.routed_stack` (see :mod:`.batched`; default: the dense ``dW``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,6 +18,8 @@ from torch import nn
 from ...layer import DeltaLayer, to_delta_dtype
 from ...model_interface import is_linear_like, linear_dims
 from ...targeting import pattern_value, unwrapped
+from ..lora.batched import LoraStack, routed_lora
+from .batched import KronStack, routed_dense, routed_kron, stack_dense
 from .config import FactorConfig
 
 
@@ -75,6 +79,27 @@ class WeightDeltaLayer(DeltaLayer):
         if self.training and self.rank_dropout[name] > 0:
             delta = self._dropped_rows(name, delta)
         return result + F.linear(to_delta_dtype(x, delta.dtype), delta).to(result.dtype)
+
+    # -- mixed-adapter batches ---------------------------------------------------------------------
+    def routed_stack(self, names: Sequence[str]) -> LoraStack | KronStack | torch.Tensor:
+        """The adapters ``names`` in the cheapest exact form for a gathered matmul; here the dense ``dW``
+        ``(K+1, out, in)``. Subclasses return a :class:`LoraStack` or :class:`KronStack` where that is exact."""
+        return stack_dense([self.raw_delta_weight(n) for n in names])
+
+    def add_routed_delta(self, names: list[str], slots: torch.Tensor, x: torch.Tensor, result: torch.Tensor,
+                         *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Every row with its own adapter's ``dW`` in gathered batched matmuls (see :mod:`.batched`).
+
+        Module and rank dropout draw once per call and adapter, so while they are on in training the
+        rows are served one adapter at a time (the base class's loop)."""
+        if self.training and any(self.module_dropout[n] > 0 or self.rank_dropout[n] > 0 for n in names):
+            return super().add_routed_delta(names, slots, x, result, *args, **kwargs)
+        stack = self.stacked(names, self.routed_stack)
+        if isinstance(stack, LoraStack):
+            return routed_lora(stack, slots, to_delta_dtype(x, stack.a.dtype), result, None)
+        if isinstance(stack, KronStack):
+            return result + routed_kron(stack, slots, to_delta_dtype(x, stack.w1.dtype)).to(result.dtype)
+        return result + routed_dense(stack, slots, to_delta_dtype(x, stack.dtype)).to(result.dtype)
 
     def delete(self, name: str) -> None:
         super().delete(name)

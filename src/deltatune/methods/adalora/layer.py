@@ -7,20 +7,23 @@
 triplet ``P[:, i], Lambda[i], Q[i]`` stops acting) and records which are kept. A saved adapter holds
 the kept triplets only; a layer built from a config with a ``rank_pattern`` starts at its kept rank
 (``r0`` unchanged, so the scale is the trained one). Mergeable: ``W <- W + s / (r0 + 1e-5) P (Lambda * Q)``.
-Tensor names are HF peft's: ``lora_A``, ``lora_B``, ``lora_E``.
+Tensor names are HF peft's: ``lora_A``, ``lora_B``, ``lora_E``. A mixed-adapter batch is served as LoRA's
+is (:mod:`deltatune.methods.lora.batched`) with ``A_k = Lambda_k * Q_k`` and ranks zero-padded.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...layer import DeltaLayer, to_delta_dtype
+from ...layer import DeltaLayer, row_dropout, to_delta_dtype
 from ...model_interface import is_linear_like, linear_dims
 from ...targeting import unwrapped
+from ..lora.batched import LoraStack, routed_lora, stack_lora
 from .config import AdaLoraConfig
 
 
@@ -68,6 +71,17 @@ class AdaLoraLinear(DeltaLayer):
             x = F.dropout(x, self.dropout_p[name], training=True)
         update = F.linear(F.linear(x, a * e), b)  # (..., out)
         return result + (update * self._scale(name)).to(result.dtype)
+
+    def add_routed_delta(self, names: list[str], slots: torch.Tensor, x: torch.Tensor, result: torch.Tensor,
+                         *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Every row with its own adapter in two gathered ``bmm``, as LoRA (ranks padded with zeros)."""
+        stack = self.stacked(names, self._lora_stack)
+        x = row_dropout(to_delta_dtype(x, stack.a.dtype), [self.dropout_p[n] for n in names], slots, self.training)
+        return routed_lora(stack, slots, x, result, None)
+
+    def _lora_stack(self, names: Sequence[str]) -> LoraStack:
+        return stack_lora([self.lora_A[n] * self.lora_E[n] for n in names], [self.lora_B[n] for n in names],
+                          [self._scale(n) for n in names], [None] * len(names))
 
     def row_major_delta(self, name: str) -> torch.Tensor:
         """``s / (r0 + 1e-5) * P (Lambda * Q)``: ``(out, in)``."""

@@ -4,10 +4,12 @@
 
 For linear layers and layer norms the features are the last dimension of the output; for
 convolutions they are dimension 1. Merging adds ``db`` to the module's bias, unmerging subtracts it.
+In a mixed-adapter batch each row adds its own gathered ``db`` (a zero row for rows of no adapter).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -55,6 +57,18 @@ class BitFitLayer(DeltaLayer):
     def add_delta(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         delta = self._shaped(self.bitfit_bias[name], result.dim())
         return result + delta.to(result.dtype)  # the (small) vector is cast, never the activation
+
+    def add_routed_delta(self, names: list[str], slots: torch.Tensor, x: torch.Tensor, result: torch.Tensor,
+                         *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each row plus its own adapter's ``db``, gathered from the stacked biases."""
+        table = self.stacked(names, self._bias_stack)  # (K+1, C)
+        n, rest = result.shape[0], [1] * (result.dim() - 2)
+        shape = (n, *rest, -1) if self.channel_dim == -1 else (n, -1, *rest)  # features last, or on dim 1
+        return result + table[slots].view(shape).to(result.dtype)
+
+    def _bias_stack(self, names: Sequence[str]) -> torch.Tensor:
+        deltas = [self.bitfit_bias[n] for n in names]
+        return torch.stack([*deltas, torch.zeros_like(deltas[0])])  # (K+1, C)
 
     def merge_one(self, name: str) -> None:
         bias = self.get_base_layer().bias

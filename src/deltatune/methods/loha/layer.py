@@ -4,16 +4,23 @@
 
 The element-wise product of two rank-r matrices has rank up to r^2, for 4 r (out + in) / 2 = 2 r
 (out + in) parameters. Tensor names are HF peft's: ``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``, ``hada_w2_b``.
+
+In a mixed-adapter batch, while ``r^2 (in + out) < in * out``, ``dW`` is served in its rank-``r^2``
+form (:meth:`LoHaLinear.low_rank_form`) like LoRA, else as a dense gathered ``dW`` (see
+:mod:`deltatune.methods._weight_delta.batched`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .._weight_delta import WeightDeltaLayer, can_wrap_linear
+from .._weight_delta.batched import KronStack
+from ..lora.batched import LoraStack, stack_lora
 from .config import LoHaConfig
 
 
@@ -44,6 +51,25 @@ class LoHaLinear(WeightDeltaLayer):
         first = self.hada_w1_a[name] @ self.hada_w1_b[name]  # (out, in)
         second = self.hada_w2_a[name] @ self.hada_w2_b[name]  # (out, in)
         return first * second * self.scaling[name]
+
+    def low_rank_form(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` with ``B A = (W1a W1b) * (W2a W2b)`` (scale not applied): ``(r^2, in)``, ``(out, r^2)``.
+
+        ``A[p r + q] = W1b[p] * W2b[q]`` and ``B[:, p r + q] = W1a[:, p] * W2a[:, q]``."""
+        w1a, w1b, w2a, w2b = (t[name] for t in (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b))
+        r = w1b.shape[0]
+        a = (w1b[:, None, :] * w2b[None, :, :]).reshape(r * r, -1)  # (r^2, in)
+        b = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], r * r)  # (out, r^2)
+        return a, b
+
+    def routed_stack(self, names: Sequence[str]) -> LoraStack | KronStack | torch.Tensor:
+        """The rank-``r^2`` form when it is cheaper than the dense ``dW`` for every adapter, else the dense one."""
+        size = self.in_features * self.out_features
+        if all(self.r[n] ** 2 * (self.in_features + self.out_features) < size for n in names):
+            forms = [self.low_rank_form(n) for n in names]
+            return stack_lora([a for a, _ in forms], [b for _, b in forms], [self.scaling[n] for n in names],
+                              [None] * len(names))
+        return super().routed_stack(names)
 
 
 can_wrap = can_wrap_linear("LoHa")

@@ -4,17 +4,22 @@
 
 ``kron(W1, W2)[i * b + j, k * d + l] = W1[i, k] * W2[j, l]``. A factor is stored whole (``lokr_w1``,
 ``lokr_w2``) or as a rank-r product (``lokr_w1_a @ lokr_w1_b``, ``lokr_w2_a @ lokr_w2_b``), chosen
-exactly as HF peft chooses, so files carry over.
+exactly as HF peft chooses, so files carry over. In a mixed-adapter batch whose adapters share factor
+shapes, each row computes ``W1 X W2^T`` from its gathered factors (``X``: the input as ``(c, d)``), else
+the dense ``dW`` is gathered (see :mod:`deltatune.methods._weight_delta.batched`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .._weight_delta import WeightDeltaLayer, can_wrap_linear
+from .._weight_delta.batched import KronStack, stack_kron
+from ..lora.batched import LoraStack
 from .config import LoKrConfig
 
 
@@ -74,6 +79,14 @@ class LoKrLinear(WeightDeltaLayer):
 
     def raw_delta_weight(self, name: str) -> torch.Tensor:
         return torch.kron(self._w(name, "w1"), self._w(name, "w2")) * self.scaling[name]  # (a*b, c*d) = (out, in)
+
+    def routed_stack(self, names: Sequence[str]) -> LoraStack | KronStack | torch.Tensor:
+        """The Kronecker factors when every adapter's have the same shapes, else the dense ``dW``."""
+        w1 = [self._w(n, "w1") for n in names]  # (a, c) each
+        w2 = [self._w(n, "w2") for n in names]  # (b, d) each
+        if len({t.shape for t in w1}) == 1 and len({t.shape for t in w2}) == 1:
+            return stack_kron(w1, w2, [self.scaling[n] for n in names])
+        return super().routed_stack(names)
 
 
 can_wrap = can_wrap_linear("LoKr")

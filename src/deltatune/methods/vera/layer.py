@@ -4,21 +4,25 @@
 
 ``A`` and ``B`` are frozen, random and shared by all layers of one adapter (non-persistent buffers
 referring to the same tensors); ``d`` and ``b`` train. Merging adds ``diag(b) B diag(d) A`` to ``W``.
-Tensor names are HF peft's: ``vera_lambda_b``, ``vera_lambda_d``.
+Tensor names are HF peft's: ``vera_lambda_b``, ``vera_lambda_d``. Mixed-adapter batches: the shared
+projections run once and each row gathers its own vectors (see :mod:`.batched`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...layer import DeltaLayer, to_delta_dtype
+from ...layer import DeltaLayer, row_dropout, to_delta_dtype
 from ...model_interface import is_linear_like, linear_dims
 from ...targeting import unwrapped
+from ..lora.batched import LoraStack, routed_lora
+from .batched import SharedVera, routed_shared_vera, stack_vera
 from .config import VeraConfig
 
 
@@ -85,6 +89,22 @@ class VeraLinear(DeltaLayer):
             x = F.dropout(x, self.dropout_p[name], training=True)
         hidden = lam_d * F.linear(x, a.to(lam_d.dtype))  # (..., r)
         return result + (lam_b * F.linear(hidden, b.to(lam_d.dtype))).to(result.dtype)  # (..., out)
+
+    def add_routed_delta(self, names: list[str], slots: torch.Tensor, x: torch.Tensor, result: torch.Tensor,
+                         *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Every row with its own adapter's vectors: shared projections once, or the LoRA form (:mod:`.batched`)."""
+        stack = self.stacked(names, self._vera_stack)
+        x = row_dropout(to_delta_dtype(x, self.vera_lambda_d[names[0]].dtype), [self.dropout_p[n] for n in names],
+                        slots, self.training)
+        if isinstance(stack, SharedVera):
+            return result + routed_shared_vera(stack, slots, x).to(result.dtype)
+        return routed_lora(stack, slots, x, result, None)
+
+    def _vera_stack(self, names: Sequence[str]) -> SharedVera | LoraStack:
+        dtype = self.vera_lambda_d[names[0]].dtype
+        sliced = [self._sliced(n) for n in names]
+        return stack_vera([a.to(dtype) for a, _ in sliced], [b.to(dtype) for _, b in sliced],
+                          [self.vera_lambda_d[n] for n in names], [self.vera_lambda_b[n] for n in names])
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``diag(b) B diag(d) A`` in the base weight's layout."""
