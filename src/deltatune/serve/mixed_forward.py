@@ -95,7 +95,8 @@ def prefill_rows(model: nn.Module, names: Sequence[str], inputs: dict[str, torch
     else:
         out = model(**inputs, **kwargs)
         lead = inputs["attention_mask"][:, :0]
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    cache = getattr(out, "cache", None)  # transformers >= 5.x; older: past_key_values
+    cache = cache if cache is not None else out.past_key_values
     tensors = layer_tensors(cache)
     mask = torch.cat([lead, inputs["attention_mask"]], dim=1)
     if tensors and tensors[0][0].shape[-2] != mask.shape[1]:
