@@ -111,6 +111,10 @@ def test_save_guard_catches_empty_partial_and_wrong_adapters(tmp_path: Path) -> 
     file = tmp_path / "adapter_model.safetensors"
     save_file(full, str(file))
     verify_saved(file, full, shapes)  # the good case passes
+    pruned = {**full, "b.lora_E": torch.empty(0, 1)}  # an AdaLoRA layer pruned to rank 0 is empty, rightly
+    save_file(pruned, str(file))
+    verify_saved(file, pruned, {k: tuple(v.shape) for k, v in pruned.items()})
+    save_file(full, str(file))
     cases = {
         "empty shard": {**full, "a.lora_A.weight": torch.empty(0, 6)},
         "half shard": {**full, "a.lora_A.weight": full["a.lora_A.weight"][:2].clone()},

@@ -6,6 +6,8 @@ A checkpoint is a folder ``<output>/checkpoints/step-000040/`` holding
 * ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's tensors (``state.<index>.<name>``) and
   everything else in its state dict (param groups, scalar state);
 * ``rng.safetensors``: torch's CPU (and CUDA) generator states;
+* ``step_hooks.safetensors``: the state of methods' step hooks (AdaLoRA's importance averages and kept
+  masks; :func:`deltatune.step_hooks.step_hook_state`), absent when no hook keeps any;
 * ``state.json``: step, data position, scheduler state, Python/NumPy RNG states, elapsed time, the options.
 
 No pickle anywhere. The folder is first written as ``.tmp-step-000040-<pid>`` (each file fsynced), then
@@ -29,8 +31,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError
+from ..step_hooks import load_step_hook_state, step_hook_state
 
 FOLDER = "checkpoints"
+HOOKS_FILE = "step_hooks.safetensors"
 _NAME = re.compile(r"^step-(\d+)$")
 
 
@@ -118,6 +122,9 @@ def save_checkpoint(
     _write_json(tmp / "optimizer.json", opt_meta)
     rng_tensors, rng_values = rng_state()
     _save_tensors(tmp / "rng.safetensors", rng_tensors)
+    hook_state = step_hook_state(model)
+    if hook_state:
+        _save_tensors(tmp / HOOKS_FILE, hook_state)
     sched = scheduler.state_dict()  # LambdaLR keeps None for plain-function lambdas: JSON-able
     _write_json(tmp / "state.json", {"step": step, "scheduler": sched, "rng": rng_values, **extra})
     _fsync_dir(tmp)
@@ -159,6 +166,7 @@ def load_checkpoint(
             json.loads((path / "optimizer.json").read_text(encoding="utf-8")),
         )
         rng = load_file(str(path / "rng.safetensors"))
+        hook_state = load_file(str(path / HOOKS_FILE)) if (path / HOOKS_FILE).exists() else {}
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"Checkpoint {path} cannot be read ({exc}); delete it to resume from an older one.") from exc
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -167,6 +175,7 @@ def load_checkpoint(
             f"Checkpoint {path} holds other trainable tensors than this model "
             f"({len(set(params) ^ set(trainable))} differ); resume with the options of the original run."
         )
+    load_step_hook_state(model, hook_state)  # checks the state fits before it changes any hook
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(trainable[name])

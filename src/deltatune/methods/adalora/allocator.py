@@ -8,6 +8,10 @@ steps, then falls as ``target + (init - target) (1 - t)^3`` over the pruning pha
 ``target_r * L`` ``tfinal`` steps before the end; every ``deltaT`` steps the lowest-scoring triplets
 have their ``Lambda_i`` set to zero. During the last ``tfinal`` steps the final mask is re-applied.
 The same schedule and scores as HF peft's ``RankAllocator``, so runs compare one to one.
+
+The hook's state (the two averages per tensor and the kept-triplet masks) is saved with resumable
+training checkpoints (``state_dict`` / ``load_state_dict``, see :mod:`deltatune.step_hooks`), so a
+resumed run prunes exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...errors import ConfigError
+from ...errors import CheckpointError, ConfigError
 from ...inject import iter_wrappers
 from .config import AdaLoraConfig
 from .layer import AdaLoraLinear
@@ -33,8 +37,8 @@ class RankBudget:
         self.reset_scores()
 
     def reset_scores(self) -> None:
-        self.avg_ipt: dict[int, torch.Tensor] = {}
-        self.avg_unc: dict[int, torch.Tensor] = {}
+        self.avg_ipt: dict[str, torch.Tensor] = {}  # "<layer path>.<lora_A|lora_B|lora_E>" -> like the tensor
+        self.avg_unc: dict[str, torch.Tensor] = {}
 
     def set_total_steps(self, total: int) -> None:
         """Take the loop's step count unless the config names one."""
@@ -42,8 +46,41 @@ class RankBudget:
             self.config.check_schedule(total)
             self.config.total_step = total
 
-    def _params(self) -> list[nn.Parameter]:
-        return [p for w in self.layers.values() for p in (w.lora_A[self.name], w.lora_B[self.name], w.lora_E[self.name])]
+    def _params(self) -> list[tuple[str, nn.Parameter]]:
+        return [(f"{path}.{kind}", getattr(w, kind)[self.name]) for path, w in self.layers.items()
+                for kind in ("lora_A", "lora_B", "lora_E")]
+
+    # -- state kept across a resumed run ------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``ipt.<tensor>`` / ``unc.<tensor>``: the averages; ``kept.<layer path>``: the masks once pruned."""
+        out = {f"ipt.{k}": v for k, v in self.avg_ipt.items()} | {f"unc.{k}": v for k, v in self.avg_unc.items()}
+        for path, layer in self.layers.items():
+            if layer.kept[self.name] is not None:
+                out[f"kept.{path}"] = layer.kept[self.name]
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`'s output (checked whole before anything changes)."""
+        params = dict(self._params())
+        expected = {f"{kind}.{k}": p.shape for k, p in params.items() for kind in ("ipt", "unc")}
+        expected |= {f"kept.{path}": w.lora_E[self.name].shape[:1] for path, w in self.layers.items()}
+        wrong = sorted(k for k, v in state.items() if k not in expected or tuple(v.shape) != tuple(expected[k]))
+        if wrong:
+            raise CheckpointError(f"AdaLoRA adapter {self.name!r}: the saved rank-budget state does not fit this model "
+                                  f"({wrong[:3]}...); resume with the options of the original run.")
+        self.reset_scores()
+        for key, tensor in state.items():
+            kind, _, rest = key.partition(".")
+            if kind == "kept":
+                self.layers[rest].kept[self.name] = tensor.to(torch.bool)
+            else:
+                table = self.avg_ipt if kind == "ipt" else self.avg_unc
+                table[rest] = tensor.to(device=params[rest].device, dtype=params[rest].dtype)
+        if any(w.kept[self.name] is not None for w in self.layers.values()):
+            self.config.rank_pattern = {
+                f"{path}.lora_E": (w.kept[self.name] if w.kept[self.name] is not None
+                                   else torch.ones(w.lora_E[self.name].shape[0], dtype=torch.bool)).tolist()
+                for path, w in self.layers.items()}
 
     # -- before the optimizer step: orthogonality -------------------------------------------------
     def before_optimizer_step(self) -> None:
@@ -69,18 +106,18 @@ class RankBudget:
     def _update_scores(self) -> None:
         b1, b2 = self.config.beta1, self.config.beta2
         with torch.no_grad():
-            for p in self._params():
+            for key, p in self._params():
                 if p.grad is None:
                     continue
                 ipt = (p * p.grad).abs()
-                key = id(p)
                 if key not in self.avg_ipt:
                     self.avg_ipt[key], self.avg_unc[key] = torch.zeros_like(p), torch.zeros_like(p)
                 self.avg_ipt[key] = b1 * self.avg_ipt[key] + (1 - b1) * ipt
                 self.avg_unc[key] = b2 * self.avg_unc[key] + (1 - b2) * (ipt - self.avg_ipt[key]).abs()
 
-    def _score(self, p: nn.Parameter) -> torch.Tensor:
-        key = id(p)
+    def _score(self, path: str, kind: str) -> torch.Tensor:
+        key = f"{path}.{kind}"
+        p = getattr(self.layers[path], kind)[self.name]
         return self.avg_ipt[key] * self.avg_unc[key] if key in self.avg_ipt else torch.zeros_like(p)
 
     def budget(self, step: int) -> tuple[int, bool]:
@@ -94,9 +131,8 @@ class RankBudget:
         return int((self.initial - self.target) * left**3 + self.target), step % c.deltaT == 0
 
     def _triplet_scores(self) -> dict[str, torch.Tensor]:
-        name = self.name
-        return {path: self._score(w.lora_E[name]).view(-1) + self._score(w.lora_A[name]).mean(dim=1)
-                + self._score(w.lora_B[name]).mean(dim=0) for path, w in self.layers.items()}  # (r,) each
+        return {path: self._score(path, "lora_E").view(-1) + self._score(path, "lora_A").mean(dim=1)
+                + self._score(path, "lora_B").mean(dim=0) for path in self.layers}  # (r,) each
 
     def prune_to(self, budget: int) -> None:
         """Zero ``Lambda`` of the lowest-scoring triplets so that (ties aside) ``budget`` stay; record the pattern."""
