@@ -18,17 +18,26 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def accuracy(raw: dict[str, Any], part: str = "accuracy") -> dict[tuple[str, str, str, int], dict[str, Any]]:
-    """``{(method, lib, task, n_train): {"accs": [...], "mean", "std", "trainable", "base_params"}}`` (percent)."""
-    table: dict[tuple[str, str, str, int], dict[str, Any]] = {}
+    """``{(method, lib, task, n_train): {"accs": [...], "seeds", "mean", "std", "trainable", "base_params"}}`` (percent).
+
+    Runs of one configuration split over several jobs (one per seed) are pooled.
+    """
+    pooled: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
     for res in _ok(raw.get(part)):
-        job, runs = res["job"], res["runs"]
-        accs = [100 * r["accuracy"] for r in runs if "accuracy" in r]
-        if not accs:
+        job = res["job"]
+        pooled.setdefault((job["method"], job["lib"], job["task"], res["n_train"]), []).extend(
+            r for r in res["runs"] if "accuracy" in r)
+    table: dict[tuple[str, str, str, int], dict[str, Any]] = {}
+    for key, runs in pooled.items():
+        if not runs:
             continue
+        runs = sorted(runs, key=lambda r: r["seed"])
+        accs = [100 * r["accuracy"] for r in runs]
         mean, std = mean_std(accs)
-        table[(job["method"], job["lib"], job["task"], res["n_train"])] = {
-            "accs": accs, "mean": mean, "std": std, "trainable": runs[0]["trainable"],
-            "base_params": runs[0]["base_params"], "steps": runs[0]["steps"], "epochs": runs[0]["epochs"],
+        table[key] = {
+            "accs": accs, "seeds": [r["seed"] for r in runs], "mean": mean, "std": std,
+            "trainable": runs[0]["trainable"], "base_params": runs[0]["base_params"], "steps": runs[0]["steps"],
+            "epochs": runs[0]["epochs"],
         }
     return table
 

@@ -53,7 +53,8 @@ def accuracy_section(raw: dict[str, Any], acc: dict, s: dict[str, Any]) -> list[
                 row += ["n/a", "n/a"]
                 continue
             gap = f"{cell['mean'] - full['mean']:+.2f}" if full and m != "full" else "—"
-            row += [f"{cell['mean']:.2f} ± {cell['std']:.2f}", gap]
+            short = f" (seeds {cell['seeds']})" if len(cell["seeds"]) < len(s["seeds"]) else ""
+            row += [f"{cell['mean']:.2f} ± {cell['std']:.2f}{short}", gap]
         rows.append(row)
     return lines + _table(header, rows) + [""]
 

@@ -53,6 +53,22 @@ def _check(value: float | None, ok: bool | None) -> str:
     return "n/a" if value is None or ok is None else ("met" if ok else "**missed**")
 
 
+def _peft_accuracy_targets(acc: dict) -> list[list[str]]:
+    """deltatune's accuracy within noise of peft's: ``|mean difference| <= 2 x`` the larger of the two seed
+    standard deviations (needs at least 2 seeds on both sides; with fewer the status is n/a)."""
+    rows = []
+    for key, p in sorted(acc.items()):
+        m, lib, t, _ = key
+        d = acc.get((m, "deltatune", t, key[3]))
+        if lib != "peft" or d is None:
+            continue
+        diff, noise = d["mean"] - p["mean"], 2 * max(d["std"], p["std"])
+        ok = None if min(len(d["accs"]), len(p["accs"])) < 2 else abs(diff) <= noise
+        rows.append([f"{m}: deltatune - peft accuracy within noise ({TASK_NAMES[t]})",
+                     f"{diff:+.2f} pt (noise {noise:.2f})", _check(diff, ok)])
+    return rows
+
+
 def targets_section(raw: dict[str, Any], acc: dict, cost: dict) -> list[str]:
     """Each target of the issue with its measured value; nothing is adjusted to pass."""
     rows: list[list[str]] = []
@@ -64,6 +80,8 @@ def targets_section(raw: dict[str, Any], acc: dict, cost: dict) -> list[str]:
         return a["mean"] - f["mean"] if a and f else None
 
     for m, limit in (("lora", 1.0), ("ia3", 2.0), ("houlsby", 2.0), ("pfeiffer", 2.0), ("parallel", 2.0)):
+        if not any(k[0] == m for k in acc):  # not among this suite's accuracy runs
+            continue
         for t in tasks:
             g = gap(m, t)
             rows.append([f"{m} within {limit:g} pt of full FT on {TASK_NAMES[t]}", _f(g, "{:+.2f} pt"),
@@ -79,6 +97,7 @@ def targets_section(raw: dict[str, Any], acc: dict, cost: dict) -> list[str]:
             d, p = cost.get((m, "deltatune", t), {}), cost.get((m, "peft", t), {})
             for what, r in (("step time", _paired(d, p)), ("peak memory", agg.ratio(d.get("peak_mb"), p.get("peak_mb")))):
                 rows.append([f"{m}: deltatune/peft {what} <= 1.0 ({TASK_NAMES[t]})", _f(r, "{:.3f}x"), _check(r, None if r is None else r <= 1.0)])
+    rows += _peft_accuracy_targets(acc)
     inf = (raw.get("inference") or {}).get("rows", {})
     for label, limit in (("LoRA merged", 1.02), ("LoRA unmerged", 1.10)):
         r = inf.get(label, {}).get("ratio")

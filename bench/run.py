@@ -51,7 +51,10 @@ def _configs(s: Suite, methods: list[str], peft_methods: list[str]) -> tuple[lis
 
 
 def _accuracy_jobs(s: Suite, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
-    return [_classify_job(s, m, lib, task) for task in s.tasks for m, lib in pairs if lib == "deltatune" or task in s.peft_tasks]
+    wanted = [(m, lib) for m, lib in pairs if s.accuracy_methods is None or m in s.accuracy_methods]
+    seed_groups = [[seed] for seed in s.seeds] if s.split_seeds else [s.seeds]
+    return [_classify_job(s, m, lib, task, seeds=seeds) for seeds in seed_groups for task in s.tasks
+            for m, lib in wanted if lib == "deltatune" or task in s.peft_tasks]
 
 
 def _cost_jobs(s: Suite, pairs: list[tuple[str, str]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

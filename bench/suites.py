@@ -31,6 +31,10 @@ class Suite:
         lowdata_*: measurement 4 (``min_steps``: small sets repeat epochs up to this many steps).
         forget_*: measurement 5 (SmolLM2 on ChatterBot).
         infer_rounds / infer_reps: measurement 6.
+        accuracy_methods: the methods of the accuracy runs (``None``: all of ``methods``); the others run in
+            the cost jobs only.
+        split_seeds: one accuracy job per seed, all seed-0 jobs first, so that an interrupted or cut run has
+            every configuration at the first seeds (the report says how many seeds each cell has).
     """
 
     name: str
@@ -63,6 +67,8 @@ class Suite:
     forget_max_length: int = 64
     infer_rounds: int = 20
     infer_reps: int = 2
+    accuracy_methods: list[str] | None = None
+    split_seeds: bool = False
 
 
 SUITES: dict[str, Suite] = {
@@ -78,6 +84,9 @@ SUITES: dict[str, Suite] = {
         lowdata_sizes=[50], lowdata_methods=["full", "lora"], lowdata_seeds=[0], lowdata_min_steps=10, forget_steps=4,
         forget_n_eval=8, infer_rounds=3, infer_reps=1,
     ),
+    # LoRA runs in the cost jobs only: its accuracy on this protocol is in ``full``; full fine-tuning's accuracy
+    # jobs are the same jobs as ``full``'s (same settings), so a run may reuse them (see bench/README.md).
     "methods": Suite(name="methods", tasks=["trec", "rt", "bbc"], seeds=[0, 1, 2], n_train=2000, epochs=2,
-                     methods=["full", "lora", *NEW_METHODS], peft_methods=list(NEW_PEFT_SHARED)),
+                     methods=["full", "lora", *NEW_METHODS], peft_methods=list(NEW_PEFT_SHARED),
+                     accuracy_methods=["full", *NEW_METHODS], split_seeds=True),
 }

@@ -169,3 +169,28 @@ def test_recipe_pick_reads_validation_only_and_gap_uses_the_same_seeds() -> None
     rows = recipe.test_table(recipe.accuracies(runs), {"trec": {0: 70.0, 1: 80.0, 2: 99.0}})
     row = next(r for r in rows if r.startswith("| TREC |") and "| 0.001 |" in r)
     assert "| 0,1 | 55.00 ± 7.07 | 75.00 (round one) | -20.00 |" in row  # mean of seeds 0 and 1 only
+
+
+def test_split_seed_jobs_come_seed_major_and_pool_back_into_one_cell() -> None:
+    """The ``methods`` suite runs one job per seed (every configuration at seed 0 first); the report pools
+    them, and deltatune-vs-peft accuracy is judged against twice the larger seed spread."""
+    from bench.report_extra import _peft_accuracy_targets
+    from bench.run import _accuracy_jobs
+    from bench.suites import SUITES
+
+    s = SUITES["methods"]
+    jobs = _accuracy_jobs(s, [("full", "deltatune"), ("lora", "deltatune"), ("loha", "deltatune"), ("loha", "peft")])
+    assert [j["seeds"] for j in jobs[:7]] == [[0]] * 7 and jobs[7]["seeds"] == [1]  # 3 tasks x 2 + 1 peft twin
+    assert {j["method"] for j in jobs} == {"full", "loha"}  # LoRA: cost jobs only
+    job = {"method": "loha", "task": "trec", "n_train": 10}
+
+    def res(lib: str, seed: int, acc: float) -> dict:
+        return {"ok": True, "n_train": 10, "job": job | {"lib": lib},
+                "runs": [{"seed": seed, "accuracy": acc, "trainable": 5, "base_params": 50, "steps": 1, "epochs": 1}]}
+
+    raw = {"accuracy": [res("deltatune", 1, 0.92), res("deltatune", 0, 0.90), res("peft", 0, 0.91), res("peft", 1, 0.93)]}
+    cells = aggregate.accuracy(raw)
+    assert cells[("loha", "deltatune", "trec", 10)]["seeds"] == [0, 1]
+    assert cells[("loha", "deltatune", "trec", 10)]["accs"] == pytest.approx([90.0, 92.0])
+    ((label, value, status),) = _peft_accuracy_targets(cells)
+    assert value == "-1.00 pt (noise 2.83)" and status == "met"
