@@ -84,9 +84,9 @@ SUITES: dict[str, Suite] = {
         lowdata_sizes=[50], lowdata_methods=["full", "lora"], lowdata_seeds=[0], lowdata_min_steps=10, forget_steps=4,
         forget_n_eval=8, infer_rounds=3, infer_reps=1,
     ),
-    # LoRA runs in the cost jobs only: its accuracy on this protocol is in ``full``; full fine-tuning's accuracy
+    # 6 timing rounds (not 10): sized for a shared 2-core machine. LoRA runs in the cost jobs only: its accuracy on this protocol is in ``full``; full fine-tuning's accuracy
     # jobs are the same jobs as ``full``'s (same settings), so a run may reuse them (see bench/README.md).
     "methods": Suite(name="methods", tasks=["trec", "rt", "bbc"], seeds=[0, 1, 2], n_train=2000, epochs=2,
                      methods=["full", "lora", *NEW_METHODS], peft_methods=list(NEW_PEFT_SHARED),
-                     accuracy_methods=["full", *NEW_METHODS], split_seeds=True),
+                     accuracy_methods=["full", *NEW_METHODS], split_seeds=True, timing_rounds=6),
 }
