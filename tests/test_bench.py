@@ -193,4 +193,4 @@ def test_split_seed_jobs_come_seed_major_and_pool_back_into_one_cell() -> None:
     assert cells[("loha", "deltatune", "trec", 10)]["seeds"] == [0, 1]
     assert cells[("loha", "deltatune", "trec", 10)]["accs"] == pytest.approx([90.0, 92.0])
     ((label, value, status),) = _peft_accuracy_targets(cells)
-    assert value == "-1.00 pt (noise 2.83)" and status == "met"
+    assert label.startswith("loha: ") and value == "-1.00 pt (noise 2.83)" and status == "met"

@@ -7,6 +7,6 @@ call; merging adds ``dW`` to ``W``. The config fields are the LyCORIS family's i
 from __future__ import annotations
 
 from .config import FactorConfig
-from .layer import WeightDeltaLayer, can_wrap_linear
+from .layer import CONVS, WeightDeltaLayer, can_wrap_linear_or_conv, cp_filter
 
-__all__ = ["FactorConfig", "WeightDeltaLayer", "can_wrap_linear"]
+__all__ = ["CONVS", "FactorConfig", "WeightDeltaLayer", "can_wrap_linear_or_conv", "cp_filter"]

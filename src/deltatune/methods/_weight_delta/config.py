@@ -17,8 +17,9 @@ class FactorConfig(TargetedConfig):
         alpha: scale numerator; ``dW`` is multiplied by ``alpha / r``.
         rank_dropout: while training, each output row of ``dW`` is dropped with this probability.
         module_dropout: while training, the whole delta is skipped with this probability per call.
-        use_effective_conv2d: HF peft's option for convolutions; deltatune wraps linear layers only,
-            so it is kept for file compatibility and has no effect.
+        use_effective_conv2d: on ``nn.Conv1d`` / ``nn.Conv2d`` with a kernel wider than 1, build the
+            filter from a CP core over the kernel axes (``(r, r, *kernel)`` plus ``(r, out)`` and ``(r, in)``
+            factors) instead of factorising the flattened ``(out, in * prod(kernel))`` matrix; no effect elsewhere.
         init_weights: ``True``: one factor starts at zero, so the model starts equal to the base;
             ``False``: every factor random (the delta is non-zero from the start; for tests).
         rank_pattern / alpha_pattern: ``{regex: value}`` overriding ``r`` / ``alpha`` for modules whose

@@ -1,13 +1,20 @@
-"""``WeightDeltaLayer``: ``h = W x + b + dW x`` for a linear layer (``nn.Linear`` or ``Conv1D``), with ``dW`` built by the subclass.
+"""``WeightDeltaLayer``: ``h = W x + b + dW x`` (``conv(x, W + dW)`` for convolutions), with ``dW`` built by the subclass.
 
-A subclass creates its factors in :meth:`create_factors` and forms ``dW`` (``(out, in)``, scale
-included) in :meth:`raw_delta_weight`; this class handles rank/alpha patterns, both dropouts, the
-forward pass and merging (``W <- W + dW``). Mixed-adapter batches use the cheapest exact gathered form a
-subclass offers in :meth:`WeightDeltaLayer.routed_stack` (see :mod:`.batched`; default: the dense ``dW``).
+Wraps ``nn.Linear``, transformers' ``Conv1D``, ``nn.Conv1d`` and ``nn.Conv2d``. A convolution's filter
+``(out, in / groups, *kernel)`` is seen as the matrix ``(out, in / groups * prod(kernel))`` (HF peft's
+layout), so the linear factorisations apply unchanged; with ``use_effective_conv2d`` (and a kernel
+larger than 1) the subclass instead builds the filter from a CP-decomposed core over the kernel axes
+(LyCORIS's "effective" convolution). A subclass creates its factors in :meth:`create_factors` and forms
+``dW`` (scale included) in :meth:`raw_delta_weight`; this class handles rank/alpha patterns, both
+dropouts, the forward pass and merging (``W <- W + dW``).
+Mixed-adapter batches on linear layers use the cheapest exact gathered form a subclass offers in
+:meth:`WeightDeltaLayer.routed_stack` (see :mod:`.batched`; default: the dense ``dW``); on convolutions each
+adapter serves its own rows.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,15 +29,31 @@ from ..lora.batched import LoraStack, routed_lora
 from .batched import KronStack, routed_dense, routed_kron, stack_dense
 from .config import FactorConfig
 
+CONVS = (nn.Conv1d, nn.Conv2d)
+
 
 class WeightDeltaLayer(DeltaLayer):
-    """Bookkeeping shared by LoHa and LoKr on ``nn.Linear`` and transformers' ``Conv1D``."""
+    """Bookkeeping shared by LoHa and LoKr on linear layers and 1-D / 2-D convolutions.
+
+    Attributes:
+        conv: the base is ``nn.Conv1d`` / ``nn.Conv2d``; then ``kernel`` is its kernel size,
+            ``in_channels`` its input channels per group and ``in_features = in_channels * prod(kernel)``.
+        effective: per adapter, whether ``dW`` is built with a CP core over the kernel axes.
+    """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         base = self.get_base_layer()
-        self.transposed = not isinstance(base, nn.Linear)  # transformers' Conv1D keeps its weight (in, out)
-        self.in_features, self.out_features = linear_dims(base)
+        self.conv = isinstance(base, CONVS)
+        if self.conv:
+            self.kernel: tuple[int, ...] = tuple(base.kernel_size)
+            self.in_channels = base.in_channels // base.groups
+            self.in_features, self.out_features = self.in_channels * math.prod(self.kernel), base.out_channels
+            self.transposed = False
+        else:
+            self.transposed = not isinstance(base, nn.Linear)  # transformers' Conv1D keeps its weight (in, out)
+            self.in_features, self.out_features = linear_dims(base)
+        self.effective: dict[str, bool] = {}
         self.r: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -54,6 +77,8 @@ class WeightDeltaLayer(DeltaLayer):
         self.rank_dropout[name] = config.rank_dropout
         self.module_dropout[name] = config.module_dropout
         self.rank_dropout_scale[name] = bool(getattr(config, "rank_dropout_scale", True))
+        # a 1-wide kernel is a matrix product already: the CP core would only add reshapes (as peft)
+        self.effective[name] = self.conv and config.use_effective_conv2d and math.prod(self.kernel) > 1
         self.create_factors(name, r, config)
 
     def _factor(self, shape: tuple[int, ...]) -> nn.Parameter:
@@ -61,8 +86,10 @@ class WeightDeltaLayer(DeltaLayer):
         return nn.Parameter(torch.empty(shape, device=weight.device, dtype=torch.float32))
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``dW`` in the base weight's layout (transposed for ``Conv1D``)."""
+        """``dW`` in the base weight's layout (transposed for ``Conv1D``, the filter shape for convolutions)."""
         delta = self.raw_delta_weight(name)
+        if self.conv:
+            return delta.reshape(self.get_base_layer().weight.shape)  # (out, in / groups, *kernel)
         return delta.T if self.transposed else delta
 
     def _dropped_rows(self, name: str, delta: torch.Tensor) -> torch.Tensor:
@@ -70,15 +97,19 @@ class WeightDeltaLayer(DeltaLayer):
         keep = (torch.rand(delta.shape[0], device=delta.device) > self.rank_dropout[name]).to(delta.dtype)
         if self.rank_dropout_scale[name]:
             keep = keep / keep.mean().clamp_min(1e-8)
-        return delta * keep[:, None]
+        return delta * keep.view(-1, *[1] * (delta.dim() - 1))
 
     def add_delta(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.training and self.module_dropout[name] > 0 and torch.rand(()) < self.module_dropout[name]:
             return result
-        delta = self.raw_delta_weight(name)  # (out, in)
+        # (out, in), or the filter (out, in / groups, *kernel) for a convolution
+        delta = self.delta_weight(name) if self.conv else self.raw_delta_weight(name)
         if self.training and self.rank_dropout[name] > 0:
             delta = self._dropped_rows(name, delta)
-        return result + F.linear(to_delta_dtype(x, delta.dtype), delta).to(result.dtype)
+        x = to_delta_dtype(x, delta.dtype)
+        if self.conv:  # the base's own stride, padding (mode included), dilation and groups; no bias
+            return result + self.get_base_layer()._conv_forward(x, delta, None).to(result.dtype)
+        return result + F.linear(x, delta).to(result.dtype)
 
     # -- mixed-adapter batches ---------------------------------------------------------------------
     def routed_stack(self, names: Sequence[str]) -> LoraStack | KronStack | torch.Tensor:
@@ -91,8 +122,8 @@ class WeightDeltaLayer(DeltaLayer):
         """Every row with its own adapter's ``dW`` in gathered batched matmuls (see :mod:`.batched`).
 
         Module and rank dropout draw once per call and adapter, so while they are on in training the
-        rows are served one adapter at a time (the base class's loop)."""
-        if self.training and any(self.module_dropout[n] > 0 or self.rank_dropout[n] > 0 for n in names):
+        rows are served one adapter at a time (the base class's loop), as are a convolution's rows."""
+        if self.conv or (self.training and any(self.module_dropout[n] > 0 or self.rank_dropout[n] > 0 for n in names)):
             return super().add_routed_delta(names, slots, x, result, *args, **kwargs)
         stack = self.stacked(names, self.routed_stack)
         if isinstance(stack, LoraStack):
@@ -103,20 +134,31 @@ class WeightDeltaLayer(DeltaLayer):
 
     def delete(self, name: str) -> None:
         super().delete(name)
-        for table in (self.r, self.alpha, self.scaling, self.rank_dropout, self.module_dropout, self.rank_dropout_scale):
+        for table in (self.r, self.alpha, self.scaling, self.rank_dropout, self.module_dropout, self.rank_dropout_scale,
+                      self.effective):
             table.pop(name, None)
 
 
-def can_wrap_linear(method: str) -> Any:
-    """A ``can_wrap`` for methods that wrap linear layers (``nn.Linear``, ``Conv1D``) only."""
+def can_wrap_linear_or_conv(method: str) -> Any:
+    """A ``can_wrap`` for methods that wrap linear layers (``nn.Linear``, ``Conv1D``) and ``nn.Conv1d/2d``."""
 
     def can_wrap(module: nn.Module, config: FactorConfig, path: str) -> str | None:
         base = unwrapped(module)
-        if is_linear_like(base):
+        if is_linear_like(base) or isinstance(base, CONVS):
             return None
-        return f"{type(base).__name__} is not supported ({method} wraps nn.Linear and transformers' Conv1D)"
+        return (f"{type(base).__name__} is not supported ({method} wraps nn.Linear, transformers' Conv1D, nn.Conv1d "
+                "and nn.Conv2d)")
 
     return can_wrap
 
 
-__all__ = ["WeightDeltaLayer", "can_wrap_linear"]
+def cp_filter(core: torch.Tensor, out_factor: torch.Tensor, in_factor: torch.Tensor) -> torch.Tensor:
+    """A filter from a CP core: ``F[p, q, k, l] = sum_ij core[i, j, k, l] out_factor[i, p] in_factor[j, q]``.
+
+    ``core``: ``(r, r, k1, k2)`` (a 1-D kernel is stored as ``(r, r, k, 1)``), ``out_factor``: ``(r, out)``,
+    ``in_factor``: ``(r, in)``; returns ``(out, in, k1, k2)``.
+    """
+    return torch.einsum("ijkl,ip,jq->pqkl", core, out_factor, in_factor)
+
+
+__all__ = ["CONVS", "WeightDeltaLayer", "can_wrap_linear_or_conv", "cp_filter"]

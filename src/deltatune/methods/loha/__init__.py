@@ -2,7 +2,8 @@
 
     h = W x + dW x,   dW = (alpha / r) * (W1a W1b) * (W2a W2b)   (* element-wise)
 
-Trains the four factors; ``W`` stays frozen. Mergeable: ``W <- W + dW``. Wraps ``nn.Linear`` and transformers' ``Conv1D`` (HF peft: ``nn.Linear`` only).
+Trains the four factors; ``W`` stays frozen. Mergeable: ``W <- W + dW``. Wraps ``nn.Linear``, transformers' ``Conv1D``, ``nn.Conv1d`` and ``nn.Conv2d`` (optionally with a CP core over
+the kernel, ``use_effective_conv2d``).
 Files are HF peft's: ``peft_type: "LOHA"``, tensors ``<module>.hada_w1_a`` etc. Default targets: the
 attention query and value projections (as LoRA).
 """

@@ -1,12 +1,18 @@
-"""LoHa layer on linear layers: a Hadamard product of two rank-r products.
+"""LoHa layer on linear layers and 1-D / 2-D convolutions: a Hadamard product of two rank-r products.
 
     dW = s * (W1a @ W1b) * (W2a @ W2b),   W1a, W2a: (out, r),  W1b, W2b: (r, in),  s = alpha / r
 
 The element-wise product of two rank-r matrices has rank up to r^2, for 4 r (out + in) / 2 = 2 r
-(out + in) parameters. Tensor names are HF peft's: ``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``, ``hada_w2_b``.
+(out + in) parameters. On a convolution ``in`` is ``in_channels / groups * prod(kernel)`` and ``dW`` is
+reshaped to the filter; with ``use_effective_conv2d`` each product is a CP filter instead,
 
-In a mixed-adapter batch, while ``r^2 (in + out) < in * out``, ``dW`` is served in its rank-``r^2``
-form (:meth:`LoHaLinear.low_rank_form`) like LoRA, else as a dense gathered ``dW`` (see
+    dW[p, q, k, l] = s * (sum_ij T1[i, j, k, l] W1a[i, p] W1b[j, q]) * (same with T2, W2a, W2b),
+    T: (r, r, k1, k2),  Wa: (r, out),  Wb: (r, in_channels / groups)     (a 1-D kernel: (r, r, k, 1))
+
+Tensor names are HF peft's: ``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``, ``hada_w2_b``, ``hada_t1``, ``hada_t2``.
+
+In a mixed-adapter batch on a linear layer, while ``r^2 (in + out) < in * out``, ``dW`` is served in its
+rank-``r^2`` form (:meth:`LoHaLinear.low_rank_form`) like LoRA, else as a dense gathered ``dW`` (see
 :mod:`deltatune.methods._weight_delta.batched`).
 """
 
@@ -18,14 +24,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._weight_delta import WeightDeltaLayer, can_wrap_linear
+from .._weight_delta import WeightDeltaLayer, can_wrap_linear_or_conv, cp_filter
 from .._weight_delta.batched import KronStack
 from ..lora.batched import LoraStack, stack_lora
 from .config import LoHaConfig
 
 
 class LoHaLinear(WeightDeltaLayer):
-    adapter_attr_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    adapter_attr_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
     method_name = "loha"
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -34,22 +40,33 @@ class LoHaLinear(WeightDeltaLayer):
         self.hada_w1_b = nn.ParameterDict()
         self.hada_w2_a = nn.ParameterDict()
         self.hada_w2_b = nn.ParameterDict()
+        self.hada_t1 = nn.ParameterDict()
+        self.hada_t2 = nn.ParameterDict()
 
     def create_factors(self, name: str, r: int, config: LoHaConfig) -> None:
         out, inp = self.out_features, self.in_features
-        self.hada_w1_a[name] = self._factor((out, r))
-        self.hada_w1_b[name] = self._factor((r, inp))
-        self.hada_w2_a[name] = self._factor((out, r))
-        self.hada_w2_b[name] = self._factor((r, inp))
+        if self.effective[name]:
+            core = (r, r, *self.kernel) if len(self.kernel) == 2 else (r, r, self.kernel[0], 1)
+            self.hada_t1[name], self.hada_t2[name] = self._factor(core), self._factor(core)
+            self.hada_w1_a[name], self.hada_w2_a[name] = self._factor((r, out)), self._factor((r, out))
+            self.hada_w1_b[name] = self._factor((r, self.in_channels))
+            self.hada_w2_b[name] = self._factor((r, self.in_channels))
+        else:
+            self.hada_w1_a[name], self.hada_w2_a[name] = self._factor((out, r)), self._factor((out, r))
+            self.hada_w1_b[name], self.hada_w2_b[name] = self._factor((r, inp)), self._factor((r, inp))
         with torch.no_grad():
-            for table in (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b):
-                nn.init.kaiming_uniform_(table[name], a=math.sqrt(5))
+            for p in self.adapter_parameters(name):
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
             if config.init_weights:
                 nn.init.zeros_(self.hada_w2_b[name])  # dW = 0 at the start
 
     def raw_delta_weight(self, name: str) -> torch.Tensor:
-        first = self.hada_w1_a[name] @ self.hada_w1_b[name]  # (out, in)
-        second = self.hada_w2_a[name] @ self.hada_w2_b[name]  # (out, in)
+        if self.effective[name]:  # (out, in_channels, k1, k2)
+            first = cp_filter(self.hada_t1[name], self.hada_w1_a[name], self.hada_w1_b[name])
+            second = cp_filter(self.hada_t2[name], self.hada_w2_a[name], self.hada_w2_b[name])
+        else:
+            first = self.hada_w1_a[name] @ self.hada_w1_b[name]  # (out, in)
+            second = self.hada_w2_a[name] @ self.hada_w2_b[name]  # (out, in)
         return first * second * self.scaling[name]
 
     def low_rank_form(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,11 +89,11 @@ class LoHaLinear(WeightDeltaLayer):
         return super().routed_stack(names)
 
 
-can_wrap = can_wrap_linear("LoHa")
+can_wrap = can_wrap_linear_or_conv("LoHa")
 
 
 def make_loha_layer(module: nn.Module, config: LoHaConfig, name: str, path: str) -> LoHaLinear | None:
-    """Wrap a linear ``module`` with LoHa, or ``None`` for other module types."""
+    """Wrap a linear or convolution ``module`` with LoHa, or ``None`` for other module types."""
     if can_wrap(module, config, path) is not None:
         return None
     layer = LoHaLinear(module)

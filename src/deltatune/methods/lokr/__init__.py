@@ -3,8 +3,8 @@
     h = W x + dW x,   dW = (alpha / r) * kron(W1, W2),   W1: (a, c),  W2: (b, d),  out = a b,  in = c d
 
 ``W2`` (and with ``decompose_both`` also ``W1``) is a rank-r product when that is smaller. Trains the
-factors; ``W`` stays frozen. Mergeable: ``W <- W + dW``. Wraps ``nn.Linear`` and transformers'
-``Conv1D`` (HF peft: ``nn.Linear`` only). Files are HF peft's: ``peft_type: "LOKR"``, tensors
+factors; ``W`` stays frozen. Mergeable: ``W <- W + dW``. Wraps ``nn.Linear``, transformers'
+``Conv1D``, ``nn.Conv1d`` and ``nn.Conv2d``. Files are HF peft's: ``peft_type: "LOKR"``, tensors
 ``<module>.lokr_w1``, ``lokr_w2_a``, ... Default targets: the attention query and value projections.
 """
 

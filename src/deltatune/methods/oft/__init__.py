@@ -5,7 +5,8 @@ Finetuning", arXiv 2306.07280), in HF peft's current (>= 0.18) parametrisation.
 
 Each block's skew-symmetric generator trains (``b (b - 1) / 2`` numbers per block); ``W`` stays
 frozen and keeps its singular values (an orthogonal ``R`` only rotates its input space). Mergeable:
-``W <- W R^T``. Files are HF peft's ``OFT``: ``<module>.oft_R.weight`` ``(n, b (b - 1) / 2)``.
+``W <- W R^T``. Wraps ``nn.Linear``, transformers' ``Conv1D`` and ``nn.Conv2d`` (each flattened filter
+rotated; see :mod:`.layer`). Files are HF peft's ``OFT``: ``<module>.oft_R.weight`` ``(n, b (b - 1) / 2)``.
 Default targets: the attention query and value projections.
 """
 
@@ -16,7 +17,7 @@ from torch import nn
 from ...model_interface import role_regex
 from ...registry import MethodSpec, register
 from .config import OFTConfig
-from .layer import OFTLinear, can_wrap, make_oft_layer
+from .layer import OFTConv2d, OFTLinear, can_wrap, make_oft_layer
 
 
 def default_targets(model: nn.Module, config: OFTConfig) -> str | None:
@@ -37,4 +38,4 @@ SPEC = register(
     )
 )
 
-__all__ = ["SPEC", "OFTConfig", "OFTLinear"]
+__all__ = ["SPEC", "OFTConfig", "OFTConv2d", "OFTLinear"]

@@ -7,6 +7,13 @@ Merging folds the rotation into the weight, ``W <- W R^T`` (``nn.Linear``, ``(ou
 (``R`` from the truncated Cayley series is only nearly orthogonal, so no transpose shortcut).
 Tensor names are HF peft's: ``<module>.oft_R.weight``. In a mixed-adapter batch each row is rotated by
 its own adapter's ``R``, gathered from a stack in one batched matmul (:mod:`.batched`).
+
+On ``nn.Conv2d`` (square kernel ``k``, no dilation, no groups: HF peft's limits) each filter, flattened to
+``(in * k * k)`` in ``(channel, row, column)`` order, is rotated: ``h = conv(x, W R^T)`` with ``W`` seen as
+``(out, in * k * k)``, which is also what merging writes. (HF peft 0.21's unmerged Conv2d forward
+rotates unfolded input patches and folds them back, overlap-adding neighbours; for kernels larger
+than 1x1 that is not the conv with its own merged weight. deltatune computes the merged form in both
+states; for 1x1 kernels the two agree.)
 """
 
 from __future__ import annotations
@@ -49,10 +56,15 @@ class OFTLinear(DeltaLayer):
         super().__init__(base_layer)
         base = self.get_base_layer()
         self.transposed = not isinstance(base, nn.Linear)
-        self.in_features, self.out_features = linear_dims(base)
+        self.in_features, self.out_features = self._dims(base)
         self.oft_R = nn.ModuleDict()
         self.blocks: dict[str, int] = {}
         self.options: dict[str, OFTConfig] = {}
+
+    @staticmethod
+    def _dims(base: nn.Module) -> tuple[int, int]:
+        """(features the rotation acts on, output features)."""
+        return linear_dims(base)
 
     def add(self, name: str, config: OFTConfig, path: str = "") -> None:
         size, n = config.oft_block_size, config.r
@@ -155,19 +167,71 @@ class OFTLinear(DeltaLayer):
         self.options.pop(name, None)
 
 
+class OFTConv2d(OFTLinear):
+    """OFT on ``nn.Conv2d``: every filter ``(in, k, k)``, flattened, is rotated by ``R``: ``W <- W R^T``.
+
+    Rows of a mixed-adapter batch are not routed here (the core refuses such batches with a clear error).
+    """
+
+    routes_rows = False
+
+    @staticmethod
+    def _dims(base: nn.Module) -> tuple[int, int]:
+        return base.in_channels * base.kernel_size[0] * base.kernel_size[1], base.out_channels
+
+    def rotated_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``W R^T`` for ``weight`` ``(out, in * k * k)`` (module dropout applied while training)."""
+        blocks = self._with_dropout(name, self.rotations(name))  # (n or 1, b, b)
+        n = self.blocks[name]
+        if blocks.shape[0] == 1 and n > 1:
+            blocks = blocks.expand(n, -1, -1)
+        parts = weight.to(blocks.dtype).reshape(weight.shape[0], n, blocks.shape[-1])  # (out, n, b)
+        return torch.einsum("onk,nck->onc", parts, blocks).reshape(weight.shape)  # row i of block: sum_k W R[c, k]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled and self.merged_adapters:
+            self.unmerge()
+        base = self.get_base_layer()
+        pending = [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
+        if not pending:
+            return base(x, *args, **kwargs)
+        weight = base.weight.reshape(self.out_features, -1)  # (out, in * k * k)
+        for name in pending:
+            weight = self.rotated_weight(name, weight)
+        return base._conv_forward(x, weight.reshape(base.weight.shape).to(base.weight.dtype), base.bias)
+
+    def merge_one(self, name: str) -> None:
+        weight = self.get_base_layer().weight
+        flat = weight.float().reshape(self.out_features, -1)  # (out, in * k * k)
+        weight.data.copy_((flat @ self.full_rotation(name).T).reshape(weight.shape).to(weight.dtype))
+
+    def unmerge_one(self, name: str) -> None:
+        weight = self.get_base_layer().weight
+        flat = weight.float().reshape(self.out_features, -1)
+        original = torch.linalg.solve(self.full_rotation(name).T, flat, left=False)
+        weight.data.copy_(original.reshape(weight.shape).to(weight.dtype))
+
+
 def can_wrap(module: nn.Module, config: OFTConfig, path: str) -> str | None:
     """``None`` when OFT can wrap ``module``, else why not."""
     base = unwrapped(module)
-    return None if is_linear_like(base) else f"{type(base).__name__} is not supported (OFT wraps nn.Linear and Conv1D)"
+    if isinstance(base, nn.Conv2d):
+        if base.kernel_size[0] != base.kernel_size[1] or base.dilation != (1, 1) or base.groups != 1:
+            return (f"nn.Conv2d with kernel {base.kernel_size}, dilation {base.dilation}, groups {base.groups} is not "
+                    "supported (OFT rotates square, undilated, ungrouped filters, as HF peft)")
+        return None
+    if is_linear_like(base):
+        return None
+    return f"{type(base).__name__} is not supported (OFT wraps nn.Linear, Conv1D and nn.Conv2d)"
 
 
 def make_oft_layer(module: nn.Module, config: OFTConfig, name: str, path: str) -> OFTLinear | None:
-    """Wrap a linear ``module`` with OFT, or ``None`` for other module types."""
+    """Wrap a linear or 2-D convolution ``module`` with OFT, or ``None`` for other module types."""
     if can_wrap(module, config, path) is not None:
         return None
-    layer = OFTLinear(module)
+    layer = OFTConv2d(module) if isinstance(unwrapped(module), nn.Conv2d) else OFTLinear(module)
     layer.add(name, config, path)
     return layer
 
 
-__all__ = ["OFTLinear", "can_wrap", "make_oft_layer", "nearest_divisor"]
+__all__ = ["OFTConv2d", "OFTLinear", "can_wrap", "make_oft_layer", "nearest_divisor"]
