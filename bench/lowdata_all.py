@@ -22,10 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
-from bench.cache import JobCache
+from bench.cache import JobCache, job_key
 from bench.runner import REPO, run_many
 
 RESULTS = REPO / "bench" / "results"
@@ -60,17 +61,19 @@ def job(task: str, n: int, method: str, lr: float, seed: int) -> dict[str, Any]:
 Cell = tuple[str, int, str]  # (task, n, method)
 
 
+def finished() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Every finished (job, result) pair in the cache file."""
+    if not CACHE.exists():
+        return []
+    entries = [json.loads(line) for line in CACHE.read_text().splitlines() if line.strip()]
+    return [(json.loads(e["key"]), e["result"]) for e in entries]
+
+
 def results() -> dict[Cell, dict[float, dict[int, dict[str, float]]]]:
     """``{(task, n, method): {lr: {seed: {"validation": %, "test": %}}}}`` of every finished job."""
     out: dict[Cell, dict[float, dict[int, dict[str, float]]]] = {}
-    if not CACHE.exists():
-        return out
-    for line in CACHE.read_text().splitlines():
-        if not line.strip():
-            continue
-        entry = json.loads(line)
-        j = json.loads(entry["key"])
-        for run in entry["result"].get("runs", []):
+    for j, result in finished():
+        for run in result.get("runs", []):
             accs = {split: 100 * a for split, a in run["accuracies"].items()}
             out.setdefault((j["task"], j["n_train"], j["method"]), {}).setdefault(j["lr"], {})[run["seed"]] = accs
     return out
@@ -89,22 +92,28 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def picked_test(res: dict[Cell, Any]) -> dict[Cell, dict[str, Any]]:
-    """``{cell: {"lr", "seeds", "mean", "std"}}``: test accuracy at the validation-picked rate."""
+    """``{cell: {"lr", "seeds", "mean", "std", "searched"}}``: test accuracy at the validation-picked rate.
+
+    The pick is among the grid rates that ran on seed 0; ``searched`` is False while that is not the whole
+    grid (the report marks those cells).
+    """
     out = {}
     for cell, by_lr in res.items():
-        lr = pick(by_lr, GRID[cell[2]])
+        ran = [lr for lr in GRID[cell[2]] if 0 in by_lr.get(lr, {})]
+        lr = pick(by_lr, ran) if ran else None
         if lr is None:
             continue
         seeds = sorted(by_lr[lr])
         mean, std = _mean_std([by_lr[lr][s]["test"] for s in seeds])
-        out[cell] = {"lr": lr, "seeds": seeds, "mean": mean, "std": std}
+        out[cell] = {"lr": lr, "seeds": seeds, "mean": mean, "std": std, "searched": len(ran) == len(GRID[cell[2]])}
     return out
 
 
 def report_lines(res: dict[Cell, Any]) -> list[str]:
     test = picked_test(res)
     lines = ["## Test accuracy at the picked learning rate", "",
-             "Mean ± sample std over the seeds run (count in brackets); gap = method − full fine-tuning, same task and n.", "",
+             ("Mean ± sample std over the seeds run (count in brackets); gap = method − full fine-tuning, same task and n. "
+              "`*`: only the default rate ran, no search."), "",
              "| task | n | " + " | ".join(LABELS.values()) + " |", "|---|---|" + "---|" * len(LABELS)]
     for task in TASKS:
         for n in SIZES:
@@ -116,7 +125,8 @@ def report_lines(res: dict[Cell, Any]) -> list[str]:
                     cells.append("not run")
                     continue
                 gap = f", {t['mean'] - full['mean']:+.1f}" if full and m != "full" else ""
-                cells.append(f"{t['mean']:.1f} ± {t['std']:.1f} ({len(t['seeds'])}; lr {t['lr']:g}{gap})")
+                star = "" if t["searched"] else "*"
+                cells.append(f"{t['mean']:.1f} ± {t['std']:.1f} ({len(t['seeds'])}; lr {t['lr']:g}{star}{gap})")
             lines.append(f"| {TASK_NAMES[task]} | {n} | " + " | ".join(cells) + " |")
     lines += ["", "## Learning-rate search (validation accuracy %, seed 0)", "",
               "| task | n | method | " + " | ".join(f"lr {i + 1}" for i in range(max(map(len, GRID.values())))) + " | picked |",
@@ -172,9 +182,8 @@ def write_report() -> None:
            + ". Picked per (task, n, method) on the validation split with seed 0; test read at the picked rate only."),
           "", *report_lines(res), "", "![low data](lowdata.png)", ""]
     (RESULTS / "lowdata.md").write_text("\n".join(md))
-    data = [{"task": c[0], "n": c[1], "method": c[2], "by_lr": {str(lr): v for lr, v in by_lr.items()}}
-            for c, by_lr in sorted(res.items())]
-    (RESULTS / "lowdata.json").write_text(json.dumps(data, indent=1) + "\n")
+    done = [{"job": j, "result": r} for j, r in finished()]
+    (RESULTS / "lowdata.json").write_text(json.dumps(done, indent=1) + "\n")
     chart(res, RESULTS / "lowdata.png")
 
 
@@ -183,20 +192,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", nargs="?", default="run", choices=["run", "report"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
+    parser.add_argument("--sizes", nargs="+", type=int, default=SIZES)
+    parser.add_argument("--grid", type=int, default=2, help="grid points per method (1: the default rate only)")
+    parser.add_argument("--workers", type=int, default=1, help="jobs at once (1 thread each)")
     args = parser.parse_args(argv)
     if args.command == "run":
+        if not CACHE.exists() and (RESULTS / "lowdata.json").exists():  # fresh checkout: resume from the committed file
+            saved = json.loads((RESULTS / "lowdata.json").read_text())
+            CACHE.write_text("".join(json.dumps({"key": job_key(e["job"]), "result": e["result"]}) + "\n" for e in saved))
         cache = JobCache(CACHE, resume=True)
-        cells = [(t, n, m) for n in SIZES for t in args.tasks for m in LABELS]
-        grid = [job(t, n, m, lr, 0) for lr_index in range(2) for t, n, m in cells for lr in GRID[m][lr_index:lr_index + 1]]
-        for one in grid:  # every grid point on seed 0 (default rates first: a complete table early)
-            run_many([one], workers=1, threads=1, cache=cache)
-            write_report()
-        for seed in [s for s in args.seeds if s != 0]:  # then the further seeds of the picked rates
-            for t, n, m in cells:
-                lr = pick(results().get((t, n, m), {}), GRID[m])
-                if lr is not None:
-                    run_many([job(t, n, m, lr, seed)], workers=1, threads=1, cache=cache)
-                    write_report()
+        cells = [(t, n, m) for n in args.sizes for t in args.tasks for m in LABELS]
+        lock = threading.Lock()
+
+        def progress(message: str) -> None:  # after each finished job: log it, rewrite the report
+            with lock:
+                print(message, flush=True)
+                write_report()
+
+        def run(todo: list[dict[str, Any]]) -> None:
+            run_many(todo, workers=args.workers, threads=1, cache=cache, progress=progress)
+
+        # every grid point on seed 0, the default rates first (a complete table early), then the further
+        # seeds of the picked rates
+        run([job(t, n, m, GRID[m][i], 0) for i in range(args.grid) for t, n, m in cells])
+        for seed in [s for s in args.seeds if s != 0]:
+            picks = {cell: pick(results().get(cell, {}), GRID[cell[2]][: args.grid]) for cell in cells}
+            run([job(*cell, lr, seed) for cell, lr in picks.items() if lr is not None])
     write_report()
     return 0
 

@@ -55,7 +55,7 @@ def test_kjv_training_text_shares_no_passage_or_book_with_the_held_out_kjv() -> 
     from bench.corpus import KJV_CHAPTERS, KJV_TRAIN_BOOKS, kjv, kjv_train
 
     train_texts, held = kjv_train(10_000), kjv(10_000)
-    assert train_texts and held and len(train_texts) > 600  # enough for 150 steps of batch 4 without repeats
+    assert train_texts and held and len(train_texts) > 600  # enough for 100 steps of batch 4 without repeats
     assert not set(train_texts) & set(held)
     held_books = {ref.rstrip("0123456789:-") for ref in KJV_CHAPTERS}
     assert not held_books & {book for book, _ in KJV_TRAIN_BOOKS}
@@ -78,12 +78,14 @@ def test_lowdata_picks_the_rate_on_validation_and_reports_test_at_that_rate_only
             ("trec", 50, "ia3", hi, 0, 0.80, 0.40),
             ("trec", 50, "ia3", hi, 1, 0.75, 0.60),
             ("trec", 50, "ia3", lo, 1, 0.99, 0.99),  # seed 1 never takes part in the pick
-            ("rt", 50, "ia3", lo, 0, 0.60, 0.60),  # grid incomplete: no pick yet
+            ("rt", 50, "ia3", lo, 0, 0.60, 0.60),  # grid incomplete: the one rate, marked as not searched
             ("bbc", 50, "ia3", lo, 0, 0.50, 0.50), ("bbc", 50, "ia3", hi, 0, 0.50, 0.70)]  # tie: lower rate
     _write_cache(lowdata_all.CACHE, rows)
     test = lowdata_all.picked_test(lowdata_all.results())
     assert test[("trec", 50, "ia3")]["lr"] == hi and test[("trec", 50, "ia3")]["seeds"] == [0, 1]
     assert test[("trec", 50, "ia3")]["mean"] == pytest.approx(50.0)
     assert test[("trec", 50, "ia3")]["std"] == pytest.approx(14.142, abs=1e-3)
-    assert ("rt", 50, "ia3") not in test
+    assert test[("rt", 50, "ia3")]["lr"] == lo and not test[("rt", 50, "ia3")]["searched"]
+    assert test[("trec", 50, "ia3")]["searched"]
+    assert lowdata_all.pick(lowdata_all.results()[("rt", 50, "ia3")], lowdata_all.GRID["ia3"]) is None
     assert test[("bbc", 50, "ia3")]["lr"] == lo and test[("bbc", 50, "ia3")]["mean"] == pytest.approx(50.0)
