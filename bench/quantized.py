@@ -1,17 +1,24 @@
 """Quantized bases: LoRA on SmolLM2-135M-Instruct in float32 vs nf4 / int8 (bitsandbytes) / int8 (torchao),
 and HF peft's QLoRA (nf4) beside deltatune's, all trained on ChatterBot with the same recipe in one run.
 
-    python -m bench.quantized                 # ~10 min on 2 shared cores; writes bench/results/quantized.{md,json}
-    python -m bench.quantized --steps 10      # a harness check
+    python -m bench.quantized                 # writes bench/results/quantized.{md,json}
+    python -m bench.quantized --steps 4 --configs float32 nf4   # a harness check
 
 Recipe (every configuration): LoRA r=8, alpha 16, dropout 0.05 on every linear layer of the decoder
-(q/k/v/o, gate/up/down; the tied embedding/LM head stays float32), AdamW lr 2e-4, batch 8, ChatterBot
-Q/A pairs (chat template, loss on the answer), the same batches in the same order, float32 compute.
+(q/k/v/o, gate/up/down), AdamW lr 2e-4, batch 8, ChatterBot Q/A pairs (chat template, loss on the
+answer), the same batches in the same order, float32 compute. What differs per configuration (each row
+of the report says it): the base's quantization; gradient checkpointing (``float32``: off, as plain
+LoRA; ``float32-ckpt``: on, the fair reference for memory; the quantized rows: on, the default of
+``prepare_for_kbit_training`` and of peft's ``prepare_model_for_kbit_training``); and whether the tied
+embedding / LM head stays float32 (default) or is quantized too (``nf4-emb``: ``embeddings=True``).
 Each configuration runs in its own process, one after another (:func:`bench.runner.run_one`):
 
 * **weight memory**: bytes of every parameter and buffer as stored (4-bit codes plus their block
-  scales, int8 values plus row scales; the float32 embedding counts in full), before the adapter;
-* **peak training memory**: :class:`bench.measure.PeakMemory` (RSS peak above the loaded model);
+  scales, int8 values plus row scales; a float32 embedding counts in full), before the adapter;
+* **peak training memory**: the process's RSS high-water mark during training minus its RSS before
+  the model was loaded (every library imported first, in every configuration): the model as held
+  plus everything training adds; also the part above the loaded model (:class:`bench.measure.PeakMemory`);
+* **base perplexity**: ChatterBot test perplexity of the base before training (the adapter starts at zero);
 * **step time**: median step after 3 warm-up steps (forward, backward, clip, AdamW step);
 * **test perplexity**: ChatterBot test split, answer tokens, after training, in eval mode;
 * **merge error**: max / mean |logit difference| of the merged vs the unmerged model on a probe batch
@@ -36,7 +43,13 @@ import torch
 from bench.loop import epoch_batches, perplexity, train
 from bench.measure import PeakMemory, machine_info, median_after_warmup
 
-CONFIGS = ("float32", "nf4", "peft-nf4", "int8", "torchao-int8")  # run in this order
+CONFIGS = ("float32", "float32-ckpt", "nf4", "nf4-emb", "peft-nf4", "int8", "torchao-int8")  # run in this order
+#: config -> (base quantization or None, gradient checkpointing, embedding / tied head quantized too)
+SETUP: dict[str, tuple[str | None, bool, bool]] = {
+    "float32": (None, False, False), "float32-ckpt": (None, True, False), "nf4": ("nf4", True, False),
+    "nf4-emb": ("nf4", True, True), "peft-nf4": ("nf4", True, False), "int8": ("int8", True, False),
+    "torchao-int8": ("torchao-int8", True, False),
+}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -69,21 +82,29 @@ def _load(config: str) -> torch.nn.Module:
     from deltatune.quant.load import from_pretrained_quantized
 
     path = bundled_model_path("smollm2")
-    if config == "float32":
+    kind, _, embeddings = SETUP[config]
+    if kind is None:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return from_pretrained_quantized(AutoModelForCausalLM, str(path), "nf4" if config == "peft-nf4" else config)
+    return from_pretrained_quantized(AutoModelForCausalLM, str(path), kind, embeddings=embeddings)
 
 
 def _adapt(model: torch.nn.Module, config: str) -> torch.nn.Module:
     if config == "peft-nf4":
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
         return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
                                                 task_type="CAUSAL_LM"))
     import deltatune as dt
 
-    model = dt.prepare_for_kbit_training(model) if config != "float32" else model
+    kind, checkpointing, _ = SETUP[config]
+    if kind is not None:
+        model = dt.prepare_for_kbit_training(model)  # checkpointing on by default, as peft's
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if bool(getattr(model, "is_gradient_checkpointing", False)) != checkpointing:
+        raise RuntimeError(f"{config}: gradient checkpointing is not {'on' if checkpointing else 'off'} as intended")
     return dt.get_delta_model(model, dt.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
                                                    task_type="CAUSAL_LM"))
 
@@ -105,8 +126,12 @@ def _merge_error(model: torch.nn.Module, config: str) -> dict[str, float]:
 
 def run(job: dict[str, Any]) -> dict[str, Any]:
     """One configuration (``job["config"]``): load, adapt, train ``job["steps"]`` steps, evaluate, merge."""
+    import bitsandbytes  # noqa: F401  (every library imported before the RSS baseline, in every configuration)
+    import peft  # noqa: F401
+    import torchao  # noqa: F401
     from transformers import AutoTokenizer
 
+    from bench.measure import _malloc_trim, _status_kb
     from deltatune.bundled import bundled_model_path
     from deltatune.train.data.builtin import load_builtin
     from deltatune.train.data.encoding import encode_instruction
@@ -118,6 +143,11 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     test_feats = encode_instruction(load_builtin("chatterbot", "test"), tokenizer,
                                     max_length=job["max_length"])[: job["n_test"]]
     batches = epoch_batches(train_feats, seed=0, epochs=1, batch_size=job["batch_size"], pad_id=pad_id)[: job["steps"]]
+    import gc
+
+    gc.collect()
+    _malloc_trim()
+    before_load_kb = _status_kb("VmRSS")
     torch.manual_seed(0)
     model = _load(config)
     weights = weight_bytes(model)
@@ -129,11 +159,16 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         for tensor in [*model.parameters(), *model.buffers()]:
             for part in param_tensors(tensor):
                 part.sum()
+    base_ppl = perplexity(model, test_feats, pad_id=pad_id)  # the adapter starts at zero: the base itself
     memory = PeakMemory()
     memory.start()
     stats = train(model, batches, lr=job["lr"])
+    hwm_kb = _status_kb("VmHWM")
+    total = (hwm_kb - before_load_kb) / 1024.0 if hwm_kb is not None and before_load_kb is not None else None
     out: dict[str, Any] = {
-        "config": config, "weight_mb": weights / 2**20, "peak_mb": memory.peak_mb(), "mem_method": memory.method,
+        "config": config, "setup": dict(zip(("quantization", "checkpointing", "embeddings"), SETUP[config], strict=True)),
+        "weight_mb": weights / 2**20, "peak_total_mb": total, "peak_mb": memory.peak_mb(), "mem_method": memory.method,
+        "base_ppl": base_ppl,
         "step_s": median_after_warmup(stats.step_times, 3), "steps": len(batches),
         "first_loss": stats.losses[0], "final_loss": sum(stats.losses[-5:]) / len(stats.losses[-5:]),
         "test_ppl": perplexity(model, test_feats, pad_id=pad_id),
@@ -146,29 +181,43 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a is not None and b else "-"
 
 
+def _setup_text(config: str) -> str:
+    kind, checkpointing, embeddings = SETUP[config]
+    emb = "float32" if kind is None or not embeddings else kind
+    return f"{'on' if checkpointing else 'off'} | {emb}"
+
+
 def report(results: dict[str, dict[str, Any]], settings: dict[str, Any]) -> str:
-    ref = results.get("float32", {})
+    ref, ckpt = results.get("float32", {}), results.get("float32-ckpt", {})
     lines = ["# Quantized bases: LoRA on SmolLM2-135M-Instruct, ChatterBot", "",
              f"Settings: {json.dumps(settings)}", "",
-             ("| config | weight MB | vs fp32 | peak train MB | vs fp32 | step s | vs fp32 | test ppl | vs fp32 "
-              "| merge max / mean logit error |"), "|---|---|---|---|---|---|---|---|---|---|"]
+             ("Ratios are to the `float32` row (plain LoRA, no checkpointing); peak memory also to `float32-ckpt` "
+              "(float32 with gradient checkpointing, the fair reference for the checkpointed quantized rows). "
+              "Peak total: RSS high-water in training minus RSS before loading the model; above model: the part "
+              "above the loaded model."), "",
+             ("| config | ckpt | embedding+head | weight MB | vs fp32 | peak total MB | vs fp32 | vs fp32-ckpt "
+              "| above model MB | step s | vs fp32 | base ppl | test ppl | vs fp32 | merge max / mean logit error |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for config in CONFIGS:
         r = results.get(config)
         if r is None:
             continue
         if not r.get("ok"):
-            lines.append(f"| {config} | failed: {r.get('error')} |")
+            lines.append(f"| {config} | {_setup_text(config)} | failed: {r.get('error')} |")
             continue
+        total = r.get("peak_total_mb")
         lines.append(
-            f"| {config} | {r['weight_mb']:.1f} | {_ratio(r['weight_mb'], ref.get('weight_mb'))} | {r['peak_mb']:.0f} "
-            f"| {_ratio(r['peak_mb'], ref.get('peak_mb'))} | {r['step_s']:.3f} | {_ratio(r['step_s'], ref.get('step_s'))} "
+            f"| {config} | {_setup_text(config)} | {r['weight_mb']:.1f} | {_ratio(r['weight_mb'], ref.get('weight_mb'))} "
+            f"| {f'{total:.0f}' if total is not None else '-'} | {_ratio(total, ref.get('peak_total_mb'))} "
+            f"| {_ratio(total, ckpt.get('peak_total_mb'))} | {r['peak_mb']:.0f} "
+            f"| {r['step_s']:.3f} | {_ratio(r['step_s'], ref.get('step_s'))} | {r.get('base_ppl', float('nan')):.3f} "
             f"| {r['test_ppl']:.3f} | {_ratio(r['test_ppl'], ref.get('test_ppl'))} "
             f"| {r['merge_max']:.3g} / {r['merge_mean']:.3g} |")
     ours, theirs = results.get("nf4", {}), results.get("peft-nf4", {})
     if ours.get("ok") and theirs.get("ok"):
-        summary = (f"deltatune/peft (nf4): step time {_ratio(ours['step_s'], theirs['step_s'])}, peak training "
-                   f"memory {_ratio(ours['peak_mb'], theirs['peak_mb'])}, test perplexity "
-                   f"{_ratio(ours['test_ppl'], theirs['test_ppl'])}")
+        summary = (f"deltatune/peft (nf4, both checkpointed): step time {_ratio(ours['step_s'], theirs['step_s'])}, "
+                   f"peak training memory {_ratio(ours.get('peak_total_mb'), theirs.get('peak_total_mb'))}, test "
+                   f"perplexity {_ratio(ours['test_ppl'], theirs['test_ppl'])}")
         lines += ["", summary]
     return "\n".join(lines) + "\n"
 
@@ -177,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.runner import run_one
 
     parser = argparse.ArgumentParser(prog="python -m bench.quantized", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=40, help="training steps per configuration")
+    parser.add_argument("--steps", type=int, default=32, help="training steps per configuration")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=96)
     parser.add_argument("--n-test", type=int, default=123, help="ChatterBot test rows for the perplexity")

@@ -1,6 +1,7 @@
 """Quantised base models: bitsandbytes 4/8-bit and torchao int8 linear layers under layer methods.
 
     model = dt.quantize(model, "nf4")            # or load with transformers' BitsAndBytesConfig
+                                                 # (embeddings=True: the tied embedding/LM head too)
     model = dt.prepare_for_kbit_training(model)
     delta = dt.get_delta_model(model, dt.LoraConfig(r=8, target_modules="all-linear"))
 
@@ -22,12 +23,13 @@ from .convert import (
     quantize,
     require_backend,
 )
+from .embedding import EmbeddingAccess, dequantize_embeddings, quantize_embeddings
 from .torchao import TorchaoInt8Access
 
-for _access in (Bnb4bitAccess(), Bnb8bitAccess(), TorchaoInt8Access()):
+for _access in (Bnb4bitAccess(), Bnb8bitAccess(), TorchaoInt8Access(), EmbeddingAccess()):
     register_weight_access(_access)
 
 __all__ = [
-    "KINDS", "QuantizationError", "dequantize", "model_quantization", "prepare_for_kbit_training", "quantization",
-    "quantize", "require_backend",
+    "KINDS", "QuantizationError", "dequantize", "dequantize_embeddings", "model_quantization",
+    "prepare_for_kbit_training", "quantization", "quantize", "quantize_embeddings", "require_backend",
 ]

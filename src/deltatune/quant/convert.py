@@ -15,9 +15,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from ..model_interface import HEAD_NAMES, output_head_paths
 from ..weights import quantization, read_weight
+from .errors import QuantizationError
 
 #: kind -> (package, minimum version, what it is)
 KINDS: dict[str, tuple[str, str, str]] = {
@@ -26,10 +26,6 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "int8": ("bitsandbytes", "0.46", "bitsandbytes LLM.int8() (int8 weights, one scale per row)"),
     "torchao-int8": ("torchao", "0.10", "torchao int8 weight-only (one scale per row)"),
 }
-
-
-class QuantizationError(ConfigError):
-    """A quantisation kind is unknown, its package is missing, or the combination is not supported."""
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -57,7 +53,7 @@ def require_backend(kind: str) -> None:
 
 
 def quantize(model: nn.Module, kind: str, compute_dtype: torch.dtype | None = None,
-             skip: Iterable[str] = ()) -> nn.Module:
+             skip: Iterable[str] = (), embeddings: bool = False) -> nn.Module:
     """Quantise ``model``'s linear layers in place (and return it).
 
     Args:
@@ -65,6 +61,8 @@ def quantize(model: nn.Module, kind: str, compute_dtype: torch.dtype | None = No
         kind: ``"nf4"``, ``"fp4"``, ``"int8"`` or ``"torchao-int8"``.
         compute_dtype: dtype of 4-bit matmuls (default: the model's weight dtype).
         skip: module paths to keep in float, besides the output head and task heads (``classifier``, ``score``...).
+        embeddings: also quantize the input token embedding, and the LM head when it is tied to it
+            (:mod:`deltatune.quant.embedding`); off by default, as in transformers' quantized loading.
     """
     require_backend(kind)
     if any(getattr(m, "_delta_base_child", None) for m in model.modules()):
@@ -91,6 +89,10 @@ def quantize(model: nn.Module, kind: str, compute_dtype: torch.dtype | None = No
             done.append(path)
     if not done:
         raise QuantizationError(f"quantize({kind!r}): the model has no nn.Linear layer to quantize (besides its head).")
+    if embeddings:
+        from .embedding import quantize_embeddings
+
+        quantize_embeddings(model, kind)
     if kind in ("nf4", "fp4", "int8"):  # what transformers sets on a bitsandbytes load (HF peft reads it)
         setattr(model, "is_loaded_in_8bit" if kind == "int8" else "is_loaded_in_4bit", True)
     return model
@@ -103,7 +105,11 @@ def model_quantization_text(model: nn.Module) -> str:
 
 def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Replace every quantised linear layer (also inside adapter wrappers) by an ``nn.Linear`` holding
-    its dequantised weight in ``dtype``; adapters merged afterwards are merged in full precision."""
+    its dequantised weight in ``dtype``, and a quantized embedding (and the head tied to it) by float
+    ones; adapters merged afterwards are merged in full precision."""
+    from .embedding import dequantize_embeddings
+
+    dequantize_embeddings(model, dtype)
     for path, module in list(model.named_modules()):
         if not path or quantization(module) is None:
             continue
@@ -133,14 +139,17 @@ def _forget_quantization(model: nn.Module) -> None:
         model.hf_quantizer = None
 
 
-def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = False,
+def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool | None = None,
                               gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
     """Get a quantised model ready for adapter training (what HF peft's function of this name does).
 
     Freezes every base parameter, casts the float parameters kept in half precision (norms, embeddings,
-    the head) to float32 for stable training, and with ``use_gradient_checkpointing`` turns
-    checkpointing on (non-reentrant) with gradients flowing into the input embeddings, so that
-    adapters inside checkpointed blocks get gradients although every base weight is frozen.
+    the head) to float32 for stable training, and turns gradient checkpointing on (non-reentrant) with
+    gradients flowing into the input embeddings, so that adapters inside checkpointed blocks get
+    gradients although every base weight is frozen. As in peft, checkpointing is on by default: it is
+    what makes QLoRA's training memory small (activations are recomputed in the backward pass, about a
+    third more compute). ``use_gradient_checkpointing``: ``None`` (default) turns it on when the model
+    supports it (transformers models), ``True`` requires it, ``False`` leaves it off.
     """
     for param in model.parameters():
         param.requires_grad_(False)
@@ -150,11 +159,12 @@ def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool
         for name, param in module.named_parameters(recurse=False):
             if param.dtype in (torch.float16, torch.bfloat16):
                 param.data = param.data.float()
-    if use_gradient_checkpointing:
-        enable = getattr(model, "gradient_checkpointing_enable", None)
-        if enable is None:
-            raise QuantizationError(f"{type(model).__name__} has no gradient_checkpointing_enable(); "
-                                    "pass use_gradient_checkpointing=False.")
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    supported = enable is not None and getattr(model, "supports_gradient_checkpointing", True)
+    if use_gradient_checkpointing is True and not supported:
+        raise QuantizationError(f"{type(model).__name__} does not support gradient checkpointing; "
+                                "pass use_gradient_checkpointing=False.")
+    if use_gradient_checkpointing is not False and supported:
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
         enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})

@@ -40,12 +40,18 @@ def quantization_config(kind: str, compute_dtype: torch.dtype = torch.float32) -
 
 
 def from_pretrained_quantized(cls: Any, path: str, kind: str, device: torch.device | str = "cpu",
-                              **kwargs: Any) -> nn.Module:
-    """``cls.from_pretrained(path, ...)`` with ``kind`` quantization, on ``device``."""
+                              embeddings: bool = False, **kwargs: Any) -> nn.Module:
+    """``cls.from_pretrained(path, ...)`` with ``kind`` quantization, on ``device``; ``embeddings=True``
+    then quantizes the input embedding (and the tied LM head) too (:mod:`deltatune.quant.embedding`)."""
     config = quantization_config(kind)
     device = torch.device(device)
-    return cls.from_pretrained(path, quantization_config=config, dtype=torch.float32, device_map={"": str(device)},
-                               **kwargs)
+    model = cls.from_pretrained(path, quantization_config=config, dtype=torch.float32, device_map={"": str(device)},
+                                **kwargs)
+    if embeddings:
+        from .embedding import quantize_embeddings
+
+        quantize_embeddings(model, kind)
+    return model
 
 
 def adapter_quantization(folder: str | Path) -> str | None:
