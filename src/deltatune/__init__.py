@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from . import quant
-from .config import DeltaConfig, TargetedConfig
+from .config import DeltaConfig, TargetedConfig, TaskType
 from .errors import (
     AdapterNotFoundError,
     BaseModelMismatchError,
@@ -33,18 +33,22 @@ from .methods.prompt_tuning import PromptTuningConfig
 from .methods.vera import VeraConfig
 from .model import DeltaModel, get_delta_model
 from .model_interface import register_architecture
+from .peft_compat import get_peft_model_state_dict, prepare_model_for_kbit_training, set_peft_model_state_dict
 from .quant import dequantize, prepare_for_kbit_training, quantize
 from .registry import MethodSpec, all_methods, get_method, register
 
-get_peft_model = get_delta_model  # the name users coming from HF peft type first
+get_peft_model = get_delta_model  # the names users coming from HF peft type first
+PeftModel = DeltaModel
+PeftConfig = DeltaConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaLoraConfig", "AdapterNotFoundError", "BaseModelMismatchError", "BitFitConfig", "BottleneckConfig", "CheckpointError",
     "ConfigError", "DeltaConfig", "DeltaError", "DeltaModel", "IA3Config", "LNTuningConfig", "LoHaConfig",
-    "LoKrConfig", "LoraConfig", "MergeError", "MethodSpec", "OFTConfig", "PTuningConfig",
-    "PrefixTuningConfig", "PromptTuningConfig", "TargetError", "TargetedConfig", "VeraConfig",
-    "all_methods", "dequantize", "get_delta_model", "get_method", "get_peft_model",
-    "prepare_for_kbit_training", "quant", "quantize", "register", "register_architecture",
+    "LoKrConfig", "LoraConfig", "MergeError", "MethodSpec", "OFTConfig", "PTuningConfig", "PeftConfig", "PeftModel",
+    "PrefixTuningConfig", "PromptTuningConfig", "TargetError", "TargetedConfig", "TaskType", "VeraConfig",
+    "all_methods", "dequantize", "get_delta_model", "get_method", "get_peft_model", "get_peft_model_state_dict",
+    "prepare_for_kbit_training", "prepare_model_for_kbit_training", "quant", "quantize", "register",
+    "register_architecture", "set_peft_model_state_dict",
 ]

@@ -8,6 +8,7 @@ HF peft wherever peft has the method, so files written by either library load in
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -17,7 +18,20 @@ from typing import Any, ClassVar
 from .errors import ConfigError
 
 CONFIG_NAME = "adapter_config.json"
-TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+class TaskType(str, enum.Enum):
+    """What the wrapped model does (HF peft's ``TaskType`` values); ``task_type=`` also takes the plain string."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+TASK_TYPES = tuple(t.value for t in TaskType)
 
 
 @dataclass
@@ -45,6 +59,8 @@ class DeltaConfig:
     revision: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.task_type, enum.Enum):  # dt.TaskType or peft.TaskType: stored as the plain string
+            self.task_type = str(self.task_type.value)
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ConfigError(f"task_type={self.task_type!r} is unknown; use one of {TASK_TYPES} or None.")
         if isinstance(self.modules_to_save, str):
@@ -88,6 +104,29 @@ class DeltaConfig:
                 stacklevel=2,
             )
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, subfolder: str | None = None) -> DeltaConfig:
+        """The config saved in ``folder/adapter_config.json`` (HF peft's ``LoraConfig.from_pretrained``).
+
+        On ``DeltaConfig`` itself the class follows the file's ``peft_type``; on a method's class the file must
+        hold that method's config.
+        """
+        folder = Path(folder) / subfolder if subfolder else Path(folder)
+        data = read_config_file(folder)
+        found = _config_class_for(str(data["peft_type"]))
+        if found is None or not issubclass(found, cls):
+            raise ConfigError(
+                f"{folder / CONFIG_NAME} holds a {data['peft_type']} adapter, not a {cls.__name__}; read it with "
+                "DeltaConfig.from_pretrained(folder), which picks the class from the file."
+            )
+        return found.from_dict(data)
+
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """Write this config as ``save_directory/adapter_config.json`` (the folder is created)."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_NAME).write_text(self.to_json(), encoding="utf-8")
 
     def checkpoint_config(self) -> DeltaConfig:
         """This config as written to (and read back from) an adapter folder.
@@ -141,6 +180,20 @@ class TargetedConfig(DeltaConfig):
             raise ConfigError("layers_pattern only makes sense with layers_to_transform; set both or neither.")
 
 
+def _config_class_for(peft_type: str) -> type[DeltaConfig] | None:
+    """The config class whose ``PEFT_TYPE`` is ``peft_type`` among those defined (methods define theirs on import)."""
+    pending, seen = [DeltaConfig], set()
+    while pending:
+        cls = pending.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        if cls.PEFT_TYPE == peft_type:
+            return cls
+        pending.extend(cls.__subclasses__())
+    return None
+
+
 def read_config_file(folder: str | Path) -> dict[str, Any]:
     """Read ``adapter_config.json`` from ``folder`` as a dict, with clear errors for missing/corrupt files."""
     from .errors import CheckpointError
@@ -184,4 +237,4 @@ def replace(config: DeltaConfig, **changes: Any) -> DeltaConfig:
     return dataclasses.replace(config, **changes)
 
 
-__all__ = ["CONFIG_NAME", "DeltaConfig", "TargetedConfig", "field", "read_config_file", "replace"]
+__all__ = ["CONFIG_NAME", "DeltaConfig", "TargetedConfig", "TaskType", "field", "read_config_file", "replace"]

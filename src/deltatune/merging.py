@@ -136,8 +136,11 @@ class MergingMixin:
         *,
         probe: Any = None,
         max_logit_error: float | None = None,
+        progressbar: bool = False,
     ) -> nn.Module:
         """Merge, then return the plain base model (trained task heads kept) with no wrappers left.
+
+        ``progressbar`` is accepted for HF peft's signature and draws nothing (merging takes a moment).
 
         When the merge is measured (a ``probe`` or ``max_logit_error`` is given, or a merged layer is
         quantized) it goes through :meth:`verify_merge`: the report is in ``self.merge_report``, and a

@@ -43,11 +43,12 @@ from .merge_check import MergeReport
 from .merging import MergingMixin
 from .mixed_batch import mixed_forward, mixed_generate
 from .model_interface import head_names
+from .peft_compat import PeftCompatMixin
 from .registry import get_method
 from .weights import param_numel
 
 
-class DeltaModel(MergingMixin, nn.Module):
+class DeltaModel(PeftCompatMixin, MergingMixin, nn.Module):
     """A base model whose weights stay frozen, plus one or more named adapters.
 
     ``base_model`` is the wrapped model itself (the adapters live inside it), and calling the DeltaModel
@@ -318,6 +319,7 @@ class DeltaModel(MergingMixin, nn.Module):
         state_dict: dict[str, Any] | None = None,
         is_main_process: bool = True,
         safe_serialization: bool = True,
+        save_embedding_layers: bool | str = "auto",
     ) -> None:
         """Write each adapter in HF peft's format (``"default"`` at the top, others in subfolders) and a
         ``README.md`` model card.
@@ -325,7 +327,15 @@ class DeltaModel(MergingMixin, nn.Module):
         The keywords are those transformers' Trainer passes: ``is_main_process=False`` writes nothing (other
         ranks); ``state_dict`` must be ``None`` (the Trainer passes one only from sharded FSDP/DeepSpeed
         models, which this path does not gather: use ``deltatune train --fsdp``); files are always safetensors.
+        ``save_embedding_layers`` is HF peft's: ``"auto"`` and ``False`` save the adapter's tensors only (deltatune
+        never resizes a vocabulary, the one case where peft's ``"auto"`` adds the base embeddings); ``True`` is refused.
         """
+        if save_embedding_layers is True or save_embedding_layers not in ("auto", False):
+            raise ConfigError(
+                f"save_pretrained(save_embedding_layers={save_embedding_layers!r}): deltatune saves adapter tensors "
+                "only, never the base embedding weights; use 'auto' (the default) or False. To ship the full "
+                "embeddings, train them with modules_to_save=[...] or save the merged model."
+            )
         if state_dict is not None:
             raise ConfigError(
                 "save_pretrained(state_dict=...) is not supported: a DeltaModel saves its own adapter tensors. "

@@ -45,6 +45,6 @@ def recognised_class(cls: type[nn.Module]) -> type[nn.Module]:
 
     if issubclass(cls, PeftModel):
         return cls
-    owned = {name: None for name in DELTA_OWNED if name not in cls.__dict__}
+    owned = {name: None for name in DELTA_OWNED if not any(name in vars(k) for k in cls.__mro__)}
     return type(cls.__name__, (cls, PeftModel), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
                                                  "__doc__": cls.__doc__, **owned})
