@@ -34,7 +34,7 @@ def no_loop(monkeypatch: Any) -> None:
 
 def stacks(model: dt.DeltaModel, method: str) -> list[type]:
     """Types of the cached stacks of ``method``'s layers after a no-grad mixed call."""
-    return [type(v[1]) for m in model.modules() if getattr(m, "method_name", "") == method
+    return [type(v[-1]) for m in model.modules() if getattr(m, "method_name", "") == method
             for v in m.__dict__.get("_stack_cache", {}).values()]
 
 

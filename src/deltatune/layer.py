@@ -104,12 +104,10 @@ class DeltaLayer(nn.Module):
     # -- bookkeeping -----------------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
-        names: list[str] = []
+        names: dict[str, None] = {}
         for attr in self.adapter_attr_names:
-            for key in getattr(self, attr):
-                if key not in names:
-                    names.append(key)
-        return names
+            names.update(dict.fromkeys(getattr(self, attr)))
+        return list(names)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """Every trainable tensor that belongs to adapter ``name`` in this layer."""
@@ -161,6 +159,7 @@ class DeltaLayer(nn.Module):
             if name in container:
                 del container[name]
         self.active_adapters = [n for n in self.active_adapters if n != name]
+        self.__dict__.pop("_stack_cache", None)
 
     def get_base_layer(self) -> nn.Module:
         """The innermost original module (layers of different methods may be nested)."""
@@ -242,7 +241,8 @@ class DeltaLayer(nn.Module):
         mine = self.adapter_names
         if routing.uniform is not None:
             return ([routing.uniform], True) if routing.uniform in mine else ([], True)
-        present = [n for n in routing.names if n in mine]
+        own = set(mine)
+        present = [n for n in routing.names if n in own]
         if not present or torch.is_grad_enabled():
             return present, False
         return mine, False
@@ -251,21 +251,26 @@ class DeltaLayer(nn.Module):
         """``build(names)``: the adapters' tensors stacked for a gathered matmul.
 
         Without gradients the result is cached until an adapter is added or deleted or one of its
-        tensors changes (optimizer step, load: every in-place write bumps ``Tensor._version``).
+        tensors changes (optimizer step, load: every in-place write bumps ``Tensor._version``; a move
+        or cast gives it new storage). Deleting an adapter drops the cache (its name may come back
+        with new tensors).
         With gradients it is built from the live parameters every time, so that they receive gradients.
         """
         if torch.is_grad_enabled():
             return build(names)
-        versions = tuple((id(p), p._version, p.data_ptr()) for n in names for p in self.adapter_parameters(n))
-        cache: dict[tuple[Any, ...], tuple[Any, Any]] = self.__dict__.setdefault("_stack_cache", {})
+        cache: dict[tuple[Any, ...], tuple[Any, ...]] = self.__dict__.setdefault("_stack_cache", {})
         key = (build.__name__, tuple(names))
         hit = cache.get(key)
-        if hit is not None and hit[0] == versions:
-            return hit[1]
+        if hit is not None:  # the same tensors, unchanged since the build: one version check per tensor
+            params, versions, value = hit
+            if versions == tuple((p._version, p.data_ptr()) for p in params):
+                return value
+        params = [p for n in names for p in self.adapter_parameters(n)]
+        versions = tuple((p._version, p.data_ptr()) for p in params)
         if len(cache) >= 4:  # a layer serves one or two stacks (per placement); keep the last few
             cache.pop(next(iter(cache)))
         value = build(names)
-        cache[key] = (versions, value)
+        cache[key] = (params, versions, value)
         return value
 
     def routed_forward(self, routing: Routing, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -51,13 +51,19 @@ def stack_lora(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], scaling: Se
 
 def routed_lora(stack: LoraStack, slots: torch.Tensor, x: torch.Tensor, result: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
-    """``result`` (``W x + bias``, ``(n, ..., out)``) plus each row's adapter delta; ``x``: ``(n, ..., in)``."""
+    """``result`` (``W x + bias``, ``(n, ..., out)``) plus each row's adapter delta; ``x``: ``(n, ..., in)``.
+
+    Without gradients the delta is added into ``result`` in place (the base layer's fresh output): a
+    new ``(n, ..., out)`` tensor would cost more than the adapter's matmuls (page faults of fresh memory).
+    """
     n = x.shape[0]
     x3 = x.reshape(n, -1, x.shape[-1])  # (n, L, in)
-    down = torch.bmm(x3, stack.a[slots].transpose(1, 2))  # (n, L, R)
-    up = torch.bmm(down, stack.b[slots].transpose(1, 2)).view(result.shape)  # (n, ..., out)
+    down = torch.bmm(x3, stack.a.index_select(0, slots).transpose(1, 2))  # (n, L, R)
+    up = torch.bmm(down, stack.b.index_select(0, slots).transpose(1, 2)).view(result.shape)  # (n, ..., out)
     if stack.dora is None:
+        if not torch.is_grad_enabled() and up.dtype == result.dtype and result.is_contiguous():
+            return result.add_(up)
         return result + up.to(result.dtype)
-    g = stack.dora[slots].view(n, *([1] * (result.dim() - 2)), -1)  # (n, 1.., out)
+    g = stack.dora.index_select(0, slots).view(n, *([1] * (result.dim() - 2)), -1)  # (n, 1.., out)
     base_only = result if bias is None else result - bias
     return (result + (g - 1) * base_only + g * up).to(result.dtype)

@@ -109,10 +109,12 @@ class LoraLinear(DoraMixin, LoraLayer):
         if name in self.lora_magnitude_vector:
             return self.dora_add_delta(name, result, lora_B(down) * self.scaling[name])
         if down.dtype == result.dtype and result.is_contiguous():
-            # One fused kernel for  result + s * down @ B^T  (no separate scale and add, no (..., out) temporaries).
-            fused = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]),
-                                lora_B.weight.t(), alpha=self.scaling[name])
-            return fused.view(result.shape)
+            # One fused kernel for  result + s * down @ B^T  (no separate scale and add, no (..., out) temporaries);
+            # without gradients into the base layer's fresh output itself (a new tensor costs its page faults).
+            flat, down2d = result.view(-1, result.shape[-1]), down.reshape(-1, down.shape[-1])
+            if not torch.is_grad_enabled():
+                return flat.addmm_(down2d, lora_B.weight.t(), alpha=self.scaling[name]).view(result.shape)
+            return torch.addmm(flat, down2d, lora_B.weight.t(), alpha=self.scaling[name]).view(result.shape)
         return result + (lora_B(down) * self.scaling[name]).to(result.dtype)
 
     def add_routed_delta(self, names: list[str], slots: torch.Tensor, x: torch.Tensor, result: torch.Tensor,
