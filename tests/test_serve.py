@@ -230,6 +230,23 @@ def test_adapters_load_and_unload_at_run_time(world: World, server: ServerProces
     assert httpx.delete(url + "/a3", headers=headers).status_code == 404
 
 
+def test_vllm_runtime_lora_routes(world: World, server: ServerProcess, client: Any) -> None:
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter bodies do what /v1/adapters does."""
+    headers = server.headers()
+    response = httpx.post(server.url + "/v1/load_lora_adapter", headers=headers,
+                          json={"lora_name": "v3", "lora_path": "a3"})
+    assert response.status_code == 200, response.text
+    answer = client.completions.create(model="v3", prompt="Once upon a time", max_tokens=8, temperature=0)
+    assert answer.choices[0].text == world.reference("a3", world.completion_ids("Once upon a time"), 8)
+    response = httpx.post(server.url + "/v1/load_lora_adapter", headers=headers, json={"lora_name": "v4",
+                                                                                      "lora_path": "/etc"})
+    assert response.status_code == 400 and "must be relative" in response.json()["error"]["message"]
+    unload = server.url + "/v1/unload_lora_adapter"
+    assert httpx.post(unload, headers=headers, json={"lora_name": "v3"}).status_code == 200
+    assert "v3" not in [m.id for m in client.models.list().data]
+    assert httpx.post(unload, headers=headers, json={"lora_name": "v3"}).status_code == 404
+
+
 @pytest.mark.parametrize("path, status, words", [
     ("../base", 400, "without '..'"),
     ("a1/../../base", 400, "without '..'"),

@@ -58,6 +58,17 @@ class AddAdapter(BaseModel):
     path: str
 
 
+class VllmLoadLora(BaseModel):
+    """vLLM's ``/v1/load_lora_adapter`` body (``lora_path`` here: relative to ``--adapters-dir``)."""
+
+    lora_name: str
+    lora_path: str
+
+
+class VllmUnloadLora(BaseModel):
+    lora_name: str
+
+
 @dataclass
 class Server:
     """What the routes work with."""
@@ -171,6 +182,17 @@ def create_app(server: Server) -> FastAPI:
         req = parse(AddAdapter, await read_json(request, server.limits.max_body_bytes))
         await asyncio.to_thread(server.registry.load_from_dir, req.name, req.path)
         return {"object": "adapter", "id": req.name, "loaded": True}
+
+    @app.post("/v1/load_lora_adapter")  # vLLM's route for the same thing
+    async def vllm_load(request: Request) -> dict[str, Any]:
+        req = parse(VllmLoadLora, await read_json(request, server.limits.max_body_bytes))
+        await asyncio.to_thread(server.registry.load_from_dir, req.lora_name, req.lora_path)
+        return {"object": "adapter", "id": req.lora_name, "loaded": True}
+
+    @app.post("/v1/unload_lora_adapter")  # vLLM's route; drains like DELETE /v1/adapters/{name}
+    async def vllm_unload(request: Request) -> Any:
+        req = parse(VllmUnloadLora, await read_json(request, server.limits.max_body_bytes))
+        return await delete_adapter(req.lora_name)
 
     @app.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str) -> Any:
