@@ -133,3 +133,13 @@ def test_all_in_one_batch_gradients_reach_only_each_examples_adapter(make_model:
         for got, want in zip(mixed, [p.grad for p in model.adapter_parameters(name)]):
             torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-7, msg=name)
         model.set_adapter(list(configs))
+
+
+def test_lora_on_convolutions_as_one_grouped_convolution(make_model: Any) -> None:
+    def conv_lora(r: int, alpha: float) -> dt.LoraConfig:
+        return dt.LoraConfig(r=r, lora_alpha=alpha, target_modules=["conv2d", "conv1d", "fc"], init_lora_weights=False)
+
+    model = perturbed(build(make_model, "cnn", {"a": conv_lora(2, 4), "b": conv_lora(5, 3), "c": conv_lora(1, 8)}))
+    names = ["b", BASE, "a", "c", "b"]
+    assert_mixed_equals_solo(model, make_model.inputs("cnn", batch=len(names)), names)
+    assert set(stacks(model, "lora")) == {LoraStack, tuple}  # the linear's stack, the convolutions' (A, B)

@@ -184,7 +184,10 @@ class LoraEmbedding(LoraLayer):
 
 
 class LoraConv(LoraLayer):
-    """LoRA on ``nn.Conv1d`` / ``nn.Conv2d``: ``A`` has the base kernel with ``r`` outputs, ``B`` is 1x1."""
+    """LoRA on ``nn.Conv1d`` / ``nn.Conv2d``: ``A`` has the base kernel with ``r`` outputs, ``B`` is 1x1.
+
+    A mixed-adapter batch runs every row's ``A`` in one grouped convolution (group ``i`` = row ``i``'s
+    channels and kernels) and every row's ``B`` in one gathered ``bmm``."""
 
     adapter_attr_names = ("lora_A", "lora_B")
 
@@ -215,6 +218,31 @@ class LoraConv(LoraLayer):
     def add_delta(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         x_in = to_delta_dtype(self._dropout(name, x), self.lora_A[name].weight.dtype)
         return result + (self.lora_B[name](self.lora_A[name](x_in)) * self.scaling[name]).to(result.dtype)
+
+    def add_routed_delta(self, names: list[str], slots: torch.Tensor, x: torch.Tensor, result: torch.Tensor,
+                         *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each row's ``A`` as one grouped convolution (the rows side by side as channel groups), then each
+        row's ``s B`` in one gathered ``bmm``; a padding mode other than zeros takes the per-adapter loop."""
+        base = self.get_base_layer()
+        if base.padding_mode != "zeros" or x.dim() != base.weight.dim():
+            return super().add_routed_delta(names, slots, x, result, *args, **kwargs)
+        a, b = self.stacked(names, self._conv_stack)  # (K+1, R, in, *k), (K+1, out, R)
+        x_in = to_delta_dtype(self._routed_dropout(names, slots, x), a.dtype)
+        n, rank = x.shape[0], a.shape[1]
+        conv = F.conv1d if x.dim() == 3 else F.conv2d
+        kernels = a.index_select(0, slots).reshape(n * rank, *a.shape[2:])  # (n*R, in, *k)
+        down = conv(x_in.reshape(1, -1, *x.shape[2:]), kernels, None, base.stride, base.padding, base.dilation,
+                    groups=n)  # (1, n*R, *S')
+        up = torch.bmm(b.index_select(0, slots), down.view(n, rank, -1))  # (n, out, prod S')
+        return result + up.view(result.shape).to(result.dtype)
+
+    def _conv_stack(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A_k`` ``(K+1, R, in, *k)`` and ``s_k B_k`` ``(K+1, out, R)``, ranks zero-padded, zero slot last."""
+        kernel = self.lora_A[names[0]].weight.shape[1:]  # (in, *k)
+        stack = stack_lora([self.lora_A[n].weight.flatten(1) for n in names],
+                           [self.lora_B[n].weight.flatten(1) for n in names], [self.scaling[n] for n in names],
+                           [None] * len(names))
+        return stack.a.view(stack.a.shape[0], stack.a.shape[1], *kernel), stack.b
 
 
 def _layer_class(module: nn.Module) -> type[LoraLayer] | None:
