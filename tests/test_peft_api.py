@@ -164,3 +164,27 @@ def test_aliases_and_prepare_model_for_kbit_training(tmp_path: Path) -> None:
     assert trainable(mine) == trainable(theirs) == 0
     quantized = dt.prepare_model_for_kbit_training(dt.quantize(tiny(), "int8"))
     assert quantized.is_gradient_checkpointing  # quantized: on by default, as in peft
+
+
+@pytest.mark.parametrize("config", [
+    peft.LoraConfig(r=4, target_modules=["q_proj"], task_type=peft.TaskType.CAUSAL_LM),
+    peft.LoraConfig(target_modules="all-linear", use_dora=True, rank_pattern={"v_proj": 2}),
+    peft.IA3Config(task_type="CAUSAL_LM"),
+    peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+    peft.LoHaConfig(target_modules=["q_proj"]),
+], ids=lambda c: type(c).__name__)
+def test_a_peft_config_object_builds_the_same_adapter(config: peft.PeftConfig, recwarn: pytest.WarningsRecorder) -> None:
+    ours, theirs = dt.get_peft_model(tiny(), config), peft.get_peft_model(tiny(), config)
+    assert not [w for w in recwarn if "deltatune version does not know" in str(w.message)]
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    mine, reference = dt.get_peft_model_state_dict(ours), peft.get_peft_model_state_dict(theirs)
+    assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in reference.items()}
+    assert type(ours.peft_config["default"]).__name__ == type(config).__name__
+    assert ours.peft_config["default"].task_type == getattr(config.task_type, "value", config.task_type)
+
+
+def test_a_peft_config_with_options_deltatune_lacks_warns_and_other_objects_are_refused() -> None:
+    with pytest.warns(UserWarning, match="lora_bias"):
+        dt.get_peft_model(tiny(), peft.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True))
+    with pytest.raises(dt.ConfigError, match="dict is not an adapter config"):
+        dt.get_peft_model(tiny(), {"r": 4})

@@ -44,7 +44,7 @@ from .merging import MergingMixin
 from .mixed_batch import mixed_forward, mixed_generate
 from .model_interface import head_names
 from .peft_compat import PeftCompatMixin
-from .registry import get_method
+from .registry import as_delta_config, get_method
 from .weights import param_numel
 
 
@@ -125,8 +125,8 @@ class DeltaModel(PeftCompatMixin, MergingMixin, nn.Module):
                 f"Adapter name {adapter_name!r} must be non-empty and contain no '.', '/' or '\\' (it becomes a "
                 "parameter name and, when saved, a folder name)."
             )
+        config = copy.deepcopy(as_delta_config(config))  # an HF peft config is read as its adapter_config.json
         spec = get_method(config)
-        config = copy.deepcopy(config)
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = base_name_or_path(self.base_model)
         saved = head_paths(self.base_model, config, head_names(config.task_type))

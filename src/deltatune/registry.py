@@ -10,13 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from .config import DeltaConfig
 from .errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .config import DeltaConfig
     from .layer import DeltaLayer
 
 
@@ -118,6 +118,23 @@ def get_method(key: str | DeltaConfig | type) -> MethodSpec:
         if klass in _BY_CONFIG:
             return _BY_CONFIG[klass]
     raise ConfigError(f"{cls.__name__} is not the config of a registered method; known: {sorted(_BY_NAME)}.")
+
+
+def as_delta_config(config: Any) -> DeltaConfig:
+    """``config`` itself, or a deltatune config read from another library's config object.
+
+    An HF peft config (``peft.LoraConfig(...)``, anything with ``peft_type`` and ``to_dict()``) becomes this
+    library's config of that ``peft_type`` exactly as its ``adapter_config.json`` would be read: same fields,
+    options deltatune does not implement named in a warning.
+    """
+    if isinstance(config, DeltaConfig):
+        return config
+    peft_type, to_dict = getattr(config, "peft_type", None), getattr(config, "to_dict", None)
+    if peft_type is None or not callable(to_dict):
+        raise ConfigError(f"{type(config).__name__} is not an adapter config; pass dt.LoraConfig(...) or another "
+                          f"method's config (known methods: {sorted(_BY_NAME)}).")
+    spec = get_method(str(getattr(peft_type, "value", peft_type)))
+    return spec.config_cls.from_dict(dict(to_dict()))
 
 
 def all_methods() -> list[MethodSpec]:
