@@ -338,3 +338,22 @@ def test_cached_stacks_follow_weight_changes_and_new_adapters(make_model: Any) -
     assert_mixed_equals_solo(model, inputs, ["c", "b", "a"])
     model.delete_adapter("a")
     assert_mixed_equals_solo(model, inputs, ["c", "b", BASE])
+
+
+def test_a_hook_on_the_base_layer_keeps_the_base_output(make_model: Any) -> None:
+    """Without gradients LoRA adds into the base layer's output in place, except where a hook may hold it."""
+    model = build(make_model, "llama_lm", {"a": lora(2, 4), "b": lora(4, 4)})
+    inputs = make_model.inputs("llama_lm", batch=2)
+    wrapper = model.base_model.model.layers[0].self_attn.q_proj
+    held: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handle = wrapper.base_layer.register_forward_hook(lambda m, args, out: held.append((out, out.clone())))
+    try:
+        model.set_adapter("a")
+        with torch.no_grad():
+            model(**inputs, adapter_names=["a", "b"])  # mixed path
+            model(**inputs)  # single-adapter path
+    finally:
+        handle.remove()
+    assert len(held) == 2
+    for out, at_hook_time in held:
+        assert torch.equal(out, at_hook_time)

@@ -225,6 +225,14 @@ class DeltaLayer(nn.Module):
         while self.merged_adapters:
             self.unmerge_last()
 
+    def owns_result(self) -> bool:
+        """Whether a delta may be added into the base layer's output in place (saving a fresh tensor):
+        no gradients (autograd may need the output), and no forward hook that could hold it."""
+        from torch.nn.modules import module as torch_module
+
+        return not (torch.is_grad_enabled() or self.base_layer._forward_hooks or self.get_base_layer()._forward_hooks
+                    or torch_module._global_forward_hooks)
+
     # -- mixed-adapter batches --------------------------------------------------------------------
     @property
     def serves_mixed_batches(self) -> bool:

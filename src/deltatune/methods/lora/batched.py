@@ -50,18 +50,18 @@ def stack_lora(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], scaling: Se
 
 
 def routed_lora(stack: LoraStack, slots: torch.Tensor, x: torch.Tensor, result: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
+                bias: torch.Tensor | None, in_place: bool = False) -> torch.Tensor:
     """``result`` (``W x + bias``, ``(n, ..., out)``) plus each row's adapter delta; ``x``: ``(n, ..., in)``.
 
-    Without gradients the delta is added into ``result`` in place (the base layer's fresh output): a
-    new ``(n, ..., out)`` tensor would cost more than the adapter's matmuls (page faults of fresh memory).
+    ``in_place`` (the caller owns ``result``, no gradients): the delta is added into ``result`` itself;
+    a new ``(n, ..., out)`` tensor can cost more than the adapter's matmuls (page faults of fresh memory).
     """
     n = x.shape[0]
     x3 = x.reshape(n, -1, x.shape[-1])  # (n, L, in)
     down = torch.bmm(x3, stack.a.index_select(0, slots).transpose(1, 2))  # (n, L, R)
     up = torch.bmm(down, stack.b.index_select(0, slots).transpose(1, 2)).view(result.shape)  # (n, ..., out)
     if stack.dora is None:
-        if not torch.is_grad_enabled() and up.dtype == result.dtype and result.is_contiguous():
+        if in_place and up.dtype == result.dtype and result.is_contiguous():
             return result.add_(up)
         return result + up.to(result.dtype)
     g = stack.dora.index_select(0, slots).view(n, *([1] * (result.dim() - 2)), -1)  # (n, 1.., out)

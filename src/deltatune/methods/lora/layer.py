@@ -112,7 +112,7 @@ class LoraLinear(DoraMixin, LoraLayer):
             # One fused kernel for  result + s * down @ B^T  (no separate scale and add, no (..., out) temporaries);
             # without gradients into the base layer's fresh output itself (a new tensor costs its page faults).
             flat, down2d = result.view(-1, result.shape[-1]), down.reshape(-1, down.shape[-1])
-            if not torch.is_grad_enabled():
+            if self.owns_result():
                 return flat.addmm_(down2d, lora_B.weight.t(), alpha=self.scaling[name]).view(result.shape)
             return torch.addmm(flat, down2d, lora_B.weight.t(), alpha=self.scaling[name]).view(result.shape)
         return result + (lora_B(down) * self.scaling[name]).to(result.dtype)
@@ -122,7 +122,7 @@ class LoraLinear(DoraMixin, LoraLayer):
         """Every row with its own adapter in two gathered ``bmm`` (see :mod:`.batched`)."""
         stack = self.stacked(names, self._lora_stack)
         x_in = to_delta_dtype(self._routed_dropout(names, slots, x), stack.a.dtype)
-        return routed_lora(stack, slots, x_in, result, self.get_base_layer().bias)
+        return routed_lora(stack, slots, x_in, result, self.get_base_layer().bias, in_place=self.owns_result())
 
     def _lora_stack(self, names: Sequence[str]) -> LoraStack:
         dora = [self._dora_factor(n) if n in self.lora_magnitude_vector else None for n in names]
