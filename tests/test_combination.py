@@ -238,3 +238,24 @@ def test_cli_combine_writes_the_weighted_sum_and_refuses_another_base(tmp_path, 
                  "--out", str(tmp_path / "bad")])
     assert code == 2 and "different base model" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_cli_combine_errors_name_the_folders(tmp_path, capsys) -> None:
+    """Two adapters that each train a task head cannot be weighted; the error names the user's folders."""
+    from _train_tiny import save_tiny
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.cli import main
+
+    base_dir = save_tiny("llama", tmp_path / "base")
+    for seed, name in ((1, "a"), (2, "b")):
+        torch.manual_seed(seed)
+        dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base_dir), dt.LoraConfig(
+            r=2, target_modules=["q_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM")).save_pretrained(
+            tmp_path / name)
+    code = main(["combine", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "1", "1", "--model", str(base_dir),
+                 "--out", str(tmp_path / "mix")])
+    err = capsys.readouterr().err
+    assert code == 2 and "each train their own copy of ['lm_head']" in err
+    assert repr(str(tmp_path / "a")) in err and repr(str(tmp_path / "b")) in err and "adapter1" not in err
+    assert not (tmp_path / "mix").exists()

@@ -35,8 +35,14 @@ def run_combine(
     names = ["default"] + [f"adapter{i}" for i in range(1, len(adapters))]
     for name, folder in zip(names[1:], adapters[1:]):
         delta.load_adapter(adapter_dir(folder), name)
-    delta.add_weighted_adapter(names, weights, "combined", combination_type=combination_type, svd_rank=rank,
-                               density=density, majority_sign_method=majority_sign_method, seed=seed)
+    try:
+        delta.add_weighted_adapter(names, weights, "combined", combination_type=combination_type, svd_rank=rank,
+                                   density=density, majority_sign_method=majority_sign_method, seed=seed)
+    except ConfigError as exc:  # say which folders, not the names they were loaded under here
+        message = str(exc)
+        for name, folder in zip(names, adapters):
+            message = message.replace(repr(name), repr(folder))
+        raise ConfigError(message) from exc
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
