@@ -18,7 +18,7 @@ Each configuration runs in its own process, one after another (:func:`bench.runn
 * **peak training memory**: the process's RSS high-water mark during training minus its RSS before
   the model was loaded (every library imported first, in every configuration): the model as held
   plus everything training adds; also the part above the loaded model (:class:`bench.measure.PeakMemory`);
-* **base perplexity**: ChatterBot test perplexity of the base before training (the adapter starts at zero);
+* **base perplexity**: ChatterBot test perplexity of the base alone (adapter switched off, after training);
 * **step time**: median step after 3 warm-up steps (forward, backward, clip, AdamW step);
 * **test perplexity**: ChatterBot test split, answer tokens, after training, in eval mode;
 * **merge error**: max / mean |logit difference| of the merged vs the unmerged model on a probe batch
@@ -159,7 +159,6 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         for tensor in [*model.parameters(), *model.buffers()]:
             for part in param_tensors(tensor):
                 part.sum()
-    base_ppl = perplexity(model, test_feats, pad_id=pad_id)  # the adapter starts at zero: the base itself
     memory = PeakMemory()
     memory.start()
     stats = train(model, batches, lr=job["lr"])
@@ -168,11 +167,15 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "config": config, "setup": dict(zip(("quantization", "checkpointing", "embeddings"), SETUP[config], strict=True)),
         "weight_mb": weights / 2**20, "peak_total_mb": total, "peak_mb": memory.peak_mb(), "mem_method": memory.method,
-        "base_ppl": base_ppl,
+
         "step_s": median_after_warmup(stats.step_times, 3), "steps": len(batches),
         "first_loss": stats.losses[0], "final_loss": sum(stats.losses[-5:]) / len(stats.losses[-5:]),
         "test_ppl": perplexity(model, test_feats, pad_id=pad_id),
     }
+    # the base alone, after training: an inference call before training would make bitsandbytes re-lay-out
+    # its 4-bit weights for the CPU kernel, which corrupts later training gradients where nothing undoes it
+    with model.disable_adapter():
+        out["base_ppl"] = perplexity(model, test_feats, pad_id=pad_id)
     out.update(_merge_error(model, config))
     return out
 

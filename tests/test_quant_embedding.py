@@ -177,3 +177,35 @@ def test_prepare_for_kbit_training_turns_checkpointing_on_by_default_as_peft_doe
     dt.prepare_for_kbit_training(plain)
     with pytest.raises(dt.quant.QuantizationError, match="use_gradient_checkpointing=False"):
         dt.prepare_for_kbit_training(plain, use_gradient_checkpointing=True)
+
+
+def test_an_inference_call_before_training_leaves_4bit_training_gradients_intact() -> None:
+    """bitsandbytes re-lays-out 4-bit weights at the first CPU inference call on AVX512-BF16 CPUs, and its
+    training path then computes different gradients; prepare_for_kbit_training undoes and prevents that."""
+    from _quant_models import quantized_llama
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("bitsandbytes re-lays-out 4-bit weights only on CPUs with AVX512-BF16")
+    batch = inputs()
+
+    def grads(eval_before: bool, eval_after: bool) -> torch.Tensor:
+        model = quantized_llama("nf4")
+        if eval_before:
+            with torch.no_grad():
+                model(**batch)  # eval mode, no gradient: re-lays-out every 4-bit weight
+        model = dt.prepare_for_kbit_training(model, use_gradient_checkpointing=False)
+        torch.manual_seed(0)
+        delta = dt.get_delta_model(model, dt.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        if eval_after:
+            delta.eval()
+            with torch.no_grad():
+                delta(**batch)
+        delta.train()
+        delta(**batch, labels=batch["input_ids"]).loss.backward()
+        return torch.cat([p.grad.flatten() for p in delta.parameters() if p.requires_grad])
+
+    clean = grads(False, False)
+    assert torch.equal(grads(False, True), clean)  # no re-layout after prepare_for_kbit_training
+    # unpacked again: the same codes, block scales rounded to bfloat16 by the re-layout
+    torch.testing.assert_close(grads(True, False), clean, atol=3e-3, rtol=0)

@@ -149,8 +149,12 @@ def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool
     gradients although every base weight is frozen. As in peft, checkpointing is on by default: it is
     what makes QLoRA's training memory small (activations are recomputed in the backward pass, about a
     third more compute). ``use_gradient_checkpointing``: ``None`` (default) turns it on when the model
-    supports it (transformers models), ``True`` requires it, ``False`` leaves it off.
+    supports it (transformers models), ``True`` requires it, ``False`` leaves it off. bitsandbytes
+    4-bit weights are kept in the layout its training path reads (:func:`.bnb.keep_training_layout`).
     """
+    from .bnb import keep_training_layout
+
+    keep_training_layout(model)
     for param in model.parameters():
         param.requires_grad_(False)
     for module in model.modules():
