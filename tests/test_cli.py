@@ -114,6 +114,9 @@ def test_eval_reproduces_the_run_summary_and_evaluates_the_base(runs: dict, caps
     assert code == 0 and base["adapter"] is None and base["loss"] != pytest.approx(result["loss"])
     code, out, _ = _run(capsys, "eval", str(runs["lm_run"]), "--split", "validation")
     assert code == 0 and "perplexity" in out
+    for flag in ("--max-examples", "--max-eval-examples"):  # train's name for the limit works here too
+        code, out, _ = _run(capsys, "eval", str(runs["cls_run"]), flag, "2", "--json")
+        assert code == 0 and json.loads(out)["examples"] == 2
 
 
 def _tokens(folder: Path, texts: list[str]) -> dict[str, torch.Tensor]:

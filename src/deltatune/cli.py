@@ -128,7 +128,8 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=["train", "validation", "test", "all"], help="which split")
     p.add_argument("--task", choices=["seq_cls", "instruct", "causal_lm", "seq2seq"], help="task (default: the adapter's)")
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
-    p.add_argument("--max-examples", type=int, help="evaluate only the first N rows of the split")
+    p.add_argument("--max-examples", "--max-eval-examples", dest="max_examples", type=int,
+                   help="evaluate only the first N rows of the split (train's name for it works too)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _threads_arg(p)
