@@ -98,7 +98,40 @@ def test_bart_absolute_positions_need_equal_prefix_lengths(make_model: Any) -> N
         model.generate(input_ids=inputs["input_ids"], adapter_names=["a", "c", "a", "b"], max_new_tokens=2)
 
 
-def test_encoder_prefix_adapters_are_refused(make_model: Any) -> None:
-    model = build(make_model, "t5", {"e": prefix(2, encoder_prefix=True), "x": prefix(2)})
-    with pytest.raises(ConfigError, match="encoder_prefix=True"):
-        model(**make_model.inputs("t5", batch=2), adapter_names=["e", "x"])
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_encoder_prefix_rows(make_model: Any, kind: str) -> None:
+    """Encoder and cross-attention prefixes per row: different lengths (T5), beside rows without them."""
+    if kind == "t5":
+        configs = {"e2": prefix(2, encoder_prefix=True), "e4": prefix(4, encoder_prefix=True), "x": prefix(3),
+                   "l": dt.LoraConfig(r=2, target_modules=["q", "v"], init_lora_weights=False, task_type="SEQ_2_SEQ_LM")}
+        names = ["e4", "x", BASE, "e2", "l", "e4"]
+    else:  # absolute decoder positions: one decoder prefix length; the encoder prefixes may differ in use
+        configs = {"e": prefix(3, encoder_prefix=True), "x": prefix(3)}
+        names = ["e", "x", "x", "e"]
+    model = perturbed(build(make_model, kind, configs))
+    inputs = make_model.inputs(kind, batch=len(names))
+    assert_mixed_equals_solo(model, {k: v for k, v in inputs.items() if k != "attention_mask"}, names)  # no mask
+    inputs["attention_mask"][1, -2:] = 0  # padded encoder positions too
+    assert_mixed_equals_solo(model, inputs, names)
+    ids, gen = inputs["input_ids"], {"max_new_tokens": 4, "do_sample": False, "num_beams": 2, "num_return_sequences": 2}
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids, attention_mask=inputs["attention_mask"], adapter_names=names, **gen)
+        for i, name in enumerate(names):
+            one = {"input_ids": ids[i : i + 1], "attention_mask": inputs["attention_mask"][i : i + 1]}
+            if name == BASE:
+                with model.disable_adapter():
+                    ref = model.generate(**one, **gen)
+            else:
+                model.set_adapter(name)
+                ref = model.generate(**one, **gen)
+            assert torch.equal(mixed[2 * i : 2 * i + 2, : ref.shape[1]], ref), name
+    if kind == "t5":  # training: row 0's loss reaches only its adapter's three tables
+        model.set_adapter(list(configs))
+        model.train()
+        model(**inputs, adapter_names=names).logits[0].pow(2).sum().backward()
+        for name in configs:
+            grads = [p.grad for p in model.adapter_parameters(name)]
+            if name == "e4":
+                assert len(grads) == 3 and all(g is not None and g.abs().sum() > 0 for g in grads)
+            else:
+                assert all(g is None or g.abs().sum() == 0 for g in grads), name

@@ -17,8 +17,8 @@ attends to the padding. Positions follow the solo run:
   nothing; decoders with absolute positions (BART) are refused with a clear error when the prefix
   counts of the batch differ.
 
-``encoder_prefix`` adapters (prefixes in the encoder and cross-attention too) are refused: use one
-adapter per call there.
+``encoder_prefix`` adapters also get their encoder self-attention and decoder cross-attention
+prefixes per row (:mod:`.mixed_sites`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from torch import nn
 from ...errors import ConfigError
 from ...routing import Routing, routed
 from .cache import KVLayout, _new_cache
+from .mixed_sites import attached_rows
 
 if TYPE_CHECKING:
     from transformers import Cache
@@ -43,13 +44,30 @@ _POSITION_FREE: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDict
 
 
 def _check(deltas: dict[str, PrefixTuningDelta]) -> KVLayout:
-    layout = next(iter(deltas.values())).layout
-    if any(d.extra_sites for d in deltas.values()):
-        raise ConfigError(
-            "Prefix-tuning adapters with encoder_prefix=True cannot share a mixed-adapter batch yet; call them "
-            "one adapter at a time (set_adapter), or use adapters without encoder_prefix in mixed batches."
-        )
-    return layout
+    return next(iter(deltas.values())).layout
+
+
+def _site_groups(deltas: dict[str, PrefixTuningDelta], routing: Routing,
+                 dtype: torch.dtype) -> list[tuple[list[Any], torch.Tensor, torch.Tensor]]:
+    """``encoder_prefix`` tables per row, one group per role: ``(sites, (B, P, flat), visible (B, P))``."""
+    extra = {n: d for n, d in deltas.items() if d.extra_sites}
+    if not extra:
+        return []
+    names = routing.name_of_row()
+    groups = []
+    for g, sites in enumerate(next(iter(extra.values())).extra_sites):
+        tables = {n: d.extra_tables[g]().to(dtype) for n, d in extra.items()}  # (P_n, flat)
+        width = max(t.shape[0] for t in tables.values())
+        first = next(iter(tables.values()))
+        block = first.new_zeros(len(names), width, first.shape[1])  # (B, P, flat)
+        visible = torch.zeros(len(names), width, dtype=torch.bool, device=first.device)  # (B, P)
+        for b, name in enumerate(names):
+            table = tables.get(name)
+            if table is not None:
+                block[b, width - table.shape[0] :] = table
+                visible[b, width - table.shape[0] :] = True
+        groups.append((sites, block, visible))
+    return groups
 
 
 def _by_model_layer(delta: PrefixTuningDelta, dtype: torch.dtype) -> torch.Tensor:
@@ -158,7 +176,8 @@ def run_routed(model: nn.Module, call: dict[str, Any], routing: Routing, deltas:
     elif own_positions and "position_ids" in inspect.signature(model.forward).parameters:
         call["position_ids"] = lengths + torch.arange(seq, device=lengths.device)  # the solo run's positions
     call[layout.cache_kwarg] = cache
-    return model(**call)
+    with attached_rows(_site_groups(deltas, routing, dtype)):
+        return model(**call)
 
 
 def generate_routed(model: nn.Module, kwargs: dict[str, Any], routing: Routing,
@@ -182,4 +201,5 @@ def generate_routed(model: nn.Module, kwargs: dict[str, Any], routing: Routing,
         kwargs["attention_mask"] = torch.cat([prefix_mask[::expand].to(mask.dtype), mask], dim=1)
     kwargs[layout.cache_kwarg] = cache
     kwargs["use_cache"] = True
-    return model.generate(**kwargs)
+    with attached_rows(_site_groups(deltas, routing, dtype)):
+        return model.generate(**kwargs)
