@@ -114,7 +114,7 @@ def _merge_error(model: torch.nn.Module, config: str) -> dict[str, float]:
     from deltatune.merge_check import default_probe, probe_outputs
 
     if config != "peft-nf4":
-        model.merge_and_unload(probe=default_probe(model.base_model))
+        model.merge_and_unload(probe=default_probe(model.get_base_model()))
         report = model.merge_report
         return {"merge_max": report.max_logit_error, "merge_mean": report.mean_logit_error}
     probe = default_probe(model.base_model.model)

@@ -83,7 +83,7 @@ def test_pruning_replays_peft_step_by_step(make_model, output_of) -> None:
     assert sum(sum(v) for v in pattern.values()) <= 2 * len(pattern) < 4 * len(pattern)  # pruned to the budget
     inputs = make_model.inputs(KIND)
     torch.testing.assert_close(output_of(ours, inputs), output_of(theirs, inputs), atol=1e-5, rtol=0)
-    layer = ours.base_model.model.layers[0].self_attn.q_proj
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
     dropped = ~torch.tensor(pattern["model.layers.0.self_attn.q_proj.lora_E"])
     assert torch.all(layer.lora_E["default"][dropped] == 0)
 
@@ -115,7 +115,7 @@ def test_pruned_files_both_ways(make_model, output_of, tmp_path) -> None:
 
 def test_merge_equals_formula(make_model, output_of) -> None:
     model = dt.get_delta_model(make_model(KIND), dt.AdaLoraConfig(init_lora_weights=False, **OPTIONS))
-    layer = model.base_model.model.layers[1].self_attn.v_proj
+    layer = model.base_model.model.model.layers[1].self_attn.v_proj
     a, e, b = (layer.lora_A["default"].detach(), layer.lora_E["default"].detach(), layer.lora_B["default"].detach())
     expected_delta = b @ (a * e) * 8 / (4 + 1e-5)
     torch.testing.assert_close(layer.delta_weight("default"), expected_delta)

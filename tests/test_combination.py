@@ -167,7 +167,7 @@ def test_ia3_linear_combination(make_model, tmp_path) -> None:
     model.add_adapter("b", dt.IA3Config(**targets))
     model.add_weighted_adapter(["a", "b"], [1.5, -0.5], "neg", combination_type="linear")
     model.add_weighted_adapter(["a", "b"], [0.6, 0.4], "mix", combination_type="linear")
-    layer = model.base_model.model.layers[0].mlp.down_proj
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
     l_a, l_b = layer.ia3_l["a"].detach(), layer.ia3_l["b"].detach()
     torch.testing.assert_close(layer.ia3_l["neg"].detach(), 1 + 1.5 * (l_a - 1) - 0.5 * (l_b - 1))
     model.save_pretrained(tmp_path, selected_adapters=["a", "b"])

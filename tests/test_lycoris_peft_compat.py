@@ -108,14 +108,14 @@ def test_delta_formulas(make_model) -> None:
     """The deltas equal the products written out here."""
     loha = dt.get_delta_model(make_model("llama_lm"), dt.LoHaConfig(r=3, alpha=6, init_weights=False,
                                                                      target_modules=["q_proj"]))
-    layer = loha.base_model.model.layers[0].self_attn.q_proj
+    layer = loha.base_model.model.model.layers[0].self_attn.q_proj
     f = {k: layer.__getattr__(k)["default"].detach() for k in layer.adapter_attr_names if "default" in layer.__getattr__(k)}
     assert set(f) == {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}  # no CP cores on a linear layer
     expected = 2.0 * (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
     torch.testing.assert_close(layer.delta_weight("default"), expected)
     lokr = dt.get_delta_model(make_model("llama_lm"), dt.LoKrConfig(r=1, alpha=3, init_weights=False,
                                                                      target_modules=["gate_proj"]))
-    layer = lokr.base_model.model.layers[0].mlp.gate_proj  # (40, 32): 40 = 5 * 8, 32 = 4 * 8
+    layer = lokr.base_model.model.model.layers[0].mlp.gate_proj  # (40, 32): 40 = 5 * 8, 32 = 4 * 8
     w1, w2 = layer.lokr_w1["default"].detach(), (layer.lokr_w2_a["default"] @ layer.lokr_w2_b["default"]).detach()
     assert w1.shape == (5, 4) and w2.shape == (8, 8)
     expected = torch.stack([torch.stack([3.0 * w1[i, k] * w2 for k in range(4)], 1) for i in range(5)]).reshape(40, 32)

@@ -37,7 +37,7 @@ def test_expert_lora_matches_the_formula_and_merges(family: str) -> None:
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     out = _logits(model, inputs)
     assert not torch.allclose(out, reference, atol=1e-4)
-    layer = model.base_model.model.layers[0].mlp.experts
+    layer = model.base_model.model.model.layers[0].mlp.experts
     transposed = getattr(layer.get_base_layer(), "is_transposed", False)
     model.merge_adapter()
     for param in ("gate_up_proj", "down_proj"):
@@ -95,7 +95,7 @@ def test_router_is_trained_in_full_with_modules_to_save(tmp_path) -> None:
     assert {n for n in trainable if ".gate." in n} == {
         f"base_model.model.layers.{i}.mlp.gate.modules_to_save.default.weight" for i in (0, 1)}
     with torch.no_grad():
-        model.base_model.model.layers[0].mlp.gate.modules_to_save["default"].weight.add_(1.0)
+        model.base_model.model.model.layers[0].mlp.gate.modules_to_save["default"].weight.add_(1.0)
     expected = _logits(model, inputs)
     model.save_pretrained(tmp_path)
     loaded = dt.DeltaModel.from_pretrained(tiny_model("mixtral"), tmp_path)

@@ -84,7 +84,7 @@ def test_merge_is_w_rt_and_matches_peft(neumann, make_model, output_of) -> None:
     expected = output_of(ours, inputs)
     torch.testing.assert_close(output_of(theirs, inputs), expected, atol=1e-5, rtol=0)
     # R by hand from the 6 upper-triangle entries of each 4 x 4 block.
-    layer = ours.base_model.model.layers[0].self_attn.q_proj
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
     vec = layer.oft_R["default"].weight.detach()  # (8, 6)
     blocks = []
     for v in vec:

@@ -68,7 +68,7 @@ def t5_bias(att, q: int, s: int) -> torch.Tensor:
 
 def test_bart_encoder_and_cross_attention_match_the_formula() -> None:
     model = enc_model("bart")
-    bart = model.base_model.model
+    bart = model.base_model.model.model  # peft's path: the wrapped BartForConditionalGeneration, then its BartModel
     enc_att = [layer.self_attn for layer in bart.encoder.layers]
     cross_att = [layer.encoder_attn for layer in bart.decoder.layers]
     seen = record(enc_att + cross_att)

@@ -125,7 +125,7 @@ def test_serve_loads_a_quantized_base_and_decodes_a_mixed_batch(qrun: dict) -> N
                                       "--adapter", f"qa={qrun['run']}"])
     server = build_server(args)
     model = server.registry.model
-    assert quantization(model.base_model.model.layers[0].mlp.down_proj.get_base_layer()) == "nf4"
+    assert quantization(model.base_model.model.model.layers[0].mlp.down_proj.get_base_layer()) == "nf4"
     model.train()
     ids = torch.randint(4, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -45,7 +45,7 @@ def _lora(tying: bool) -> dt.LoraConfig:
 
 
 def _updated_embedding(model: dt.DeltaModel) -> tuple[torch.Tensor, torch.Tensor]:
-    layer = model.base_model.model.embed_tokens
+    layer = model.base_model.model.model.embed_tokens
     a, b = layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]  # (r, V), (d, r)
     base = layer.get_base_layer().weight.detach().clone()
     return base, base + (4 / 2) * (b @ a).T.detach()  # E, E + s (B A)^T
@@ -58,10 +58,10 @@ def test_lora_with_weight_tying_acts_on_both_sides_and_merges_once() -> None:
     torch.testing.assert_close(out, _untied_reference(updated, updated), atol=1e-5, rtol=1e-5)
     model.merge_adapter()
     torch.testing.assert_close(_logits(model), out, atol=1e-5, rtol=1e-5)
-    assert model.base_model.lm_head.weight is model.base_model.model.embed_tokens.weight  # still tied
-    torch.testing.assert_close(model.base_model.model.embed_tokens.weight, updated, atol=1e-6, rtol=0)
+    assert model.base_model.lm_head.weight is model.base_model.model.model.embed_tokens.weight  # still tied
+    torch.testing.assert_close(model.base_model.model.model.embed_tokens.weight, updated, atol=1e-6, rtol=0)
     model.unmerge_adapter()
-    torch.testing.assert_close(model.base_model.model.embed_tokens.weight, base, atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.base_model.model.model.embed_tokens.weight, base, atol=1e-6, rtol=0)
     torch.testing.assert_close(_logits(model), out, atol=1e-5, rtol=1e-5)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert sorted(trainable) == ["base_model.model.embed_tokens.lora_embedding_A.default",
@@ -100,7 +100,7 @@ def test_tied_lora_files_match_peft_both_ways(tying: bool, tmp_path) -> None:
 
 def test_modules_to_save_on_a_tied_embedding_matches_peft(tmp_path) -> None:
     model = dt.get_delta_model(_tied(), dt.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"]))
-    wrapper = model.base_model.model.embed_tokens
+    wrapper = model.base_model.model.model.embed_tokens
     with torch.no_grad():
         wrapper.modules_to_save["default"].weight.add_(0.5)
     base = wrapper.original_module.weight.detach().clone()

@@ -86,7 +86,7 @@ def test_merge_is_the_formula_and_unmerges(make_model, output_of) -> None:
     kind = "llama_lm"
     inputs = make_model.inputs(kind)
     model = dt.get_delta_model(make_model(kind), dt.VeraConfig(r=5, init_weights=False, target_modules=["v_proj"]))
-    layer = model.base_model.model.layers[1].self_attn.v_proj  # (16, 32): grouped-query keys/values
+    layer = model.base_model.model.model.layers[1].self_attn.v_proj  # (16, 32): grouped-query keys/values
     a, b = layer.vera_projections["default"].A, layer.vera_projections["default"].B
     lam_b, lam_d = layer.vera_lambda_b["default"].detach(), layer.vera_lambda_d["default"].detach()
     expected_delta = torch.diag(lam_b) @ b[:16] @ torch.diag(lam_d) @ a[:, :32]

@@ -82,7 +82,7 @@ def copy_head(model: Any, request: CombineRequest) -> None:
     if source is None:
         return
     for path in model.saved_module_paths.get(request.name, []):
-        wrapper = model.base_model.get_submodule(path)
+        wrapper = model.get_base_model().get_submodule(path)
         if source in wrapper.modules_to_save:
             wrapper.modules_to_save[request.name].load_state_dict(wrapper.modules_to_save[source].state_dict())
 

@@ -91,9 +91,9 @@ def measure_merge(delta_model: Any, names: list[str], probe: Any, safe_merge: bo
     """Merge ``names`` into ``delta_model`` (a :class:`~deltatune.model.DeltaModel`) and report the change;
     above ``max_logit_error`` the merge is undone and :class:`MergeError` raised."""
     delta_model._check_mergeable(names)
-    probe = probe if probe is not None else default_probe(delta_model.base_model)
+    probe = probe if probe is not None else default_probe(delta_model.get_base_model())
     if probe is None:
-        raise ConfigError(f"Measuring a merge needs a probe batch for {type(delta_model.base_model).__name__} (it has "
+        raise ConfigError(f"Measuring a merge needs a probe batch for {type(delta_model.get_base_model()).__name__} (it has "
                           "no config.vocab_size to draw token ids from): pass probe={...} or probe=tensor.")
     unmerged = probe_outputs(delta_model, probe)
     done = delta_model._merge(names, safe_merge)

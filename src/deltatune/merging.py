@@ -11,6 +11,7 @@ a probe batch (:mod:`deltatune.merge_check`).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -18,6 +19,7 @@ from torch import nn
 from .config import DeltaConfig
 from .errors import MergeError
 from .inject import iter_wrappers, unwrap
+from .integrations.adapter_saving import release
 from .layer import DeltaLayer
 from .merge_check import MergeReport, default_probe, measure_merge
 from .registry import all_methods, get_method
@@ -28,7 +30,7 @@ class MergingMixin:
     """Merge, unmerge, verify and unload for a model holding ``base_model``, ``peft_config`` and
     ``active_adapters`` (a :class:`~deltatune.model.DeltaModel`)."""
 
-    base_model: nn.Module
+    get_base_model: Callable[[], nn.Module]
     peft_config: dict[str, DeltaConfig]
     active_adapters: list[str]
     merge_report: MergeReport
@@ -51,9 +53,9 @@ class MergingMixin:
         """Refuse to merge into a weight another module shares (tied input/output embeddings, say):
         the merge would change that module too, and the merged model would compute something else."""
         owners: dict[int, list[str]] = {}
-        for path, param in self.base_model.named_parameters(remove_duplicate=False):
+        for path, param in self.get_base_model().named_parameters(remove_duplicate=False):
             owners.setdefault(id(param), []).append(path)
-        wrappers = list(iter_wrappers(self.base_model))
+        wrappers = list(iter_wrappers(self.get_base_model()))
         for path, wrapper in wrappers:
             if not isinstance(wrapper, DeltaLayer) or not any(n in wrapper.adapter_names for n in names):
                 continue
@@ -86,7 +88,7 @@ class MergingMixin:
         self._check_untied(names)
         done: list[tuple[DeltaLayer, int]] = []
         try:
-            for _, wrapper in iter_wrappers(self.base_model):
+            for _, wrapper in iter_wrappers(self.get_base_model()):
                 if isinstance(wrapper, DeltaLayer):
                     done.append((wrapper, len(wrapper.merged_adapters)))
                     wrapper.merge([n for n in names if n in wrapper.adapter_names], safe=safe_merge)
@@ -125,7 +127,7 @@ class MergingMixin:
 
     def unmerge_adapter(self) -> None:
         """Restore the base weights by undoing every merge."""
-        for _, wrapper in iter_wrappers(self.base_model):
+        for _, wrapper in iter_wrappers(self.get_base_model()):
             if isinstance(wrapper, DeltaLayer):
                 wrapper.unmerge()
 
@@ -148,7 +150,7 @@ class MergingMixin:
         """
         names = list(adapter_names or self.active_adapters)
         if probe is not None or max_logit_error is not None or self._merges_quantized(names):
-            if probe is None and default_probe(self.base_model) is None and max_logit_error is None:
+            if probe is None and default_probe(self.get_base_model()) is None and max_logit_error is None:
                 warnings.warn("merge_and_unload: merging into quantized layers without a probe batch, so the "
                               "merge error is not measured; pass probe=... to measure it.", stacklevel=2)
                 self.merge_adapter(names, safe_merge)
@@ -156,15 +158,17 @@ class MergingMixin:
                 self.verify_merge(names, probe, safe_merge, max_logit_error)
         else:
             self.merge_adapter(names, safe_merge)
-        unwrap(self.base_model, keep_trained_copy=True)
-        return self.base_model
+        unwrap(self.get_base_model(), keep_trained_copy=True)
+        release(self.get_base_model())  # a plain model again: its own class, full save_pretrained
+        return self.get_base_model()
 
     def _merges_quantized(self, names: list[str]) -> bool:
         return any(isinstance(w, DeltaLayer) and set(names) & set(w.adapter_names) and quantization(w.get_base_layer())
-                   for _, w in iter_wrappers(self.base_model))
+                   for _, w in iter_wrappers(self.get_base_model()))
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the original base model."""
         self.unmerge_adapter()
-        unwrap(self.base_model)
-        return self.base_model
+        unwrap(self.get_base_model())
+        release(self.get_base_model())
+        return self.get_base_model()

@@ -50,7 +50,7 @@ def make_routing(model: nn.Module, adapter_names: list[str], batch: int) -> Rout
             f"adapter_names has {routing.batch_size} names but the batch has {batch} examples; give exactly one "
             "adapter name per example (\"__base__\" for the base model)."
         )
-    wrappers = [w for _, w in iter_wrappers(model.base_model)]
+    wrappers = [w for _, w in iter_wrappers(model.get_base_model())]
     merged = sorted({n for w in wrappers for n in getattr(w, "merged_adapters", [])})
     if merged:
         raise MergeError(
@@ -65,7 +65,7 @@ def make_routing(model: nn.Module, adapter_names: list[str], batch: int) -> Rout
             "whole batch); call them without adapter_names, one adapter at a time (set_adapter)."
         )
     if torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) is True
-                                       for m in model.base_model.modules()):
+                                       for m in model.get_base_model().modules()):
         raise ConfigError(
             "adapter_names with gradients cannot be combined with gradient checkpointing: the recomputation in "
             "the backward pass runs after the call and would not see the per-example routing. Call "
@@ -91,28 +91,28 @@ def _deltas(model: nn.Module, routing: Routing) -> dict[str, InputDelta]:
 
 
 def mixed_forward(model: nn.Module, adapter_names: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """``model.base_model(*args, **kwargs)`` with example ``b`` using adapter ``adapter_names[b]``."""
+    """``model.get_base_model()(*args, **kwargs)`` with example ``b`` using adapter ``adapter_names[b]``."""
     if getattr(model, "_adapters_disabled", False):
-        return model.base_model(*args, **kwargs)
+        return model.get_base_model()(*args, **kwargs)
     routing = make_routing(model, adapter_names, batch_size(args, kwargs))
     deltas = _deltas(model, routing)
     with routed(routing):
         if not deltas:
-            return model.base_model(*args, **kwargs)
-        return _input_runner(deltas).run_routed(model.base_model, args, kwargs, routing, deltas)
+            return model.get_base_model()(*args, **kwargs)
+        return _input_runner(deltas).run_routed(model.get_base_model(), args, kwargs, routing, deltas)
 
 
 def mixed_generate(model: nn.Module, adapter_names: list[str], kwargs: dict[str, Any]) -> Any:
-    """``model.base_model.generate(**kwargs)`` with example ``b`` (and its beams / returned sequences)
+    """``model.get_base_model().generate(**kwargs)`` with example ``b`` (and its beams / returned sequences)
     using adapter ``adapter_names[b]`` at every decoding step."""
     if getattr(model, "_adapters_disabled", False):
-        return model.base_model.generate(**kwargs)
+        return model.get_base_model().generate(**kwargs)
     routing = make_routing(model, adapter_names, batch_size((), kwargs))
     deltas = _deltas(model, routing)
     with routed(routing):
         if not deltas:
-            return model.base_model.generate(**kwargs)
-        return _input_runner(deltas).generate_routed(model.base_model, kwargs, routing, deltas)
+            return model.get_base_model().generate(**kwargs)
+        return _input_runner(deltas).generate_routed(model.get_base_model(), kwargs, routing, deltas)
 
 
 def _row_deltas(model: nn.Module, adapter_names: list[str]) -> list[InputDelta | None]:
@@ -153,9 +153,9 @@ def leading_mask(model: nn.Module, adapter_names: list[str]) -> torch.Tensor:
 def routed_continuation(model: nn.Module, adapter_names: list[str], kwargs: dict[str, Any]) -> Any:
     """A later decoding step of rows whose first forward ran with ``adapter_names`` (and whose key/value
     cache ``kwargs`` carries): what input methods contributed (virtual tokens, prefixes) is in that cache
-    already, so only the layer methods route; ``model.base_model(**kwargs)`` under the routing."""
+    already, so only the layer methods route; ``model.get_base_model()(**kwargs)`` under the routing."""
     if getattr(model, "_adapters_disabled", False):
-        return model.base_model(**kwargs)
+        return model.get_base_model()(**kwargs)
     routing = make_routing(model, adapter_names, batch_size((), kwargs))
     with routed(routing):
-        return model.base_model(**kwargs)
+        return model.get_base_model()(**kwargs)

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from .base_model_view import BaseModelView
 from .checkpoint.state import (
     AdapterParts,
     apply_tensors,
@@ -36,6 +37,7 @@ from .inject import (
     wrap_modules_to_save,
 )
 from .input_delta import InputDelta
+from .integrations.adapter_saving import adopt, release
 from .integrations.model_card import AdapterSummary, write_model_card
 from .integrations.peft_identity import recognised_class
 from .layer import DeltaLayer
@@ -51,10 +53,11 @@ from .weights import param_numel
 class DeltaModel(PeftCompatMixin, MergingMixin, nn.Module):
     """A base model whose weights stay frozen, plus one or more named adapters.
 
-    ``base_model`` is the wrapped model itself (the adapters live inside it), and calling the DeltaModel
-    calls it, as calling HF peft's ``PeftModel.base_model`` does. ``get_base_model()`` returns the same
-    module (peft's name for it, the one transformers' Trainer and TRL use); a transformers model's own
-    ``base_model`` is its backbone, which TRL's fused LM head calls.
+    ``get_base_model()`` is the wrapped model (the adapters live inside it; peft's name for it, the one
+    transformers' Trainer and TRL use). ``base_model`` has HF peft's tuner shape
+    (:class:`~deltatune.base_model_view.BaseModelView`): its ``.model`` is the wrapped model, calling it
+    calls the wrapped model, other attributes are the wrapped model's. Parameter names stay
+    ``base_model.<path in the wrapped model>``. Attributes a DeltaModel lacks are read from the wrapped model.
 
     When HF peft is installed, instances are also ``peft.PeftModel`` instances, so transformers' Trainer,
     TRL and accelerate treat them as PEFT models (see :mod:`deltatune.integrations.peft_identity`).
@@ -70,7 +73,7 @@ class DeltaModel(PeftCompatMixin, MergingMixin, nn.Module):
 
     def __init__(self, model: nn.Module, config: DeltaConfig, adapter_name: str = "default") -> None:
         nn.Module.__init__(self)  # never PeftModel.__init__: this class is its own tuner
-        self.base_model = model
+        self.base_model = model  # registered as a submodule; reading ``self.base_model`` gives the view
         self.peft_config: dict[str, DeltaConfig] = {}
         self.input_deltas = nn.ModuleDict()
         self.active_adapters: list[str] = []
@@ -86,6 +89,7 @@ class DeltaModel(PeftCompatMixin, MergingMixin, nn.Module):
                 p.requires_grad_(flag)
             raise
         self.set_adapter(adapter_name)
+        adopt(model, self)  # a transformers model now saves as this adapter (see integrations.adapter_saving)
         # Taken once, before any training or merge; every saved adapter records a fingerprint made from it.
         self.base_digests = tensor_digests(model)
 
@@ -93,19 +97,46 @@ class DeltaModel(PeftCompatMixin, MergingMixin, nn.Module):
         try:
             return nn.Module.__getattr__(self, name)
         except AttributeError:
-            if name in {"base_model", "input_deltas"}:
+            if name in {"base_model", "input_deltas", "_modules"}:
                 raise
-            return getattr(self.base_model, name)
+            return getattr(self.get_base_model(), name)
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model, adapters inside (HF peft's name; what Trainer and TRL inspect and patch)."""
-        return self.base_model
+        return self._modules["base_model"]
+
+    @property
+    def base_model(self) -> BaseModelView:  # type: ignore[override]
+        """HF peft's tuner shape over the wrapped model (``base_model.model`` is it); see :mod:`.base_model_view`."""
+        model = self._modules["base_model"]
+        view = self.__dict__.get("_base_model_view")
+        if view is None or view.model is not model:
+            view = BaseModelView(model)
+            self.__dict__["_base_model_view"] = view
+        return view
+
+    def get_submodule(self, target: str) -> nn.Module:
+        """torch's lookup by module-tree path (``named_modules()`` names: ``base_model.<path in the wrapped
+        model>``); torch walks attributes, which would enter the :attr:`base_model` view. ``get_parameter`` and
+        ``get_buffer`` use this too."""
+        head, _, rest = target.partition(".")
+        if head != "base_model":
+            return nn.Module.get_submodule(self, target)
+        model = self.get_base_model()
+        return model.get_submodule(rest) if rest else model
+
+    def set_submodule(self, target: str, module: nn.Module, strict: bool = False) -> None:
+        """torch's replacement by module-tree path, entering the wrapped model as :meth:`get_submodule` does."""
+        head, _, rest = target.partition(".")
+        if head != "base_model" or not rest:
+            return nn.Module.set_submodule(self, target, module, strict)
+        self.get_base_model().set_submodule(rest, module, strict)
 
     # -- adapters --------------------------------------------------------------------------------
     def base_fingerprint(self, adapter_name: str) -> dict[str, Any]:
         """Fingerprint of the base model as it was when this DeltaModel was created, leaving out the
         modules adapter ``adapter_name`` trains in full (its task head, new at every load)."""
-        return fingerprint_of(self.base_model, self.base_digests, self.saved_module_paths.get(adapter_name, []))
+        return fingerprint_of(self.get_base_model(), self.base_digests, self.saved_module_paths.get(adapter_name, []))
 
     @property
     def active_adapter(self) -> str:
@@ -128,18 +159,18 @@ class DeltaModel(PeftCompatMixin, MergingMixin, nn.Module):
         config = copy.deepcopy(as_delta_config(config))  # an HF peft config is read as its adapter_config.json
         spec = get_method(config)
         if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = base_name_or_path(self.base_model)
-        saved = head_paths(self.base_model, config, head_names(config.task_type))
+            config.base_model_name_or_path = base_name_or_path(self.get_base_model())
+        saved = head_paths(self.get_base_model(), config, head_names(config.task_type))
         config.modules_to_save = saved or None
         try:
             if spec.kind == "layer":
                 assert isinstance(config, TargetedConfig)
-                inject_layers(self.base_model, spec, config, adapter_name, protected=saved)
+                inject_layers(self.get_base_model(), spec, config, adapter_name, protected=saved)
             else:
-                self.input_deltas[adapter_name] = spec.make_input(self.base_model, config, adapter_name)
-            saved_paths = wrap_modules_to_save(self.base_model, saved, adapter_name) if saved else []
+                self.input_deltas[adapter_name] = spec.make_input(self.get_base_model(), config, adapter_name)
+            saved_paths = wrap_modules_to_save(self.get_base_model(), saved, adapter_name) if saved else []
         except BaseException:
-            remove_adapter_everywhere(self.base_model, adapter_name)
+            remove_adapter_everywhere(self.get_base_model(), adapter_name)
             if adapter_name in self.input_deltas:
                 del self.input_deltas[adapter_name]
             raise
@@ -154,7 +185,7 @@ class DeltaModel(PeftCompatMixin, MergingMixin, nn.Module):
             self._check_known(name)
         self.active_adapters = names
         unmerged = False
-        for _, wrapper in iter_wrappers(self.base_model):
+        for _, wrapper in iter_wrappers(self.get_base_model()):
             if isinstance(wrapper, DeltaLayer) and set(wrapper.merged_adapters) - set(names):
                 wrapper.unmerge()  # a merged adapter that is no longer active must stop acting
                 unmerged = True
@@ -167,13 +198,13 @@ class DeltaModel(PeftCompatMixin, MergingMixin, nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter. Refused while it is merged, so the base weights come back exactly."""
         self._check_known(adapter_name)
-        merged = [p for p, w in iter_wrappers(self.base_model) if adapter_name in getattr(w, "merged_adapters", [])]
+        merged = [p for p, w in iter_wrappers(self.get_base_model()) if adapter_name in getattr(w, "merged_adapters", [])]
         if merged:
             raise MergeError(
                 f"Adapter {adapter_name!r} is merged into {len(merged)} layers (e.g. {merged[0]}); "
                 "call unmerge_adapter() first."
             )
-        remove_adapter_everywhere(self.base_model, adapter_name)
+        remove_adapter_everywhere(self.get_base_model(), adapter_name)
         if adapter_name in self.input_deltas:
             del self.input_deltas[adapter_name]
         del self.peft_config[adapter_name]
@@ -200,13 +231,13 @@ class DeltaModel(PeftCompatMixin, MergingMixin, nn.Module):
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         """Every trainable tensor of adapter ``adapter_name`` (layers, input delta, modules_to_save)."""
         params: list[nn.Parameter] = []
-        for _, wrapper in iter_wrappers(self.base_model):
+        for _, wrapper in iter_wrappers(self.get_base_model()):
             params.extend(wrapper.adapter_parameters(adapter_name))
         if adapter_name in self.input_deltas:
             params.extend(self.input_deltas[adapter_name].parameters())
         spec = get_method(self.peft_config[adapter_name])
         if spec.extra_trainable is not None:
-            params.extend(spec.extra_trainable(self.peft_config[adapter_name], self.base_model).values())
+            params.extend(spec.extra_trainable(self.peft_config[adapter_name], self.get_base_model()).values())
         return list({id(p): p for p in params}.values())
 
     # -- counting --------------------------------------------------------------------------------
@@ -239,8 +270,8 @@ class DeltaModel(PeftCompatMixin, MergingMixin, nn.Module):
             return mixed_forward(self, adapter_names, args, kwargs)
         delta = self._active_input_delta()
         if delta is None:
-            return self.base_model(*args, **kwargs)
-        return delta.run(self.base_model, args, kwargs)
+            return self.get_base_model()(*args, **kwargs)
+        return delta.run(self.get_base_model(), args, kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """``base_model.generate`` with the active adapters (or, with ``adapter_names``, each example's
@@ -251,8 +282,8 @@ class DeltaModel(PeftCompatMixin, MergingMixin, nn.Module):
             return mixed_generate(self, adapter_names, kwargs)
         delta = self._active_input_delta()
         if delta is None:
-            return self.base_model.generate(**kwargs)
-        return delta.generate(self.base_model, kwargs)
+            return self.get_base_model().generate(**kwargs)
+        return delta.generate(self.get_base_model(), kwargs)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -261,7 +292,7 @@ class DeltaModel(PeftCompatMixin, MergingMixin, nn.Module):
         Merged adapters are unmerged on entry and merged again on exit. (Base tensors an adapter
         trains in place, such as biases with ``bias="all"``, cannot be switched off.)
         """
-        wrappers = [w for _, w in iter_wrappers(self.base_model)]
+        wrappers = [w for _, w in iter_wrappers(self.get_base_model())]
         merged = [(w, list(w.merged_adapters)) for w in wrappers if isinstance(w, DeltaLayer) and w.merged_adapters]
         for w, _ in merged:
             w.unmerge()
@@ -309,7 +340,7 @@ class DeltaModel(PeftCompatMixin, MergingMixin, nn.Module):
         """What the file layer (:mod:`deltatune.checkpoint.state`) reads and writes of one adapter."""
         self._check_known(adapter_name)
         delta = self.input_deltas[adapter_name] if adapter_name in self.input_deltas else None  # noqa: SIM401 (ModuleDict has no .get)
-        return AdapterParts(self.base_model, self.peft_config[adapter_name], delta)
+        return AdapterParts(self.get_base_model(), self.peft_config[adapter_name], delta)
 
     def save_pretrained(
         self,
@@ -379,7 +410,7 @@ class DeltaModel(PeftCompatMixin, MergingMixin, nn.Module):
         folder = Path(model_id)
         config, tensors, fingerprint = read_adapter(folder, allow_pickle)
         config.inference_mode = not is_trainable
-        check_base(self.base_model, fingerprint, str(folder), ignore_base_mismatch, digests=self.base_digests)
+        check_base(self.get_base_model(), fingerprint, str(folder), ignore_base_mismatch, digests=self.base_digests)
         if adapter_name in self.peft_config:
             if not same_adapter_config(self.peft_config[adapter_name], config):
                 raise CheckpointError(
@@ -419,6 +450,7 @@ class DeltaModel(PeftCompatMixin, MergingMixin, nn.Module):
             apply_tensors(delta.adapter_parts(adapter_name), adapter_name, tensors, str(model_id))
         except BaseException:
             unwrap(model)  # hand the caller's model back as it was
+            release(model)
             for p in model.parameters():
                 p.requires_grad_(requires_grad.get(id(p), p.requires_grad))
             raise

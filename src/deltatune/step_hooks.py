@@ -58,7 +58,7 @@ def _named_hooks(model: nn.Module, total_steps: int | None = None) -> list[tuple
             continue
         key = (name, id(config))  # an adapter deleted and added again under its name gets a new hook
         if key not in cache:
-            cache[key] = spec.make_step_hook(config, delta.base_model, name)
+            cache[key] = spec.make_step_hook(config, delta.get_base_model(), name)
         if total_steps is not None and hasattr(cache[key], "set_total_steps"):
             cache[key].set_total_steps(total_steps)
         hooks.append((name, cache[key]))

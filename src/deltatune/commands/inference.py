@@ -165,8 +165,8 @@ def run_merge(adapter: str, output: str, model: str | None = None, dtype: str | 
     if not isinstance(loaded.model, DeltaModel):
         raise ConfigError("merge needs an adapter.")
     if dtype is not None:
-        dequantize(loaded.model.base_model, torch.float32)  # merge in float32, then write in ``dtype``
-    probe = default_probe(loaded.model.base_model)
+        dequantize(loaded.model.get_base_model(), torch.float32)  # merge in float32, then write in ``dtype``
+    probe = default_probe(loaded.model.get_base_model())
     merged = loaded.model.merge_and_unload(probe=probe) if probe is not None else loaded.model.merge_and_unload()
     if dtype is not None:
         merged = merged.to(MERGE_DTYPES[dtype])

@@ -36,7 +36,7 @@ _SIGNATURES: dict[type, set[str]] = {}
 
 def causal_lm(model: nn.Module) -> nn.Module:
     """The transformers model inside a :class:`DeltaModel` (or the model itself)."""
-    return model.base_model if isinstance(model, DeltaModel) else model
+    return model.get_base_model() if isinstance(model, DeltaModel) else model
 
 
 def _accepts(model: nn.Module, name: str) -> bool:

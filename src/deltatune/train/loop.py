@@ -112,7 +112,7 @@ def build_run(options: TrainOptions, dist: Distributed | None = None) -> Run:
 def _setup_speed_options(run: Run, dist: Distributed) -> nn.Module:
     """Gradient checkpointing, the DDP/FSDP wrapper and ``torch.compile``; returns the module to call for
     training steps."""
-    options, base = run.options, run.model.base_model
+    options, base = run.options, run.model.get_base_model()
     if options.gradient_checkpointing:
         if not getattr(base, "supports_gradient_checkpointing", False):
             raise ConfigError(f"{type(base).__name__} does not support gradient checkpointing; drop the option.")

@@ -143,7 +143,7 @@ def mixed_logits(model: DeltaModel, task: str, batch: dict[str, torch.Tensor], n
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     if task == "seq2seq":
-        inputs["decoder_input_ids"] = model.base_model.prepare_decoder_input_ids_from_labels(
+        inputs["decoder_input_ids"] = model.get_base_model().prepare_decoder_input_ids_from_labels(
             labels=batch["labels"].to(device))
     if task != "seq_cls":
         inputs["use_cache"] = False

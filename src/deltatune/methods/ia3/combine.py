@@ -29,7 +29,7 @@ def combine_ia3(model: object, request: CombineRequest) -> None:
     if request.combination_type != "linear":
         raise ConfigError(f"(IA)^3 adapters combine with combination_type='linear' (l = 1 + sum w_i (l_i - 1)); "
                           f"{request.combination_type!r} applies to low-rank factors only.")
-    layers = {p: w for p, w in iter_wrappers(model.base_model)
+    layers = {p: w for p, w in iter_wrappers(model.get_base_model())
               if isinstance(w, IA3Layer) and any(a in w.ia3_l for a in request.adapters)}
     feedforward = []
     for path, layer in layers.items():

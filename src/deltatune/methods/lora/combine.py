@@ -79,7 +79,7 @@ def _check(model: object, request: CombineRequest, configs: list[LoraConfig]) ->
 
 
 def _layers(model: object, adapters: list[str]) -> dict[str, LoraLayer]:
-    return {p: w for p, w in iter_wrappers(model.base_model)
+    return {p: w for p, w in iter_wrappers(model.get_base_model())
             if isinstance(w, (LoraLinear, LoraEmbedding, LoraConv)) and any(a in w.r for a in adapters)}
 
 
