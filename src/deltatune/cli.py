@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import DeltaError
+from .integrations.peft_identity import without_peft_identity
 
 EPILOG = "Models: 'minilm', 'smollm2' (bundled) or a local transformers folder. Nothing is downloaded."
 
@@ -396,7 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _quiet_libraries()
     try:
-        return COMMANDS[args.command](args)
+        with without_peft_identity():  # its models never reach transformers' Trainer/TRL: no peft import for them
+            return COMMANDS[args.command](args)
     except DeltaError as exc:
         print(f"deltatune {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -11,7 +11,8 @@ Those tools ask one question, ``isinstance(model, peft.PeftModel)``, and with a 
 * use ``model.disable_adapter()`` as the reference model of DPO.
 
 When peft is installed, every DeltaModel is therefore an instance of a subclass ``(DeltaModel, PeftModel)``
-made here. DeltaModel's own methods come first in that order, and DeltaModel never runs
+made here (importing peft for it costs seconds the first time; inside :func:`without_peft_identity`, which
+the ``deltatune`` command uses since its models never meet those tools, DeltaModels keep their own class). DeltaModel's own methods come first in that order, and DeltaModel never runs
 ``PeftModel.__init__``; the PeftModel names that would otherwise leak through (properties reading peft's
 internal tuner) are given DeltaModel's meaning in :data:`DELTA_OWNED`. Without peft the plain class is used
 and nothing here is imported.
@@ -21,7 +22,9 @@ This module imports nothing from deltatune, so the core can use it without an im
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator
 from functools import cache
 
 from torch import nn
@@ -32,15 +35,37 @@ DELTA_OWNED = ("peft_config", "active_adapters", "modules_to_save", "has_active_
                "base_model_torch_dtype", "active_peft_config")
 
 
+_identity_wanted = [True]  # a one-element stack top: False inside without_peft_identity()
+
+
 def peft_installed() -> bool:
     return importlib.util.find_spec("peft") is not None
 
 
-@cache
+@contextlib.contextmanager
+def without_peft_identity() -> Iterator[None]:
+    """DeltaModels built inside are not ``peft.PeftModel`` instances, and peft is not imported for them.
+
+    For code whose models never reach transformers' Trainer, TRL or accelerate (the ``deltatune`` command):
+    it saves the peft import. Everything else a DeltaModel does is the same.
+    """
+    _identity_wanted.append(False)
+    try:
+        yield
+    finally:
+        _identity_wanted.pop()
+
+
 def recognised_class(cls: type[nn.Module]) -> type[nn.Module]:
-    """``cls`` itself without peft; with peft, a subclass of ``(cls, peft.PeftModel)`` of the same name."""
-    if not peft_installed():
+    """``cls`` itself without peft (or inside :func:`without_peft_identity`); with peft, a subclass of
+    ``(cls, peft.PeftModel)`` of the same name."""
+    if not _identity_wanted[-1] or not peft_installed():
         return cls
+    return _peft_subclass(cls)
+
+
+@cache
+def _peft_subclass(cls: type[nn.Module]) -> type[nn.Module]:
     from peft import PeftModel
 
     if issubclass(cls, PeftModel):
