@@ -56,3 +56,24 @@ def test_copies_view_their_own_wrapped_model(make_model) -> None:
     twin = copy.deepcopy(model)
     assert twin.base_model.model is twin.get_base_model() is not model.get_base_model()
     assert twin.get_base_model().__dict__["_deltatune_owner"] is twin  # it saves as the copy's adapter
+
+
+def test_pickling_keeps_the_classes(make_model, tmp_path) -> None:
+    """``torch.save`` of a DeltaModel (a peft subclass made at run time) and of its wrapped transformers model
+    (a save-as-adapter subclass) reduce to the named classes and come back as they were."""
+    import io
+
+    model = dt.get_delta_model(make_model("llama_lm"), dt.LoraConfig(init_lora_weights=False, **LORA))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    twin = torch.load(buffer, weights_only=False)  # our own bytes, just written
+    assert isinstance(twin, peft.PeftModel) and type(twin).__name__ == "DeltaModel"
+    inputs = make_model.inputs("llama_lm")
+    with torch.no_grad():
+        torch.testing.assert_close(twin(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+    inner = twin.get_base_model()
+    assert inner.__dict__["_deltatune_owner"] is twin
+    inner.save_pretrained(tmp_path / "adapter")  # still writes the adapter, not the full model
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()

@@ -14,6 +14,7 @@ What someone moving from peft types first and :mod:`deltatune.model` does not al
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -74,9 +75,9 @@ def _uniform(values: list[Any]) -> Any:
 
 
 class PeftCompatMixin:
-    """peft's switches and summaries for a model holding ``base_model``, ``peft_config``, ``active_adapters``."""
+    """peft's switches and summaries for a model holding ``get_base_model()``, ``peft_config``, ``active_adapters``."""
 
-    base_model: nn.Module
+    get_base_model: Callable[[], nn.Module]
     peft_config: dict[str, Any]
     active_adapters: list[str]
 
@@ -93,7 +94,7 @@ class PeftCompatMixin:
     def disable_adapter_layers(self) -> None:
         """Turn every adapter off until :meth:`enable_adapter_layers`: the model computes what the base model
         computes. Merged adapters are unmerged (at the next forward), and the adapters are frozen, as in peft."""
-        for _, wrapper in iter_wrappers(self.base_model):
+        for _, wrapper in iter_wrappers(self.get_base_model()):
             wrapper.disabled = True
         self._adapters_disabled = True
         for name in self.peft_config:
@@ -102,7 +103,7 @@ class PeftCompatMixin:
 
     def enable_adapter_layers(self) -> None:
         """Turn the adapters back on after :meth:`disable_adapter_layers`; the active ones train again."""
-        for _, wrapper in iter_wrappers(self.base_model):
+        for _, wrapper in iter_wrappers(self.get_base_model()):
             wrapper.disabled = False
         self._adapters_disabled = False
         self._refresh_trainable()
@@ -130,7 +131,7 @@ class PeftCompatMixin:
     def get_layer_status(self) -> list[LayerStatus]:
         """One entry per wrapped module (layer methods and ``modules_to_save`` copies)."""
         out = []
-        for path, wrapper in iter_wrappers(self.base_model):
+        for path, wrapper in iter_wrappers(self.get_base_model()):
             names = list(wrapper.adapter_names)
             if isinstance(wrapper, DeltaLayer):
                 active, merged = list(wrapper.active_adapters), list(wrapper.merged_adapters)
@@ -147,7 +148,7 @@ class PeftCompatMixin:
         unique = {id(p): p for p in self.parameters()}.values()  # type: ignore[attr-defined]
         merged = _uniform([sorted(s.merged_adapters) for s in layers]) if layers else []
         return ModelStatus(
-            base_model_type=type(self.base_model).__name__,
+            base_model_type=type(self.get_base_model()).__name__,
             adapter_model_type=type(self).__name__,
             peft_types={n: str(c.peft_type) for n, c in self.peft_config.items()},
             trainable_params=sum(p.numel() for p in unique if p.requires_grad),

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsIndex
 
 from torch import nn
 
@@ -60,12 +60,22 @@ class SavesItsAdapter:
         owner.save_pretrained(save_directory, state_dict=state_dict, is_main_process=is_main_process,
                               safe_serialization=safe_serialization)
 
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        """Pickle (``torch.save(model)``) and copy by the original class, which pickle can find by name."""
+        _, _, *rest = super().__reduce_ex__(protocol)
+        return (new_adopted, (self._deltatune_original_class,), *rest)
+
 
 @cache
 def saving_class(cls: type[nn.Module]) -> type[nn.Module]:
     """A subclass of ``cls`` of the same name and module whose ``save_pretrained`` writes the adapters."""
     return type(cls.__name__, (SavesItsAdapter, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
                                                        "__doc__": cls.__doc__, "_deltatune_original_class": cls})
+
+
+def new_adopted(cls: type[nn.Module]) -> nn.Module:
+    """An empty instance of ``saving_class(cls)`` (what unpickling and copying fill in)."""
+    return object.__new__(saving_class(cls))
 
 
 def adopt(model: nn.Module, owner: nn.Module) -> None:

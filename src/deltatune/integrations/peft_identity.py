@@ -26,6 +26,7 @@ import contextlib
 import importlib.util
 from collections.abc import Iterator
 from functools import cache
+from typing import Any, SupportsIndex
 
 from torch import nn
 
@@ -72,4 +73,17 @@ def _peft_subclass(cls: type[nn.Module]) -> type[nn.Module]:
         return cls
     owned = {name: None for name in DELTA_OWNED if not any(name in vars(k) for k in cls.__mro__)}
     return type(cls.__name__, (cls, PeftModel), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
-                                                 "__doc__": cls.__doc__, **owned})
+                                                 "__doc__": cls.__doc__, "_deltatune_plain_class": cls,
+                                                 "__reduce_ex__": _reduce_by_plain_class, **owned})
+
+
+def _reduce_by_plain_class(self: nn.Module, protocol: SupportsIndex) -> tuple[Any, ...]:
+    """Pickle (``torch.save(model)``) and copy by the plain class, which pickle can find by name; unpickled
+    where peft is installed, the instance is recognised again."""
+    _, _, *rest = object.__reduce_ex__(self, protocol)
+    return (new_recognised, (type(self)._deltatune_plain_class,), *rest)
+
+
+def new_recognised(cls: type[nn.Module]) -> nn.Module:
+    """An empty instance of ``recognised_class(cls)`` (what unpickling and copying fill in)."""
+    return nn.Module.__new__(recognised_class(cls))
