@@ -344,7 +344,7 @@ def test_a_hook_on_the_base_layer_keeps_the_base_output(make_model: Any) -> None
     """Without gradients LoRA adds into the base layer's output in place, except where a hook may hold it."""
     model = build(make_model, "llama_lm", {"a": lora(2, 4), "b": lora(4, 4)})
     inputs = make_model.inputs("llama_lm", batch=2)
-    wrapper = model.base_model.model.layers[0].self_attn.q_proj
+    wrapper = model.base_model.model.model.layers[0].self_attn.q_proj
     held: list[tuple[torch.Tensor, torch.Tensor]] = []
     handle = wrapper.base_layer.register_forward_hook(lambda m, args, out: held.append((out, out.clone())))
     try:
