@@ -112,7 +112,7 @@ class LoraLinear(DoraMixin, LoraLayer):
             # One fused kernel for  result + s * down @ B^T  (no separate scale and add, no (..., out) temporaries);
             # without gradients into the base layer's fresh output itself (a new tensor costs its page faults).
             flat, down2d = result.view(-1, result.shape[-1]), down.reshape(-1, down.shape[-1])
-            if self.owns_result():
+            if self.owns_result() and lora_B.weight.dtype == flat.dtype:  # (in-place ops skip autocast's casts)
                 return flat.addmm_(down2d, lora_B.weight.t(), alpha=self.scaling[name]).view(result.shape)
             return torch.addmm(flat, down2d, lora_B.weight.t(), alpha=self.scaling[name]).view(result.shape)
         return result + (lora_B(down) * self.scaling[name]).to(result.dtype)
