@@ -115,7 +115,7 @@ def test_job_file_and_bad_jobs(assets: dict, tmp_path: Path) -> None:
         make_jobs(base, [{"name": "a", "method": "adalora"}])
 
 
-def test_cli_jobs_file_and_resume_after_interruption(assets: dict, tmp_path: Path, monkeypatch) -> None:
+def test_cli_jobs_file_and_resume_after_interruption(assets: dict, tmp_path: Path, monkeypatch, capsys) -> None:
     """A joint run killed after its step-2 checkpoint and resumed ends with the uninterrupted run's adapters."""
     from deltatune.cli import main
     from deltatune.train import multi_run
@@ -131,6 +131,8 @@ def test_cli_jobs_file_and_resume_after_interruption(assets: dict, tmp_path: Pat
         return path
 
     assert main(["train", "--config", str(job_file(tmp_path / "full")), "--quiet"]) == 0
+    err = capsys.readouterr().err  # --quiet drops the bar; each job's result line stays, as in a solo run
+    assert "job x done: 4 steps" in err and "job y done: 3 steps" in err
     real_step = multi_run.joint_step
     calls = {"n": 0}
 

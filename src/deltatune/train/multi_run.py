@@ -177,7 +177,7 @@ def _train_jobs(jobs: list[Job], dist: Distributed) -> list[dict[str, Any]]:
         for jr in active:
             if done == jr.schedule.total:
                 summaries.append(finish_job(model, jr, done, time.perf_counter() - started,
-                                            shared.quiet or not dist.is_main, dist))
+                                            not dist.is_main, dist))  # --quiet hides the bar, not the result
                 model.train()
         if delay:
             time.sleep(delay)
