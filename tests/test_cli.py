@@ -202,3 +202,12 @@ def test_a_file_without_its_label_column_names_the_flag(runs: dict, tmp_path: Pa
                         "--output-dir", str(tmp_path / "out"))
     assert code != 0 and "no 'label' column" in err and "--label-column stars" in err and "--task causal_lm" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_serve_takes_vllm_s_lora_modules_as_adapters() -> None:
+    from deltatune.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model", "smollm2", "--adapter", "a=runs/a",
+                                      "--lora-modules", "b=runs/b", "c=runs/c"])
+    assert args.adapter == ["a=runs/a", "b=runs/b", "c=runs/c"]
+    assert build_parser().parse_args(["serve", "--model", "m", "--lora-modules", "b=x"]).adapter == ["b=x"]

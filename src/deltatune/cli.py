@@ -99,6 +99,8 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="base model: bundled name (smollm2) or a local folder")
     p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="serve this adapter as model NAME "
                    "(repeatable; PATH: run folder or adapter folder)")
+    p.add_argument("--lora-modules", action="extend", nargs="+", dest="adapter", metavar="NAME=PATH",
+                   help="vLLM's spelling of --adapter: several NAME=PATH after one flag")
     p.add_argument("--adapters-dir", metavar="DIR", help="allow POST /v1/adapters to load adapters from inside DIR")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
