@@ -188,3 +188,16 @@ def test_a_peft_config_with_options_deltatune_lacks_warns_and_other_objects_are_
         dt.get_peft_model(tiny(), peft.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True))
     with pytest.raises(dt.ConfigError, match="dict is not an adapter config"):
         dt.get_peft_model(tiny(), {"r": 4})
+
+
+def test_wrapping_an_adapted_model_again_is_refused_and_changes_nothing() -> None:
+    """peft only warns on a second get_peft_model; nested adapters are refused here, naming the way out."""
+    model = dt.get_peft_model(tiny(), dt.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    inner, before = model.get_base_model(), logits(model)
+    for target in (model, inner):
+        with pytest.raises(dt.ConfigError, match="add_adapter"):
+            dt.get_peft_model(target, dt.LoraConfig(r=4, target_modules=["v_proj"]))
+    assert model.get_nb_trainable_parameters()[0] == 2 * (4 * 32 + 32 * 4)  # q_proj's A and B in two layers
+    torch.testing.assert_close(logits(model), before, atol=0, rtol=0)
+    plain = model.unload()
+    assert dt.get_peft_model(plain, dt.LoraConfig(r=4, target_modules=["v_proj"])).active_adapters == ["default"]

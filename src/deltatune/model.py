@@ -72,6 +72,13 @@ class DeltaModel(PeftCompatMixin, MergingMixin, nn.Module):
         return nn.Module.__new__(recognised_class(cls))
 
     def __init__(self, model: nn.Module, config: DeltaConfig, adapter_name: str = "default") -> None:
+        if isinstance(model, DeltaModel) or next(iter_wrappers(model), None) is not None:
+            raise ConfigError(
+                f"This {'is a DeltaModel' if isinstance(model, DeltaModel) else 'model holds adapters'} already; "
+                "wrapping it again would nest adapters inside adapters. Add another adapter with "
+                "model.add_adapter(name, config) on the DeltaModel, or take the plain model back with "
+                "merge_and_unload() or unload() first."
+            )
         nn.Module.__init__(self)  # never PeftModel.__init__: this class is its own tuner
         self.base_model = model  # registered as a submodule; reading ``self.base_model`` gives the view
         self.peft_config: dict[str, DeltaConfig] = {}
