@@ -201,3 +201,16 @@ def test_wrapping_an_adapted_model_again_is_refused_and_changes_nothing() -> Non
     torch.testing.assert_close(logits(model), before, atol=0, rtol=0)
     plain = model.unload()
     assert dt.get_peft_model(plain, dt.LoraConfig(r=4, target_modules=["v_proj"])).active_adapters == ["default"]
+
+
+def test_from_pretrained_with_a_config_object_uses_it_as_peft_does(tmp_path: Path) -> None:
+    ref, _ = pair(tmp_path)
+    override = peft.LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj", "v_proj"])  # the file says alpha 8
+    theirs = peft.PeftModel.from_pretrained(tiny(), str(tmp_path / "ref"), config=override)
+    for config in (override, dt.LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj", "v_proj"])):
+        ours = dt.PeftModel.from_pretrained(tiny(), tmp_path / "ref", config=config)
+        torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-5, rtol=0)
+    assert (logits(theirs) - logits(ref)).abs().max() > 1e-4  # the override changed the scaling
+    with pytest.raises(dt.CheckpointError, match="shape"):
+        dt.PeftModel.from_pretrained(tiny(), tmp_path / "ref", config=dt.LoraConfig(r=2, target_modules=["q_proj",
+                                                                                                          "v_proj"]))

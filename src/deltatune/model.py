@@ -446,9 +446,16 @@ class DeltaModel(PeftCompatMixin, MergingMixin, nn.Module):
         is_trainable: bool = False,
         ignore_base_mismatch: bool = False,
         allow_pickle: bool = False,
+        *,
+        config: Any = None,
     ) -> DeltaModel:
-        """Wrap ``model`` with the adapter saved in ``model_id`` (by deltatune or HF peft)."""
-        config, tensors, fingerprint = read_adapter(Path(model_id), allow_pickle)
+        """Wrap ``model`` with the adapter saved in ``model_id`` (by deltatune or HF peft).
+
+        ``config`` (HF peft's keyword: a deltatune or peft config object) replaces the folder's
+        ``adapter_config.json``; the folder's tensors must fit it.
+        """
+        saved, tensors, fingerprint = read_adapter(Path(model_id), allow_pickle)
+        config = copy.deepcopy(as_delta_config(config)) if config is not None else saved
         config.inference_mode = not is_trainable
         check_base(model, fingerprint, str(model_id), ignore_base_mismatch)
         requires_grad = {id(p): p.requires_grad for p in model.parameters()}
