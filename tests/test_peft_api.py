@@ -214,3 +214,21 @@ def test_from_pretrained_with_a_config_object_uses_it_as_peft_does(tmp_path: Pat
     with pytest.raises(dt.CheckpointError, match="shape"):
         dt.PeftModel.from_pretrained(tiny(), tmp_path / "ref", config=dt.LoraConfig(r=2, target_modules=["q_proj",
                                                                                                           "v_proj"]))
+
+
+@pytest.mark.parametrize("options", [
+    {"target_modules": "all-linear"},
+    {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1]},
+    {"target_modules": ["q_proj"], "layers_to_transform": 0, "layers_pattern": "layers"},
+    {"target_modules": ["q_proj", "v_proj"], "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"v_proj": 8}},
+    {"target_modules": "all-linear", "exclude_modules": ["down_proj"]},
+    {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+    {"target_modules": ["q_proj"], "bias": "lora_only"},
+], ids=lambda o: "-".join(sorted(o)))
+def test_targeting_options_pick_what_peft_picks(options: dict) -> None:
+    """The same keyword arguments to dt.LoraConfig and peft.LoraConfig train the same tensors."""
+    ours, theirs = dt.get_peft_model(tiny(), dt.LoraConfig(r=4, **options)), peft.get_peft_model(
+        tiny(), peft.LoraConfig(r=4, **options))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    mine, reference = dt.get_peft_model_state_dict(ours), peft.get_peft_model_state_dict(theirs)
+    assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in reference.items()}
