@@ -93,3 +93,13 @@ def test_readme_commands_parse() -> None:
             parser.parse_args(argv)
         except SystemExit as exc:
             pytest.fail(f"README.md:{line}: 'deltatune {shlex.join(argv)}' does not parse (exit {exc.code})")
+
+
+def test_every_command_is_in_the_readme_table() -> None:
+    import argparse
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    text = README.read_text(encoding="utf-8")
+    missing = [name for name in sub.choices if f"| `deltatune {name}` |" not in text]
+    assert not missing, f"README.md's command table lacks {missing}"
