@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+NOT_RUN = "not run (the run was cut short)"  # bench.runner marks jobs a --cached-only report skips
+
 Key = tuple[str, str, str]  # (method, lib, task)
 
 
@@ -78,6 +80,15 @@ def failures(raw: dict[str, Any]) -> list[str]:
     """One line per failed process, for the report."""
     lines = []
     failed = [(part, res) for part, res in job_results(raw) if not res.get("ok")]
+    cut = [(part, res) for part, res in failed if res.get("error") == NOT_RUN]
+    if cut:
+        counts: dict[str, int] = {}
+        for part, res in cut:
+            job = res.get("job", {})
+            key = f"{part} (seeds {job['seeds']})" if "seeds" in job else part
+            counts[key] = counts.get(key, 0) + 1
+        lines.append("not run, the run was cut short: " + ", ".join(f"{n} {k} jobs" for k, n in counts.items()))
+        failed = [f for f in failed if f not in cut]
     for part, res in failed:
         if part != "inference":
             job = res.get("job", {})

@@ -63,7 +63,7 @@ def cost_section(cost: dict, s: dict[str, Any]) -> list[str]:
     lines = ["## 2. Cost: step time, peak training memory, file size", "",
              (f"Step time: median over {s['timing_rounds'] * s['timing_per_round']} steps per configuration after "
               f"{s['timing_warmup']} warm-up steps, all configurations in one process taking turns ({s['timing_rounds']} "
-              f"rounds of {s['timing_per_round']} steps, rotating order, same batches), 2 threads; x full = median over "
+              f"rounds of {s['timing_per_round']} steps, rotating order, same batches), {s.get('cost_threads', 2)} thread(s); x full = median over "
               "rounds of the per-round time ratio. Peak memory: one process per configuration, "
               f"{s['memory_steps']} steps, peak RSS above the RSS after the model and method are loaded (see "
               "bench/README.md). Loaded = that baseline RSS. File: what must be stored (adapter folder incl. the "
@@ -148,6 +148,10 @@ def header_section(raw: dict[str, Any]) -> list[str]:
              f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, "
              f"deltatune {m['deltatune']} (commit {m['commit']})."), ""]
     results = agg.job_results(raw)
+    earlier = sorted({r["reused_from"] for _, r in results if r.get("reused_from")})
+    if earlier:
+        lines += ["Some jobs are the same jobs (identical settings) run by an earlier suite, reused: "
+                  + "; ".join(earlier) + ".", ""]
     reused = sum(1 for _, r in results if r.get("reused"))
     if reused:
         lines += [(f"Resumed run (`--resume`): {reused} of {len(results)} jobs were reused from the interrupted run; "

@@ -97,7 +97,8 @@ def _log(message: str) -> None:
 
 
 def run_suite(s: Suite, parts: list[str], log: Any = _log, *, cache: JobCache | None = None,
-              on_part: Callable[[dict[str, Any], list[str]], None] | None = None) -> dict[str, Any]:
+              on_part: Callable[[dict[str, Any], list[str]], None] | None = None,
+              cached_only: bool = False) -> dict[str, Any]:
     """Run ``parts`` of suite ``s``; returns the raw results (everything the report needs).
 
     After each part, ``on_part(results_so_far, parts_done)`` is called (the caller saves them), so an
@@ -112,7 +113,7 @@ def run_suite(s: Suite, parts: list[str], log: Any = _log, *, cache: JobCache | 
     done: list[str] = []
 
     def many(jobs: list[dict[str, Any]], workers: int, threads: int) -> list[dict[str, Any]]:
-        return run_many(jobs, workers=workers, threads=threads, progress=log, cache=cache)
+        return run_many(jobs, workers=workers, threads=threads, progress=log, cache=cache, cached_only=cached_only)
 
     def run_part(part: str, body: Callable[[], None]) -> None:
         if part not in parts:
@@ -127,8 +128,8 @@ def run_suite(s: Suite, parts: list[str], log: Any = _log, *, cache: JobCache | 
     def cost() -> None:  # first: the machine is quietest before our own accuracy runs start
         memory, timing = _cost_jobs(s, pairs)
         log(f"cost: {len(memory)} memory processes one at a time, then {len(timing)} interleaved timing process(es)")
-        out["memory"] = many(memory, 1, 2)
-        out["timing"] = many(timing, 1, 2)
+        out["memory"] = many(memory, 1, s.cost_threads)
+        out["timing"] = many(timing, 1, s.cost_threads)
 
     def accuracy() -> None:
         jobs = _accuracy_jobs(s, pairs)
@@ -184,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="re-render tables/charts from <suite>.json")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the jobs an interrupted run of this suite finished (same settings only)")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="with --resume: report the finished jobs only, run nothing (a run cut short; the report "
+                             "counts the jobs not run)")
     args = parser.parse_args(argv)
     from bench.report import write_report
 
@@ -203,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saved {', '.join(done)}: {raw_path}, {md}", flush=True)
 
     cache = JobCache(args.out / f".{args.suite}.jobs.jsonl", resume=args.resume)
-    run_suite(SUITES[args.suite], list(args.only), cache=cache, on_part=save)
+    if args.cached_only and not args.resume:
+        parser.error("--cached-only needs --resume (it reports the jobs an earlier run finished)")
+    run_suite(SUITES[args.suite], list(args.only), cache=cache, on_part=save, cached_only=args.cached_only)
     return 0
 
 

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench.aggregate import NOT_RUN
 from bench.cache import JobCache
 from bench.worker import RESULT_PREFIX
 
@@ -47,11 +48,12 @@ def run_one(job: dict[str, Any], *, threads: int = 2, timeout: float = 3600) -> 
 
 def run_many(jobs: list[dict[str, Any]], *, workers: int = 1, threads: int = 2,
              progress: Callable[[str], None] = print, cache: JobCache | None = None,
-             timeout: float = 3600) -> list[dict[str, Any]]:
+             timeout: float = 3600, cached_only: bool = False) -> list[dict[str, Any]]:
     """Run ``jobs`` with ``workers`` processes at once (each with ``threads`` threads); results in job order.
 
     ``timeout``: seconds before a job's process is killed (reported as failed).
-    With a ``cache``, jobs it already holds are not run again and each new success is recorded.
+    With a ``cache``, jobs it already holds are not run again and each new success is recorded;
+    ``cached_only`` runs nothing and marks the jobs the cache lacks as not run.
     """
     def describe(job: dict[str, Any]) -> str:
         keys = ("kind", "method", "lib", "task", "n_train", "seeds")
@@ -62,6 +64,8 @@ def run_many(jobs: list[dict[str, Any]], *, workers: int = 1, threads: int = 2,
         if saved is not None:
             progress(f"  [{index + 1}/{len(jobs)}] {describe(jobs[index])}: reused from the interrupted run")
             return saved | {"reused": True}
+        if cached_only:
+            return {"ok": False, "error": NOT_RUN, "job": jobs[index]}
         result = run_one(jobs[index], threads=threads, timeout=timeout)
         if cache:
             cache.put(jobs[index], result)

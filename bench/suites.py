@@ -33,6 +33,7 @@ class Suite:
         infer_rounds / infer_reps: measurement 6.
         accuracy_methods: the methods of the accuracy runs (``None``: all of ``methods``); the others run in
             the cost jobs only.
+        cost_threads: torch threads of the memory and timing jobs.
         split_seeds: one accuracy job per seed, all seed-0 jobs first, so that an interrupted or cut run has
             every configuration at the first seeds (the report says how many seeds each cell has).
     """
@@ -69,6 +70,7 @@ class Suite:
     infer_reps: int = 2
     accuracy_methods: list[str] | None = None
     split_seeds: bool = False
+    cost_threads: int = 2
 
 
 SUITES: dict[str, Suite] = {
@@ -84,9 +86,11 @@ SUITES: dict[str, Suite] = {
         lowdata_sizes=[50], lowdata_methods=["full", "lora"], lowdata_seeds=[0], lowdata_min_steps=10, forget_steps=4,
         forget_n_eval=8, infer_rounds=3, infer_reps=1,
     ),
-    # 6 timing rounds (not 10): sized for a shared 2-core machine. LoRA runs in the cost jobs only: its accuracy on this protocol is in ``full``; full fine-tuning's accuracy
+    # Cost jobs cut for a shared, heavily loaded 2-core machine: 1 thread (2 threads waste most of their time
+    # spinning when the other core is taken), 5 memory steps, 4 interleaved timing rounds of 3 steps. LoRA runs in the cost jobs only: its accuracy on this protocol is in ``full``; full fine-tuning's accuracy
     # jobs are the same jobs as ``full``'s (same settings), so a run may reuse them (see bench/README.md).
     "methods": Suite(name="methods", tasks=["trec", "rt", "bbc"], seeds=[0, 1, 2], n_train=2000, epochs=2,
                      methods=["full", "lora", *NEW_METHODS], peft_methods=list(NEW_PEFT_SHARED),
-                     accuracy_methods=["full", *NEW_METHODS], split_seeds=True, timing_rounds=6),
+                     accuracy_methods=["full", *NEW_METHODS], split_seeds=True, memory_steps=5, timing_warmup=2,
+                     timing_rounds=4, timing_per_round=3, cost_threads=1),
 }

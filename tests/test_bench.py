@@ -194,3 +194,16 @@ def test_split_seed_jobs_come_seed_major_and_pool_back_into_one_cell() -> None:
     assert cells[("loha", "deltatune", "trec", 10)]["accs"] == pytest.approx([90.0, 92.0])
     ((label, value, status),) = _peft_accuracy_targets(cells)
     assert label.startswith("loha: ") and value == "-1.00 pt (noise 2.83)" and status == "met"
+
+
+def test_cached_only_reports_finished_jobs_and_counts_the_rest(tmp_path: Path) -> None:
+    from bench.cache import JobCache
+    from bench.runner import run_many
+
+    done, missing = {"kind": "classify", "method": "loha", "seeds": [0]}, {"kind": "classify", "method": "lokr", "seeds": [1]}
+    cache = JobCache(tmp_path / "jobs.jsonl", resume=False)
+    cache.put(done, {"ok": True, "runs": []})
+    out = run_many([done, missing], cache=JobCache(tmp_path / "jobs.jsonl", resume=True), cached_only=True,
+                   progress=lambda _: None)
+    assert out[0]["ok"] and out[0]["reused"] and out[1] == {"ok": False, "error": aggregate.NOT_RUN, "job": missing}
+    assert aggregate.failures({"accuracy": out}) == ["not run, the run was cut short: 1 accuracy (seeds [1]) jobs"]
