@@ -10,6 +10,7 @@ evaluated by perplexity on both held-out sets; the base and each single adapter 
 
     python -m bench.combination            # writes bench/results/combination.{json,md}
     python -m bench.combination --steps 10 --n-eval 16   # a quick harness check
+    python -m bench.combination --steps 12 --n-eval 24 --threads 1   # the size run on the loaded shared box
 """
 
 from __future__ import annotations
@@ -101,8 +102,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--n-eval", type=int, default=48)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a loaded machine)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     result = run(args.steps, args.n_eval)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "combination.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
