@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="re-render tables/charts from <suite>.json")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the jobs an interrupted run of this suite finished (same settings only)")
+    parser.add_argument("--tasks", nargs="+", choices=["trec", "rt", "bbc"],
+                        help="run only these tasks' accuracy jobs (e.g. two processes sharing one --resume cache)")
     parser.add_argument("--cached-only", action="store_true",
                         help="with --resume: report the finished jobs only, run nothing (a run cut short; the report "
                              "counts the jobs not run)")
@@ -209,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     cache = JobCache(args.out / f".{args.suite}.jobs.jsonl", resume=args.resume)
     if args.cached_only and not args.resume:
         parser.error("--cached-only needs --resume (it reports the jobs an earlier run finished)")
-    run_suite(SUITES[args.suite], list(args.only), cache=cache, on_part=save, cached_only=args.cached_only)
+    suite = SUITES[args.suite]
+    if args.tasks:
+        suite = replace(suite, tasks=[t for t in suite.tasks if t in args.tasks])
+    run_suite(suite, list(args.only), cache=cache, on_part=save, cached_only=args.cached_only)
     return 0
 
 
