@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="reuse the jobs an interrupted run of this suite finished (same settings only)")
     parser.add_argument("--tasks", nargs="+", choices=["trec", "rt", "bbc"],
                         help="run only these tasks' accuracy jobs (e.g. two processes sharing one --resume cache)")
+    parser.add_argument("--libs", nargs="+", choices=["deltatune", "peft"],
+                        help="run only these libraries' accuracy jobs (with --tasks: split one suite over processes)")
     parser.add_argument("--cached-only", action="store_true",
                         help="with --resume: report the finished jobs only, run nothing (a run cut short; the report "
                              "counts the jobs not run)")
@@ -215,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     suite = SUITES[args.suite]
     if args.tasks:
         suite = replace(suite, tasks=[t for t in suite.tasks if t in args.tasks])
+    if args.libs:
+        suite = replace(suite, methods=suite.methods if "deltatune" in args.libs else [],
+                        peft_methods=suite.peft_methods if "peft" in args.libs else [])
     run_suite(suite, list(args.only), cache=cache, on_part=save, cached_only=args.cached_only)
     return 0
 
