@@ -87,8 +87,10 @@ SUITES: dict[str, Suite] = {
         forget_n_eval=8, infer_rounds=3, infer_reps=1,
     ),
     # Cost jobs cut for a shared, heavily loaded 2-core machine: 1 thread (2 threads waste most of their time
-    # spinning when the other core is taken), 5 memory steps, 1 warm-up step, 3 interleaved timing rounds of 3 steps. LoRA runs in the cost jobs only: its accuracy on this protocol is in ``full``; full fine-tuning's accuracy
-    # jobs are the same jobs as ``full``'s (same settings), so a run may reuse them (see bench/README.md).
+    # spinning when the other core is taken), 5 memory steps, 1 warm-up step, 3 interleaved timing rounds of
+    # 3 steps. LoRA runs in the cost jobs only: its accuracy on this protocol is in ``full``; full
+    # fine-tuning's accuracy jobs are the same jobs as ``full``'s (same settings), so a run may reuse them
+    # (see bench/README.md).
     "methods": Suite(name="methods", tasks=["trec", "rt", "bbc"], seeds=[0, 1, 2], n_train=2000, epochs=2,
                      methods=["full", "lora", *NEW_METHODS], peft_methods=list(NEW_PEFT_SHARED),
                      accuracy_methods=["full", *NEW_METHODS], split_seeds=True, memory_steps=5, timing_warmup=1,
