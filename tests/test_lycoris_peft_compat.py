@@ -120,3 +120,24 @@ def test_delta_formulas(make_model) -> None:
     assert w1.shape == (5, 4) and w2.shape == (8, 8)
     expected = torch.stack([torch.stack([3.0 * w1[i, k] * w2 for k in range(4)], 1) for i in range(5)]).reshape(40, 32)
     torch.testing.assert_close(layer.delta_weight("default"), expected)
+
+
+def test_loha_delta_keeps_only_the_factors_for_backward() -> None:
+    """LoHa's delta recomputes the two products in backward: the same gradients as plain autograd (float64),
+    and the graph holds the four factors only, no (out, in) product."""
+    from deltatune.methods.loha.layer import HadamardDelta
+
+    g = torch.Generator().manual_seed(0)
+    factors = [torch.randn(shape, dtype=torch.float64, generator=g, requires_grad=True)
+               for shape in ((7, 3), (3, 5), (7, 3), (3, 5))]
+    upstream = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    w1a, w1b, w2a, w2b = factors
+    plain = torch.autograd.grad(((w1a @ w1b) * (w2a @ w2b) * 1.5 * upstream).sum(), factors)
+    ours = torch.autograd.grad((HadamardDelta.apply(*factors, 1.5) * upstream).sum(), factors)
+    for a, b in zip(ours, plain):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda *f: HadamardDelta.apply(*f, 0.7), factors)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        HadamardDelta.apply(*factors, 1.5)
+    assert sorted(saved) == sorted(f.shape for f in factors)

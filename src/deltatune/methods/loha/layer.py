@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +29,30 @@ from .._weight_delta import WeightDeltaLayer, can_wrap_linear_or_conv, cp_filter
 from .._weight_delta.batched import KronStack
 from ..lora.batched import LoraStack, stack_lora
 from .config import LoHaConfig
+
+
+class HadamardDelta(torch.autograd.Function):
+    """``s * (W1a W1b) * (W2a W2b)`` keeping only the four factors for backward.
+
+    Plain autograd would keep both ``(out, in)`` products until the backward pass (one pair per wrapped
+    layer); here they are recomputed there: ``dL/dW1a = (G * P2) W1b^T``, ``dL/dW1b = W1a^T (G * P2)``
+    with ``G = s dL/d(dW)``, ``P2 = W2a W2b``, and the same with 1 and 2 swapped.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        ctx.save_for_backward(w1a, w1b, w2a, w2b)
+        ctx.scale = scale
+        return (w1a @ w1b) * (w2a @ w2b) * scale  # (out, in)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        w1a, w1b, w2a, w2b = ctx.saved_tensors
+        grad = grad.to(w1a.dtype) * ctx.scale
+        g1 = grad * (w2a @ w2b)  # dL/d(W1a W1b)
+        g2 = grad * (w1a @ w1b)  # dL/d(W2a W2b)
+        return g1 @ w1b.T, w1a.T @ g1, g2 @ w2b.T, w2a.T @ g2, None
 
 
 class LoHaLinear(WeightDeltaLayer):
@@ -64,10 +89,9 @@ class LoHaLinear(WeightDeltaLayer):
         if self.effective[name]:  # (out, in_channels, k1, k2)
             first = cp_filter(self.hada_t1[name], self.hada_w1_a[name], self.hada_w1_b[name])
             second = cp_filter(self.hada_t2[name], self.hada_w2_a[name], self.hada_w2_b[name])
-        else:
-            first = self.hada_w1_a[name] @ self.hada_w1_b[name]  # (out, in)
-            second = self.hada_w2_a[name] @ self.hada_w2_b[name]  # (out, in)
-        return first * second * self.scaling[name]
+            return first * second * self.scaling[name]
+        return HadamardDelta.apply(self.hada_w1_a[name], self.hada_w1_b[name], self.hada_w2_a[name],
+                                   self.hada_w2_b[name], self.scaling[name])  # (out, in)
 
     def low_rank_form(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` with ``B A = (W1a W1b) * (W2a W2b)`` (scale not applied): ``(r^2, in)``, ``(out, r^2)``.
