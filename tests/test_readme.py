@@ -103,3 +103,12 @@ def test_every_command_is_in_the_readme_table() -> None:
     text = README.read_text(encoding="utf-8")
     missing = [name for name in sub.choices if f"| `deltatune {name}` |" not in text]
     assert not missing, f"README.md's command table lacks {missing}"
+
+
+def test_every_registered_method_is_in_the_methods_table() -> None:
+    import deltatune as dt
+
+    text = README.read_text(encoding="utf-8")
+    missing = [s.name for s in dt.all_methods()
+               if f"| `{s.name}` | `dt.{s.config_cls.__name__}` |" not in text]
+    assert not missing, f"README.md's methods table lacks {missing} (row: | `name` | `dt.ConfigClass` | ...)"
