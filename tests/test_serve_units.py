@@ -245,3 +245,21 @@ def test_an_adapter_the_mixed_batch_refuses_is_refused_at_load_with_the_reason(
     monkeypatch.undo()
     registry.load("l", folder)  # the same folder loads once the path takes it
     assert registry.names == ["l"]
+
+
+def test_served_model_name_names_the_base_and_lora_modules_add_adapters(tmp_path: Any) -> None:
+    """vLLM's --served-model-name and --lora-modules: the base answers to that name, the adapters to theirs."""
+    from _tiny_lm import save_tiny_lm
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.cli import build_parser
+    from deltatune.serve.server import build_server
+
+    base = save_tiny_lm(tmp_path / "tiny-lm")
+    dt.get_delta_model(AutoModelForCausalLM.from_pretrained(base), dt.LoraConfig(
+        r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")).save_pretrained(tmp_path / "a")
+    args = build_parser().parse_args(["serve", "--model", str(base), "--served-model-name", "my-llm",
+                                      "--lora-modules", f"x={tmp_path / 'a'}", f"y={tmp_path / 'a'}"])
+    assert build_server(args).registry.model_names() == ["my-llm", "x", "y"]
+    args = build_parser().parse_args(["serve", "--model", str(base)])
+    assert build_server(args).registry.model_names() == ["tiny-lm"]

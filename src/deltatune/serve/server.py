@@ -66,7 +66,8 @@ def build_server(args: argparse.Namespace) -> Server:
         model = from_pretrained_quantized(AutoModelForCausalLM, path, args.quantize).eval()
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    registry = AdapterRegistry(model, Path(str(args.model).rstrip("/")).name or str(args.model), adapters_dir)
+    base_name = getattr(args, "served_model_name", None) or Path(str(args.model).rstrip("/")).name or str(args.model)
+    registry = AdapterRegistry(model, base_name, adapters_dir)
     for name, folder in adapters:
         try:
             registry.load(name, folder)
