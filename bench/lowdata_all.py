@@ -112,7 +112,7 @@ def picked_test(res: dict[Cell, Any]) -> dict[Cell, dict[str, Any]]:
 def report_lines(res: dict[Cell, Any]) -> list[str]:
     test = picked_test(res)
     lines = ["## Test accuracy at the picked learning rate", "",
-             ("Mean ± sample std over the seeds run (count in brackets); gap = method − full fine-tuning, same task and n. "
+             ("Mean ± sample std over the seeds run (count in brackets; one seed: no spread); gap = method − full fine-tuning, same task and n. "
               "`*`: only the default rate ran, no search."), "",
              "| task | n | " + " | ".join(LABELS.values()) + " |", "|---|---|" + "---|" * len(LABELS)]
     for task in TASKS:
@@ -126,7 +126,8 @@ def report_lines(res: dict[Cell, Any]) -> list[str]:
                     continue
                 gap = f", {t['mean'] - full['mean']:+.1f}" if full and m != "full" else ""
                 star = "" if t["searched"] else "*"
-                cells.append(f"{t['mean']:.1f} ± {t['std']:.1f} ({len(t['seeds'])}; lr {t['lr']:g}{star}{gap})")
+                spread = f" ± {t['std']:.1f}" if len(t["seeds"]) > 1 else ""
+                cells.append(f"{t['mean']:.1f}{spread} ({len(t['seeds'])}; lr {t['lr']:g}{star}{gap})")
             lines.append(f"| {TASK_NAMES[task]} | {n} | " + " | ".join(cells) + " |")
     lines += ["", "## Learning-rate search (validation accuracy %, seed 0)", "",
               "| task | n | method | " + " | ".join(f"lr {i + 1}" for i in range(max(map(len, GRID.values())))) + " | picked |",
