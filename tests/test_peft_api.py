@@ -232,3 +232,19 @@ def test_targeting_options_pick_what_peft_picks(options: dict) -> None:
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     mine, reference = dt.get_peft_model_state_dict(ours), peft.get_peft_model_state_dict(theirs)
     assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in reference.items()}
+
+
+def test_peft_names_work_without_peft_installed(tmp_path: Path) -> None:
+    """Without peft (or inside without_peft_identity, as the CLI builds models) a DeltaModel is no
+    peft.PeftModel; the peft names it offers must not come from peft."""
+    from deltatune.integrations.peft_identity import without_peft_identity
+
+    ref, _ = pair(tmp_path)
+    with without_peft_identity():
+        model = dt.PeftModel.from_pretrained(tiny(), tmp_path / "ref", is_trainable=True)
+    assert not isinstance(model, peft.PeftModel)
+    assert model.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
+    assert model.get_model_status().trainable_params == ref.get_model_status().trainable_params
+    model.disable_adapter_layers()
+    torch.testing.assert_close(logits(model), logits(tiny()), atol=1e-5, rtol=0)
+    assert sorted(dt.get_peft_model_state_dict(model)) == sorted(peft.get_peft_model_state_dict(ref))

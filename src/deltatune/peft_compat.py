@@ -2,6 +2,7 @@
 
 What someone moving from peft types first and :mod:`deltatune.model` does not already provide:
 
+* ``get_nb_trainable_parameters()``: ``(trainable, total)``, also when peft is not installed;
 * ``disable_adapter_layers()`` / ``enable_adapter_layers()``: the switch behind ``with model.disable_adapter():``,
   left on until switched back (peft freezes the adapters while they are off and unfreezes the active ones after);
 * ``set_requires_grad(adapter_names, requires_grad)``: (un)freeze adapters without changing which are active;
@@ -89,6 +90,14 @@ class PeftCompatMixin:
 
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:  # provided by DeltaModel
         raise NotImplementedError
+
+    def trainable_parameters(self) -> tuple[int, int]:  # provided by DeltaModel
+        raise NotImplementedError
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts, what ``print_trainable_parameters()`` prints (also without peft
+        installed, when a DeltaModel does not inherit peft's method)."""
+        return self.trainable_parameters()
 
     # -- switches --------------------------------------------------------------------------------
     def disable_adapter_layers(self) -> None:
