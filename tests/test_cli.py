@@ -211,3 +211,6 @@ def test_serve_takes_vllm_s_lora_modules_as_adapters() -> None:
                                       "--lora-modules", "b=runs/b", "c=runs/c"])
     assert args.adapter == ["a=runs/a", "b=runs/b", "c=runs/c"]
     assert build_parser().parse_args(["serve", "--model", "m", "--lora-modules", "b=x"]).adapter == ["b=x"]
+    vllm_line = ["serve", "--model", "m", "--enable-lora", "--lora-modules", "b=x", "--served-model-name", "base"]
+    args = build_parser().parse_args(vllm_line)
+    assert (args.adapter, args.served_model_name) == (["b=x"], "base")

@@ -101,6 +101,8 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
                    "(repeatable; PATH: run folder or adapter folder)")
     p.add_argument("--lora-modules", action="extend", nargs="+", dest="adapter", metavar="NAME=PATH",
                    help="vLLM's spelling of --adapter: several NAME=PATH after one flag")
+    p.add_argument("--enable-lora", action="store_true", help="accepted so vLLM command lines run unchanged; "
+                   "adapters are always enabled here")
     p.add_argument("--served-model-name", metavar="NAME", help="the base model's name in requests and /v1/models "
                    "(vLLM's flag; default: the --model folder's name)")
     p.add_argument("--adapters-dir", metavar="DIR", help="allow POST /v1/adapters to load adapters from inside DIR")
