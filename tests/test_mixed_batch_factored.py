@@ -143,3 +143,19 @@ def test_lora_on_convolutions_as_one_grouped_convolution(make_model: Any) -> Non
     names = ["b", BASE, "a", "c", "b"]
     assert_mixed_equals_solo(model, make_model.inputs("cnn", batch=len(names)), names)
     assert set(stacks(model, "lora")) == {LoraStack, tuple}  # the linear's stack, the convolutions' (A, B)
+
+
+def test_loading_into_an_existing_adapter_refreshes_its_stack(make_model: Any, tmp_path: Any) -> None:
+    """Parameter-dict adapters (LoHa here) loaded in place: the cached stack must not serve the old values."""
+    configs = {"a": dt.LoHaConfig(r=2, target_modules=QV), "b": dt.LoHaConfig(r=2, target_modules=QV)}
+    model = perturbed(build(make_model, "llama_lm", configs))
+    inputs = make_model.inputs("llama_lm", batch=3)
+    inputs["input_ids"][1] = inputs["input_ids"][0]
+    names = ["a", "b", BASE]
+    assert_mixed_equals_solo(model, inputs, names)  # builds and caches the stacks
+    model.save_pretrained(tmp_path)
+    model.load_adapter(tmp_path / "b", "a")  # "a" now holds "b"'s values
+    with torch.no_grad():
+        mixed = logits(model(**inputs, adapter_names=names))
+    torch.testing.assert_close(mixed[0], mixed[1], atol=1e-5, rtol=1e-5)
+    assert_mixed_equals_solo(model, inputs, names)

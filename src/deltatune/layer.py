@@ -135,7 +135,7 @@ class DeltaLayer(nn.Module):
                 for key, tensor in item.state_dict().items():
                     state[f"{attr}.{key}"] = tensor
             else:
-                state[attr] = item.data
+                state[attr] = item.detach()  # shares the version counter (``.data`` does not): writes show
         return state
 
     def load_adapter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
@@ -144,6 +144,7 @@ class DeltaLayer(nn.Module):
         with torch.no_grad():
             for key, tensor in state.items():
                 own[key].copy_(tensor.to(own[key].dtype))
+        self.__dict__.pop("_stack_cache", None)  # stacks built from the old values
 
     def set_active(self, names: list[str]) -> None:
         self.active_adapters = [n for n in names if n in self.adapter_names]
