@@ -19,7 +19,7 @@ and this class handles activation, disabling, merging, unmerging, deletion and p
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from torch import nn
 from .errors import AdapterNotFoundError, MergeError
 from .routing import Routing, current_routing
 from .weights import WeightSnapshot, add_to_weight, quantization, read_weight, restore_weight, snapshot_weight
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 T = TypeVar("T")
 
@@ -79,6 +82,14 @@ class DeltaLayer(nn.Module):
         self._merge_snapshots: dict[str, WeightSnapshot] = {}  # quantized bases: the weight before each merge
 
     # -- to implement -------------------------------------------------------------------------
+    @classmethod
+    def wrapping(cls, base_layer: nn.Module, name: str, config: Any, path: str = "") -> Self:
+        """``base_layer`` wrapped by this layer class with adapter ``name`` added: how every method's
+        ``make_<method>_layer`` builds its layer once it has decided the module can be wrapped."""
+        layer = cls(base_layer)
+        layer.add(name, config, path)
+        return layer
+
     def add(self, name: str, config: Any, path: str = "") -> None:
         """Create adapter ``name``'s tensors; ``path`` is this layer's module path (for per-module patterns)."""
         raise NotImplementedError

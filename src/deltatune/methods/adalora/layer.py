@@ -115,9 +115,7 @@ def make_adalora_layer(module: nn.Module, config: AdaLoraConfig, name: str, path
     """Wrap a linear ``module`` with AdaLoRA, or ``None`` for other module types."""
     if can_wrap(module, config, path) is not None:
         return None
-    layer = AdaLoraLinear(module)
-    layer.add(name, config, path)
-    return layer
+    return AdaLoraLinear.wrapping(module, name, config, path)
 
 
 __all__ = ["AdaLoraLinear", "can_wrap", "make_adalora_layer"]

@@ -94,9 +94,7 @@ def make_bitfit_layer(module: nn.Module, config: BitFitConfig, name: str, path: 
     """Wrap ``module`` with a BitFit layer, or ``None`` when it has no bias BitFit can train."""
     if can_wrap(module, config, path) is not None:
         return None
-    layer = BitFitLayer(module)
-    layer.add(name, config, path)
-    return layer
+    return BitFitLayer.wrapping(module, name, config, path)
 
 
 __all__ = ["BitFitLayer", "can_wrap", "has_trainable_bias_slot", "make_bitfit_layer"]

@@ -232,9 +232,7 @@ def make_bottleneck_layer(module: nn.Module, config: BottleneckConfig, name: str
     """Wrap ``module`` with a bottleneck layer, or ``None`` when it cannot be wrapped (see :func:`can_wrap`)."""
     if can_wrap(module, config, path) is not None:
         return None
-    layer = BottleneckLayer(module)
-    layer.add(name, config, path)
-    return layer
+    return BottleneckLayer.wrapping(module, name, config, path)
 
 
 __all__ = ["ACTIVATIONS", "BottleneckLayer", "adapter_dims", "base_linears", "can_wrap", "make_bottleneck_layer"]

@@ -231,9 +231,7 @@ def make_ia3_layer(module: nn.Module, config: IA3Config, name: str, path: str) -
     """Wrap ``module`` with an (IA)^3 layer, or ``None`` when (IA)^3 cannot wrap its type."""
     if can_wrap(module, config, path) is not None:
         return None
-    layer = IA3Layer(module)
-    layer.add(name, config, path)
-    return layer
+    return IA3Layer.wrapping(module, name, config, path)
 
 
 __all__ = ["IA3Layer", "can_wrap", "is_feedforward", "make_ia3_layer"]

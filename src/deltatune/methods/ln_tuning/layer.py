@@ -124,9 +124,7 @@ def make_ln_tuning_layer(module: nn.Module, config: LNTuningConfig, name: str, p
     """Wrap ``module`` with a LayerNorm-tuning layer, or ``None`` when it is not a normalisation layer."""
     if can_wrap(module, config, path) is not None:
         return None
-    layer = LNTuningLayer(module)
-    layer.add(name, config, path)
-    return layer
+    return LNTuningLayer.wrapping(module, name, config, path)
 
 
 __all__ = ["LNTuningLayer", "can_wrap", "make_ln_tuning_layer"]

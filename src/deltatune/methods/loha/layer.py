@@ -120,9 +120,7 @@ def make_loha_layer(module: nn.Module, config: LoHaConfig, name: str, path: str)
     """Wrap a linear or convolution ``module`` with LoHa, or ``None`` for other module types."""
     if can_wrap(module, config, path) is not None:
         return None
-    layer = LoHaLinear(module)
-    layer.add(name, config, path)
-    return layer
+    return LoHaLinear.wrapping(module, name, config, path)
 
 
 __all__ = ["LoHaLinear", "can_wrap", "make_loha_layer"]

@@ -114,9 +114,7 @@ def make_lokr_layer(module: nn.Module, config: LoKrConfig, name: str, path: str)
     """Wrap a linear or convolution ``module`` with LoKr, or ``None`` for other module types."""
     if can_wrap(module, config, path) is not None:
         return None
-    layer = LoKrLinear(module)
-    layer.add(name, config, path)
-    return layer
+    return LoKrLinear.wrapping(module, name, config, path)
 
 
 __all__ = ["LoKrLinear", "can_wrap", "factorization", "make_lokr_layer"]

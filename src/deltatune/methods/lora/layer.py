@@ -279,6 +279,4 @@ def make_lora_layer(module: nn.Module, config: LoraConfig, name: str, path: str)
     cls = _layer_class(module)
     if cls is None:
         return None
-    layer = cls(module)
-    layer.add(name, config, path)
-    return layer
+    return cls.wrapping(module, name, config, path)

@@ -229,9 +229,8 @@ def make_oft_layer(module: nn.Module, config: OFTConfig, name: str, path: str) -
     """Wrap a linear or 2-D convolution ``module`` with OFT, or ``None`` for other module types."""
     if can_wrap(module, config, path) is not None:
         return None
-    layer = OFTConv2d(module) if isinstance(unwrapped(module), nn.Conv2d) else OFTLinear(module)
-    layer.add(name, config, path)
-    return layer
+    layer_cls = OFTConv2d if isinstance(unwrapped(module), nn.Conv2d) else OFTLinear
+    return layer_cls.wrapping(module, name, config, path)
 
 
 __all__ = ["OFTConv2d", "OFTLinear", "can_wrap", "make_oft_layer", "nearest_divisor"]

@@ -137,9 +137,7 @@ def make_vera_layer(module: nn.Module, config: VeraConfig, name: str, path: str)
     """Wrap a linear ``module`` with VeRA, or ``None`` for other module types."""
     if can_wrap(module, config, path) is not None:
         return None
-    layer = VeraLinear(module)
-    layer.add(name, config, path)
-    return layer
+    return VeraLinear.wrapping(module, name, config, path)
 
 
 __all__ = ["VeraLinear", "can_wrap", "make_projections", "make_vera_layer"]
