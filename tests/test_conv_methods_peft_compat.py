@@ -15,12 +15,10 @@ reference is peft's merged model (the last test pins the difference down).
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from _peft_files import assert_same_files, quietly
 from torch import nn
 
 import deltatune as dt
@@ -79,12 +77,6 @@ CASES = {  # name: (dims, config class, options)
 PEFT_CANNOT_RUN = {"lokr-1d-effective"}
 
 
-def quietly(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
-
-
 def peft_reference(model: nn.Module, x: torch.Tensor, cls: str) -> torch.Tensor:
     """peft's output; for OFT its merged model's (see the module docstring)."""
     with torch.no_grad():
@@ -93,13 +85,6 @@ def peft_reference(model: nn.Module, x: torch.Tensor, cls: str) -> torch.Tensor:
 
             return quietly(copy.deepcopy(model).merge_and_unload)(x)
         return model(x)
-
-
-def assert_same_files(ours, theirs) -> None:
-    a, b = load_file(ours / "adapter_model.safetensors"), load_file(theirs / "adapter_model.safetensors")
-    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -8,11 +8,9 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
-from safetensors.torch import load_file
+from _peft_files import assert_same_files, quietly
 
 import deltatune as dt
 
@@ -31,19 +29,6 @@ CASES = {
 }
 
 
-def quiet_save(model: torch.nn.Module, folder) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.save_pretrained(folder)
-
-
-def assert_same_files(ours, theirs) -> None:
-    a, b = load_file(ours / "adapter_model.safetensors"), load_file(theirs / "adapter_model.safetensors")
-    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_to_deltatune(case, make_model, output_of, train, tmp_path) -> None:
     kind, cls, options = CASES[case]
@@ -53,7 +38,7 @@ def test_peft_to_deltatune(case, make_model, output_of, train, tmp_path) -> None
     theirs.eval()
     expected = output_of(theirs, inputs)
     assert not torch.allclose(expected, output_of(make_model(kind), inputs), atol=1e-4)
-    quiet_save(theirs, tmp_path / "peft")
+    quietly(theirs.save_pretrained, tmp_path / "peft")
     ours = dt.DeltaModel.from_pretrained(make_model(kind), tmp_path / "peft")
     torch.testing.assert_close(output_of(ours, inputs), expected, atol=1e-5, rtol=0)
     ours.save_pretrained(tmp_path / "dt")
@@ -69,11 +54,9 @@ def test_deltatune_to_peft(case, make_model, output_of, train, tmp_path) -> None
     ours.eval()
     expected = output_of(ours, inputs)
     ours.save_pretrained(tmp_path / "dt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.PeftModel.from_pretrained(make_model(kind), str(tmp_path / "dt")).eval()
+    theirs = quietly(peft.PeftModel.from_pretrained, make_model(kind), str(tmp_path / "dt")).eval()
     torch.testing.assert_close(output_of(theirs, inputs), expected, atol=1e-5, rtol=0)
-    quiet_save(theirs, tmp_path / "peft")
+    quietly(theirs.save_pretrained, tmp_path / "peft")
     assert_same_files(tmp_path / "dt", tmp_path / "peft")
 
 
@@ -96,9 +79,7 @@ def test_merge_matches_peft_and_unmerge_restores(cls, make_model, output_of) -> 
     ours.unmerge_adapter()
     torch.testing.assert_close(ours.base_model.state_dict()["model.layers.0.self_attn.q_proj.base_layer.weight"],
                                make_model(kind).state_dict()["model.layers.0.self_attn.q_proj.weight"], atol=1e-6, rtol=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        their_merged = theirs.merge_and_unload().state_dict()
+    their_merged = quietly(theirs.merge_and_unload, ).state_dict()
     our_merged = ours.merge_and_unload().state_dict()
     assert our_merged.keys() == their_merged.keys()
     assert max((our_merged[k] - their_merged[k]).abs().max().item() for k in our_merged) <= 1e-6

@@ -7,11 +7,9 @@ here from the saved upper triangles, and equals peft's merged weight.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
-from safetensors.torch import load_file
+from _peft_files import assert_same_files, quietly
 
 import deltatune as dt
 
@@ -24,19 +22,6 @@ CASES = {
     "llama-shared-coft": ("llama_lm", {"oft_block_size": 4, "target_modules": ["k_proj"], "block_share": True,
                                        "coft": True, "eps": 0.5}),
 }
-
-
-def quietly(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
-
-
-def assert_same_files(ours, theirs) -> None:
-    a, b = load_file(ours / "adapter_model.safetensors"), load_file(theirs / "adapter_model.safetensors")
-    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -8,10 +8,9 @@ and merging against the formula ``W + diag(b) B diag(d) A``.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
+from _peft_files import assert_same_files, quietly
 from safetensors.torch import load_file
 
 import deltatune as dt
@@ -27,39 +26,20 @@ CASES = {
 
 
 def load_peft(kind_model: torch.nn.Module, folder) -> torch.nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(kind_model, str(folder)).eval()
-
-
-def quiet_save(model: torch.nn.Module, folder) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.save_pretrained(folder)
-
-
-def assert_same_files(ours, theirs) -> None:
-    a, b = load_file(ours / "adapter_model.safetensors"), load_file(theirs / "adapter_model.safetensors")
-    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
+    return quietly(peft.PeftModel.from_pretrained, kind_model, str(folder)).eval()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_to_deltatune(case, make_model, output_of, train, tmp_path) -> None:
     kind, options = CASES[case]
     inputs = make_model.inputs(kind)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(make_model(kind), peft.VeraConfig(r=6, init_weights=False, **options))
+    theirs = quietly(peft.get_peft_model, make_model(kind), peft.VeraConfig(r=6, init_weights=False, **options))
     train(theirs, inputs, steps=2, lr=0.01)
     theirs.eval()
     expected = output_of(theirs, inputs)
     assert not torch.allclose(expected, output_of(make_model(kind), inputs), atol=1e-4)
-    quiet_save(theirs, tmp_path / "peft")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ours = dt.DeltaModel.from_pretrained(make_model(kind), tmp_path / "peft")
+    quietly(theirs.save_pretrained, tmp_path / "peft")
+    ours = quietly(dt.DeltaModel.from_pretrained, make_model(kind), tmp_path / "peft")
     torch.testing.assert_close(output_of(ours, inputs), expected, atol=1e-5, rtol=0)
     ours.save_pretrained(tmp_path / "dt")
     assert_same_files(tmp_path / "dt", tmp_path / "peft")
@@ -78,7 +58,7 @@ def test_deltatune_to_peft(case, make_model, output_of, train, tmp_path) -> None
     assert ("base_model.vera_A" in saved) == options.get("save_projection", True)
     theirs = load_peft(make_model(kind), tmp_path / "dt")
     torch.testing.assert_close(output_of(theirs, inputs), expected, atol=1e-5, rtol=0)
-    quiet_save(theirs, tmp_path / "peft")
+    quietly(theirs.save_pretrained, tmp_path / "peft")
     assert_same_files(tmp_path / "dt", tmp_path / "peft")
 
 
