@@ -11,50 +11,18 @@ from typing import Any
 
 import pytest
 import torch
+from _mixed_checks import (
+    BASE,
+    assert_generate_mixed_equals_solo,
+    assert_mixed_equals_solo,
+    build,
+    logits,
+    lora,
+    perturbed,
+)
 
 import deltatune as dt
 from deltatune.errors import AdapterNotFoundError, ConfigError, MergeError
-
-BASE = "__base__"
-
-
-def build(make_model: Any, kind: str, configs: dict[str, Any]) -> dt.DeltaModel:
-    names = iter(configs)
-    first = next(names)
-    model = dt.get_delta_model(make_model(kind), configs[first], first)
-    for name in names:
-        model.add_adapter(name, configs[name])
-    return model.eval()
-
-
-def logits(out: Any) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
-def solo(model: dt.DeltaModel, name: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``inputs`` through adapter ``name`` alone (the base model for ``"__base__"``)."""
-    with torch.no_grad():
-        if name == BASE:
-            with model.disable_adapter():
-                return logits(model(**inputs))
-        model.set_adapter(name)
-        return logits(model(**inputs))
-
-
-def assert_mixed_equals_solo(model: dt.DeltaModel, inputs: dict[str, torch.Tensor], names: list[str]) -> None:
-    with torch.no_grad():
-        mixed = logits(model(**inputs, adapter_names=names))
-    base = solo(model, BASE, inputs)
-    for name in dict.fromkeys(names):
-        rows = [i for i, n in enumerate(names) if n == name]
-        ref = solo(model, name, {k: v[rows] for k, v in inputs.items()})
-        got = mixed[rows]
-        if got.dim() >= 3 and got.shape[1] != ref.shape[1]:  # decoder-only + virtual tokens: padding in front
-            got = got[:, -ref.shape[1] :]
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=f"adapter {name}")
-        if name != BASE:  # the adapter really acts: a skipped adapter would look like the base
-            assert (ref[..., -base.shape[1] :, :] if ref.dim() >= 3 else ref).sub(base[rows]).abs().max() > 1e-4, name
-
 
 # Explicit targets: default targets are inferred from the model's structure, which a first adapter's
 # wrappers hide from a second one's inference.
@@ -67,10 +35,6 @@ OUT_PROJ = {"llama_lm": ["o_proj", "down_proj"], "bert_seq_cls": ["output.dense"
 def ia3(kind: str) -> dt.IA3Config:
     targets, feedforward = IA3_TARGETS[kind]
     return dt.IA3Config(target_modules=targets, feedforward_modules=feedforward, init_ia3_weights=False)
-
-
-def lora(r: int, alpha: float, **kw: Any) -> dt.LoraConfig:
-    return dt.LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", init_lora_weights=False, **kw)
 
 
 @pytest.mark.parametrize("kind", ["llama_lm", "gpt2_lm", "bert_seq_cls", "t5"])
@@ -166,18 +130,7 @@ def test_generate_greedy_beams_and_returned_sequences(make_model: Any) -> None:
     names = ["b", BASE, "a"]
     for kw in ({}, {"num_beams": 3, "num_return_sequences": 2}, {"num_beams": 2}):
         gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, **kw)
-        with torch.no_grad():
-            mixed = model.generate(input_ids=ids, adapter_names=names, **gen)
-        per = mixed.shape[0] // len(names)
-        for i, name in enumerate(names):
-            with torch.no_grad():
-                if name == BASE:
-                    with model.disable_adapter():
-                        ref = model.generate(input_ids=ids[i : i + 1], **gen)
-                else:
-                    model.set_adapter(name)
-                    ref = model.generate(input_ids=ids[i : i + 1], **gen)
-            assert torch.equal(mixed[i * per : (i + 1) * per, : ref.shape[1]], ref), (name, kw)
+        assert_generate_mixed_equals_solo(model, ids, names, gen)
 
 
 def test_generate_encoder_decoder(make_model: Any) -> None:
@@ -185,16 +138,7 @@ def test_generate_encoder_decoder(make_model: Any) -> None:
     ids = make_model.inputs("t5", batch=3)["input_ids"]
     names = ["a", "b", BASE]
     gen = {"max_new_tokens": 5, "do_sample": False, "num_beams": 2}
-    with torch.no_grad():
-        mixed = model.generate(input_ids=ids, adapter_names=names, **gen)
-        for i, name in enumerate(names):
-            if name == BASE:
-                with model.disable_adapter():
-                    ref = model.generate(input_ids=ids[i : i + 1], **gen)
-            else:
-                model.set_adapter(name)
-                ref = model.generate(input_ids=ids[i : i + 1], **gen)
-            assert torch.equal(mixed[i, : ref.shape[1]], ref[0]), name
+    assert_generate_mixed_equals_solo(model, ids, names, gen)
 
 
 def test_same_as_peft_adapter_names(make_model: Any, tmp_path: Any) -> None:
@@ -231,16 +175,6 @@ def test_bad_input_is_refused_before_work(make_model: Any) -> None:
     model.train()
     with pytest.raises(ConfigError, match="gradient checkpointing"):
         model(**inputs, adapter_names=["a", "b"])
-
-
-def perturbed(model: dt.DeltaModel) -> dt.DeltaModel:
-    """Every adapter tensor moved away from its initial value (some methods start as the identity)."""
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name in model.peft_config:
-            for p in model.adapter_parameters(name):
-                p.add_(0.3 * torch.randn(p.shape, generator=gen))
-    return model
 
 
 def test_layers_that_do_not_route_are_refused(make_model: Any, monkeypatch: Any) -> None:
@@ -289,16 +223,7 @@ def test_prompt_generate_with_beams(make_model: Any, kind: str) -> None:
     ids = make_model.inputs(kind, batch=4, seq=5)["input_ids"]
     names = ["p5", BASE, "l", "p3"]
     gen = {"max_new_tokens": 5, "do_sample": False, "num_beams": 2, "num_return_sequences": 2, "pad_token_id": 0}
-    with torch.no_grad():
-        mixed = model.generate(input_ids=ids, adapter_names=names, **gen)
-        for i, name in enumerate(names):
-            if name == BASE:
-                with model.disable_adapter():
-                    ref = model.generate(input_ids=ids[i : i + 1], **gen)
-            else:
-                model.set_adapter(name)
-                ref = model.generate(input_ids=ids[i : i + 1], **gen)
-            assert torch.equal(mixed[2 * i : 2 * i + 2, : ref.shape[1]], ref), name
+    assert_generate_mixed_equals_solo(model, ids, names, gen)
 
 
 @pytest.mark.parametrize("kind", ["llama_lm", "gpt2_lm", "bert_seq_cls"])
@@ -312,16 +237,7 @@ def test_prefix_tuning_with_different_lengths(make_model: Any, kind: str) -> Non
     if kind == "llama_lm":
         ids = make_model.inputs(kind, batch=len(names), seq=5)["input_ids"]
         gen = {"max_new_tokens": 5, "do_sample": False, "num_beams": 2, "pad_token_id": 0}
-        with torch.no_grad():
-            mixed = model.generate(input_ids=ids, adapter_names=names, **gen)
-            for i, name in enumerate(names):
-                if name == BASE:
-                    with model.disable_adapter():
-                        ref = model.generate(input_ids=ids[i : i + 1], **gen)
-                else:
-                    model.set_adapter(name)
-                    ref = model.generate(input_ids=ids[i : i + 1], **gen)
-                assert torch.equal(mixed[i, : ref.shape[1]], ref[0]), name
+        assert_generate_mixed_equals_solo(model, ids, names, gen)
 
 
 def test_cached_stacks_follow_weight_changes_and_new_adapters(make_model: Any) -> None:

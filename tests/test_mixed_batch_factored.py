@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 import torch
-from test_mixed_batch import BASE, assert_mixed_equals_solo, build, logits, lora, perturbed
+from _mixed_checks import (
+    BASE,
+    assert_mixed_equals_solo,
+    build,
+    logits,
+    lora,
+    perturbed,
+)
 
 import deltatune as dt
 from deltatune.layer import DeltaLayer

@@ -12,7 +12,15 @@ from typing import Any
 
 import pytest
 import torch
-from test_mixed_batch import BASE, assert_mixed_equals_solo, build, logits, lora, perturbed
+from _mixed_checks import (
+    BASE,
+    assert_generate_mixed_equals_solo,
+    assert_mixed_equals_solo,
+    build,
+    logits,
+    lora,
+    perturbed,
+)
 from torch import nn
 
 import deltatune as dt
@@ -155,13 +163,4 @@ def test_generate_mixes_oft_ln_tuning_and_lora(make_model: Any) -> None:
     ids = make_model.inputs("llama_lm", batch=4, seq=5)["input_ids"]
     names = ["n", "o", BASE, "l"]
     gen = {"max_new_tokens": 5, "do_sample": False, "num_beams": 2, "pad_token_id": 0}
-    with torch.no_grad():
-        mixed = model.generate(input_ids=ids, adapter_names=names, **gen)
-        for i, name in enumerate(names):
-            if name == BASE:
-                with model.disable_adapter():
-                    ref = model.generate(input_ids=ids[i : i + 1], **gen)
-            else:
-                model.set_adapter(name)
-                ref = model.generate(input_ids=ids[i : i + 1], **gen)
-            assert torch.equal(mixed[i, : ref.shape[1]], ref[0]), name
+    assert_generate_mixed_equals_solo(model, ids, names, gen)

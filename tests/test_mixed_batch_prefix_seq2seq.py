@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 import torch
-from test_mixed_batch import BASE, assert_mixed_equals_solo, build, lora, perturbed
+from _mixed_checks import (
+    BASE,
+    assert_generate_mixed_equals_solo,
+    assert_mixed_equals_solo,
+    build,
+    lora,
+    perturbed,
+)
 
 import deltatune as dt
 from deltatune.errors import ConfigError
@@ -60,17 +67,7 @@ def test_t5_generate_with_beams(make_model: Any) -> None:
     names = ["x4", BASE, "one", "l", "x2"]
     for kw in ({"num_beams": 2, "num_return_sequences": 2}, {}):
         gen = {"max_new_tokens": 5, "do_sample": False, **kw}
-        per = kw.get("num_return_sequences", 1)
-        with torch.no_grad():
-            mixed = model.generate(input_ids=ids, adapter_names=names, **gen)
-            for i, name in enumerate(names):
-                if name == BASE:
-                    with model.disable_adapter():
-                        ref = model.generate(input_ids=ids[i : i + 1], **gen)
-                else:
-                    model.set_adapter(name)
-                    ref = model.generate(input_ids=ids[i : i + 1], **gen)
-                assert torch.equal(mixed[per * i : per * (i + 1), : ref.shape[1]], ref), (name, kw)
+        assert_generate_mixed_equals_solo(model, ids, names, gen)
 
 
 def test_t5_gradients_reach_only_each_examples_prefix(make_model: Any) -> None:
