@@ -136,3 +136,31 @@ def test_serve_loads_a_quantized_base_and_decodes_a_mixed_batch(qrun: dict) -> N
             base = model(input_ids=ids).logits[:, -1]
     assert torch.allclose(logits[0], alone[0], atol=1e-5) and torch.allclose(logits[1], base[1], atol=1e-5)
     assert (alone[0] - base[0]).abs().max() > 1e-3  # the adapter does change row 0
+
+
+def test_training_loads_the_quantized_base_so_evaluations_between_steps_leave_gradients_intact(qrun: dict) -> None:
+    """On AVX512-BF16 CPUs bitsandbytes re-lays-out a 4-bit weight at its first inference call, after which its
+    training path computes other gradients; the training loops load the base with ``for_training=True``, so
+    gradients after an evaluation equal those of a model that was never evaluated."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    import deltatune as dt
+    from deltatune.train.tasks import load_base_model
+
+    if not has_avx512bf16():
+        pytest.skip("bitsandbytes re-lays-out 4-bit weights only on CPUs with AVX512-BF16")
+    batch = {"input_ids": torch.randint(4, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))}
+
+    def grads(evaluate_first: bool) -> torch.Tensor:
+        base = load_base_model("causal_lm", str(qrun["model"]), quantize="nf4", for_training=True)
+        torch.manual_seed(0)
+        model = dt.get_delta_model(base, dt.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(**batch)
+        model.train()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    assert torch.equal(grads(True), grads(False))

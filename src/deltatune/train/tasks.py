@@ -38,11 +38,14 @@ AUTO_CLASS = {
 
 
 def load_base_model(task: str, path: str, labels: list[str] | None = None, quantize: str | None = None,
-                    device: torch.device | str = "cpu") -> nn.Module:
+                    device: torch.device | str = "cpu", for_training: bool = False) -> nn.Module:
     """The transformers model for ``task`` from a local folder (a classification head is added if missing).
 
     With ``quantize`` (``nf4``, ``fp4``, ``int8``, ``torchao-int8``) its linear layers are loaded quantized
-    on ``device`` (see :mod:`deltatune.quant.load`); heads stay in float.
+    on ``device`` (see :mod:`deltatune.quant.load`); heads stay in float. ``for_training`` readies a
+    quantized base for adapter training (:func:`deltatune.quant.prepare_for_kbit_training`, checkpointing
+    left to ``--gradient-checkpointing``), so the evaluations a run makes between its steps cannot change
+    how the frozen weights are stored and thereby the gradients of the steps after them.
     """
     import transformers
 
@@ -59,6 +62,10 @@ def load_base_model(task: str, path: str, labels: list[str] | None = None, quant
         from ..quant.load import from_pretrained_quantized
 
         model = from_pretrained_quantized(cls, path, quantize, device, **kwargs)
+        if for_training:
+            from ..quant import prepare_for_kbit_training
+
+            prepare_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model = cls.from_pretrained(path, dtype=torch.float32, **kwargs)
     if task in ("instruct", "causal_lm") and getattr(model.config, "pad_token_id", None) is None:
