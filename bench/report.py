@@ -32,6 +32,12 @@ def _methods_in(keys: Any, lib: str) -> list[str]:
     return [m for m in METHODS if m in present]
 
 
+def _mean_at(full: dict[str, Any], seeds: list[int]) -> float:
+    """Full fine-tuning's mean over ``seeds`` (a gap compares the same seeds), or over all its seeds."""
+    at = [a for a, seed in zip(full["accs"], full.get("seeds", [])) if seed in seeds]
+    return sum(at) / len(at) if len(at) == len(seeds) else full["mean"]
+
+
 def accuracy_section(raw: dict[str, Any], acc: dict, s: dict[str, Any]) -> list[str]:
     tasks = [t for t in s["tasks"] if any(k[2] == t for k in acc)]
     done = [r for r in raw.get("accuracy") or [] if r.get("ok")]
@@ -40,7 +46,7 @@ def accuracy_section(raw: dict[str, Any], acc: dict, s: dict[str, Any]) -> list[
     lines = ["## 1. Accuracy vs full fine-tuning", "",
              (f"Bundled MiniLM (all-MiniLM-L6-v2), the first {s['n_train']:,} training examples per task ({sizes}), "
              f"{s['epochs']} epochs, batch {s['batch_size']}, seeds {s['seeds']}; test accuracy in %, "
-             "mean ± sample std over seeds; gap = method − full fine-tuning (points)."), ""]
+             "mean ± sample std over seeds; gap = method − full fine-tuning over the same seeds (points)."), ""]
     header = ["method", "trainable", "% of model"] + [f"{TASK_NAMES[t]} {c}" for t in tasks for c in ("acc", "gap")]
     rows = []
     for m in _methods_in(acc, "deltatune"):
@@ -52,7 +58,7 @@ def accuracy_section(raw: dict[str, Any], acc: dict, s: dict[str, Any]) -> list[
             if cell is None:
                 row += ["n/a", "n/a"]
                 continue
-            gap = f"{cell['mean'] - full['mean']:+.2f}" if full and m != "full" else "—"
+            gap = f"{cell['mean'] - _mean_at(full, cell['seeds']):+.2f}" if full and m != "full" else "—"
             short = f" (seeds {cell['seeds']})" if len(cell["seeds"]) < len(s["seeds"]) else ""
             row += [f"{cell['mean']:.2f} ± {cell['std']:.2f}{short}", gap]
         rows.append(row)
@@ -144,7 +150,7 @@ def header_section(raw: dict[str, Any]) -> list[str]:
              f"took {raw.get('wall_seconds', 0) / 60:.1f} min"
              + (" (" + ", ".join(f"{k} {v / 60:.1f}" for k, v in raw["part_seconds"].items()) + ")"
                 if raw.get("part_seconds") else "") + "."), "",
-             (f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m['memory_gb']} GB; {m['platform']}. torch threads: 2. "
+             (f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m['memory_gb']} GB; {m['platform']}. torch threads: {raw['settings'].get('cost_threads', 2)} (cost jobs). "
              f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, "
              f"deltatune {m['deltatune']} (commit {m['commit']})."), ""]
     results = agg.job_results(raw)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench import aggregate as agg
-from bench.report import TASK_NAMES, _f, _paired, _table
+from bench.report import TASK_NAMES, _f, _mean_at, _paired, _table
 
 
 def forgetting_section(raw: dict[str, Any]) -> list[str]:
@@ -77,7 +77,7 @@ def targets_section(raw: dict[str, Any], acc: dict, cost: dict) -> list[str]:
     def gap(m: str, t: str) -> float | None:
         a = next((v for k, v in acc.items() if k[:3] == (m, "deltatune", t)), None)
         f = next((v for k, v in acc.items() if k[:3] == ("full", "deltatune", t)), None)
-        return a["mean"] - f["mean"] if a and f else None
+        return a["mean"] - _mean_at(f, a["seeds"]) if a and f else None
 
     for m, limit in (("lora", 1.0), ("ia3", 2.0), ("houlsby", 2.0), ("pfeiffer", 2.0), ("parallel", 2.0)):
         if not any(k[0] == m for k in acc):  # not among this suite's accuracy runs
