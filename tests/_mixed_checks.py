@@ -84,3 +84,28 @@ def assert_generate_mixed_equals_solo(model: dt.DeltaModel, ids: torch.Tensor, n
     for i, name in enumerate(names):
         ref = solo_generate(model, name, ids[i : i + 1], gen)
         assert torch.equal(mixed[i * per : (i + 1) * per, : ref.shape[1]], ref), (name, gen)
+
+
+def assert_row_gradient_is_its_adapters(model: dt.DeltaModel, inputs: dict[str, torch.Tensor], names: list[str],
+                                        row: int, adapters: list[str], *, every_tensor: bool = True,
+                                        atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    """A loss on row ``row`` of a mixed batch alone reaches only that row's adapter (every one of its tensors, or
+    with ``every_tensor=False`` at least one), and its gradients equal those of the row run alone with its
+    adapter. ``adapters`` are active again afterwards."""
+    name = names[row]
+    model.zero_grad()
+    logits(model(**inputs, adapter_names=names))[row].pow(2).sum().backward()
+    reached = all if every_tensor else any
+    for other in adapters:
+        grads = [p.grad for p in model.adapter_parameters(other)]
+        if other == name:
+            assert reached(g is not None and g.abs().sum() > 0 for g in grads), other
+        else:
+            assert all(g is None or g.abs().sum() == 0 for g in grads), (name, other)
+    mixed = [p.grad.clone() for p in model.adapter_parameters(name)]
+    model.zero_grad()
+    model.set_adapter(name)
+    logits(model(**{k: v[row : row + 1] for k, v in inputs.items()}))[0].pow(2).sum().backward()
+    for got, want in zip(mixed, [p.grad for p in model.adapter_parameters(name)]):
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=name)
+    model.set_adapter(list(adapters))

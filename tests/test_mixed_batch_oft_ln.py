@@ -16,8 +16,8 @@ from _mixed_checks import (
     BASE,
     assert_generate_mixed_equals_solo,
     assert_mixed_equals_solo,
+    assert_row_gradient_is_its_adapters,
     build,
-    logits,
     lora,
     perturbed,
 )
@@ -139,22 +139,8 @@ def test_gradients_reach_only_each_examples_adapter(make_model: Any) -> None:
     model.train()
     inputs = make_model.inputs("llama_lm", batch=5)
     names = ["o", "n", BASE, "l", "o2"]
-    for row, name in ((0, "o"), (1, "n")):
-        model.zero_grad()
-        logits(model(**inputs, adapter_names=names))[row].pow(2).sum().backward()
-        for other in configs:
-            grads = [p.grad for p in model.adapter_parameters(other)]
-            if other == name:
-                assert all(g is not None and g.abs().sum() > 0 for g in grads), other
-            else:
-                assert all(g is None or g.abs().sum() == 0 for g in grads), (name, other)
-        mixed = [p.grad.clone() for p in model.adapter_parameters(name)]
-        model.zero_grad()
-        model.set_adapter(name)
-        logits(model(**{k: v[row : row + 1] for k, v in inputs.items()}))[0].pow(2).sum().backward()
-        for got, want in zip(mixed, [p.grad for p in model.adapter_parameters(name)]):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
-        model.set_adapter(list(configs))
+    for row in (0, 1):  # an OFT row, an LN-tuning row
+        assert_row_gradient_is_its_adapters(model, inputs, names, row, list(configs))
 
 
 def test_generate_mixes_oft_ln_tuning_and_lora(make_model: Any) -> None:
