@@ -66,6 +66,8 @@ def _adapter_args(parser: argparse.ArgumentParser, required: bool = True) -> Non
 def _quantize_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=["nf4", "fp4", "int8", "torchao-int8"],
                         help="load the base quantized (default: as the adapter's base was when it was trained)")
+    parser.add_argument("--quantize-embeddings", action="store_true",
+                        help="with --quantize: the token embedding (and the LM head tied to it) quantized too")
 
 
 def _threads_arg(parser: argparse.ArgumentParser) -> None:
@@ -122,6 +124,8 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--quantize", choices=["nf4", "fp4", "int8", "torchao-int8"],
                    help="load the base model quantized (adapters must have been trained on the same quantization)")
+    p.add_argument("--quantize-embeddings", action="store_true",
+                   help="with --quantize: the token embedding (and the LM head tied to it) quantized too")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="log level")
 
 
@@ -263,7 +267,8 @@ def _eval(args: argparse.Namespace) -> int:
     columns = {f"{n}_column": getattr(args, f"{n}_column") for n in ("text", "label", "prompt", "response")}
     with torch_threads(args.threads):
         result = run_evaluation(args.adapter, args.model, args.data, args.split, args.task, args.batch_size,
-                                args.max_examples, args.quantize, progress=not args.quiet, **columns)
+                                args.max_examples, args.quantize, progress=not args.quiet,
+                                quantize_embeddings=args.quantize_embeddings, **columns)
     if args.json:
         print(dumps(result))
         return 0
@@ -283,7 +288,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     texts = read_inputs(args.text, args.file, args.text_column)
     with torch_threads(args.threads):
-        loaded = load_for_inference(args.adapter, args.model, quantize=args.quantize)
+        loaded = load_for_inference(args.adapter, args.model, quantize=args.quantize,
+                                    quantize_embeddings=args.quantize_embeddings)
         items = run_predict(loaded, texts, args.batch_size)
     for item in items:
         if args.json:
@@ -302,7 +308,8 @@ def _generate(args: argparse.Namespace) -> int:
     prompts = read_inputs(args.prompt, args.file, args.text_column)
     task = args.task or (None if args.adapter else "instruct")
     with torch_threads(args.threads):
-        loaded = load_for_inference(args.adapter, args.model, task, quantize=args.quantize)
+        loaded = load_for_inference(args.adapter, args.model, task, quantize=args.quantize,
+                                    quantize_embeddings=args.quantize_embeddings)
         items = run_generate(loaded, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_p=args.top_p, seed=args.seed)
     for item in items:
@@ -313,7 +320,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from .commands.inference import run_merge
 
-    out, report = run_merge(args.adapter, args.output, args.model, args.dtype, args.quantize)
+    out, report = run_merge(args.adapter, args.output, args.model, args.dtype, args.quantize,
+                            args.quantize_embeddings)
     if report is not None:
         print(report)
     print(f"merged model written to {out} (load it with transformers' AutoModel...from_pretrained)")

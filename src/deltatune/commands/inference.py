@@ -24,7 +24,7 @@ from ..fingerprint import FINGERPRINT_KEY
 from ..merge_check import MergeReport, default_probe
 from ..model import DeltaModel
 from ..quant import dequantize
-from ..quant.load import adapter_quantization
+from ..quant.load import check_quantize_options, recorded_quantization
 from ..train.data.builtin import DataError
 from ..train.data.files import load_file
 from ..train.data.sources import DataSpec, infer_task, limit, load_splits
@@ -52,15 +52,19 @@ class Loaded:
 def load_for_inference(
     adapter: str | None, model: str | None = None, task: str | None = None, labels: list[str] | None = None,
     max_length: int | None = None, prompt_format: str | None = None, seed: int = 42, quantize: str | None = None,
+    quantize_embeddings: bool = False,
 ) -> Loaded:
     """Load the base model (and the adapter, when given) for ``task``.
 
     Without an adapter the model is the base alone; a classification head is then freshly initialised
     with ``seed`` (the same head a training run with that seed starts from). The base is quantized as
-    ``quantize`` says, else as the adapter's base was at training time (recorded in its fingerprint).
+    ``quantize`` (and ``quantize_embeddings``) say, else as the adapter's base was at training time (both
+    recorded in its fingerprint).
     """
+    check_quantize_options(quantize, quantize_embeddings)
     folder = adapter_dir(adapter) if adapter else None
-    quantize = quantize or (adapter_quantization(folder) if folder else None)
+    if not quantize and folder:
+        quantize, quantize_embeddings = recorded_quantization(folder)
     info = describe_adapter(folder) if folder else RunInfo(task=task or "")
     task = task or info.task
     if not task:
@@ -74,7 +78,7 @@ def load_for_inference(
     chat = task == "instruct" and uses_chat(tokenizer, prompt_format or info.prompt_format)
     encoder = Encoder(task, tokenizer, max_length or info.max_length, labels, chat)
     seed_everything(seed)
-    base = load_base_model(task, base_path, labels, quantize)
+    base = load_base_model(task, base_path, labels, quantize, quantize_embeddings=quantize_embeddings)
     module: nn.Module = DeltaModel.from_pretrained(base, folder) if folder else base
     module.eval()
     info.task, info.labels = task, labels
@@ -96,14 +100,16 @@ def data_spec(data: str | None, info: RunInfo | None, **columns: Any) -> DataSpe
 def run_evaluation(
     adapter: str | None, model: str | None, data: str | None, split: str, task: str | None,
     batch_size: int, max_examples: int | None, quantize: str | None = None, progress: bool = False,
-    **columns: Any,
+    quantize_embeddings: bool = False, **columns: Any,
 ) -> dict[str, Any]:
     """Metrics of an adapter (or the base alone) on one split of a data set (``progress``: a bar on stderr)."""
+    check_quantize_options(quantize, quantize_embeddings)
     info = describe_adapter(adapter_dir(adapter)) if adapter else None
     spec = data_spec(data, info, **columns)
     task = task or (info.task if info and info.task else None) or infer_task(spec)
     splits = load_splits(spec, task, labels=info.labels if info else None)
-    loaded = load_for_inference(adapter, model, task, splits.labels, quantize=quantize)
+    loaded = load_for_inference(adapter, model, task, splits.labels, quantize=quantize,
+                                quantize_embeddings=quantize_embeddings)
     rows = limit(splits.get(split), max_examples)
     if not rows:
         raise DataError(f"Split {split!r} of {spec.data!r} is empty.")
@@ -147,7 +153,7 @@ def run_generate(loaded: Loaded, prompts: list[str], **kwargs: Any) -> list[dict
 
 
 def run_merge(adapter: str, output: str, model: str | None = None, dtype: str | None = None,
-              quantize: str | None = None) -> tuple[Path, MergeReport | None]:
+              quantize: str | None = None, quantize_embeddings: bool = False) -> tuple[Path, MergeReport | None]:
     """Fold the adapter into the base weights and save a plain transformers model folder (+ tokenizer).
 
     ``dtype`` (``float32`` / ``bfloat16``): a quantized base is dequantized first, so the adapter is merged
@@ -156,12 +162,13 @@ def run_merge(adapter: str, output: str, model: str | None = None, dtype: str | 
     (logits merged vs unmerged on a probe batch; ``None`` for models without a vocabulary to probe with).
     The folder is written under a temporary name and renamed at the end: a failure leaves nothing behind.
     """
+    check_quantize_options(quantize, quantize_embeddings)
     if dtype is not None and dtype not in MERGE_DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: choose one of {', '.join(MERGE_DTYPES)}.")
     out = Path(output)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new folder for the merged model.")
-    loaded = load_for_inference(adapter, model, quantize=quantize)
+    loaded = load_for_inference(adapter, model, quantize=quantize, quantize_embeddings=quantize_embeddings)
     if not isinstance(loaded.model, DeltaModel):
         raise ConfigError("merge needs an adapter.")
     if dtype is not None:
@@ -227,8 +234,9 @@ def _check_base(folder: Path, base: str, fingerprint: dict | None) -> tuple[bool
     path = resolve_base(base, None)
     if info.task:
         labels = info.labels or head_labels(folder)
-        model = load_base_model(info.task, path, labels if info.task == "seq_cls" else None,
-                                adapter_quantization(folder))
+        kind, embeddings = recorded_quantization(folder)
+        model = load_base_model(info.task, path, labels if info.task == "seq_cls" else None, kind,
+                                quantize_embeddings=embeddings)
     else:  # no task recorded: the adapter was made for the bare model class
         from transformers import AutoModel
 

@@ -4,7 +4,9 @@
 quantisation, or int8) or a ``TorchAoConfig`` (int8 weight-only), keeping the output and task heads
 in float. The layers it makes are those :func:`deltatune.quant.quantize` makes (the tests check the
 fingerprints agree), and a model loaded this way can be saved again with ``save_pretrained``. This is
-the one loader the CLI commands (train, eval, generate, merge, serve) call for ``--quantize``.
+the one loader the CLI commands (train, eval, generate, merge, serve) call for ``--quantize`` (and
+``--quantize-embeddings``: ``embeddings=True``). An adapter records how its base was quantized in its
+fingerprint; :func:`recorded_quantization` reads it back so a trained run reloads its base the same way.
 """
 
 from __future__ import annotations
@@ -54,20 +56,42 @@ def from_pretrained_quantized(cls: Any, path: str, kind: str, device: torch.devi
     return model
 
 
-def adapter_quantization(folder: str | Path) -> str | None:
-    """The quantization the adapter in ``folder`` was trained on (from its saved fingerprint), if any."""
+def check_quantize_options(quantize: str | None, quantize_embeddings: bool) -> None:
+    """Refuse ``--quantize-embeddings`` without ``--quantize`` (before anything is loaded or written)."""
+    if quantize_embeddings and not quantize:
+        raise QuantizationError("--quantize-embeddings needs --quantize KIND (nf4, fp4, int8 or torchao-int8): it "
+                                "quantizes the token embedding the same way as the linear layers. (eval, generate and "
+                                "merge of a run trained with both flags reload its base that way without either.)")
+
+
+def recorded_quantization(folder: str | Path) -> tuple[str | None, bool]:
+    """``(kind, embeddings)``: how the base of the adapter in ``folder`` was quantized when it was trained (from
+    its saved fingerprint): the linear layers' kind (``None``: a float base) and whether the token embedding
+    was quantized too (fingerprint ``"embedding-nf4+nf4"``, as :func:`from_pretrained_quantized` with
+    ``embeddings=True`` makes it)."""
     from ..checkpoint.state import read_fingerprint
     from ..config import CONFIG_NAME
 
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
-        return None
+        return None, False
     try:
         fingerprint = read_fingerprint(Path(folder), json.loads(path.read_text(encoding="utf-8")))
     except ValueError:
-        return None
-    kind = (fingerprint or {}).get("quantization")
-    if kind is not None and kind not in KINDS:
-        raise QuantizationError(f"The adapter in {folder} was trained on a base quantized as {kind!r}, which the CLI "
-                                f"cannot reproduce (it loads one of {', '.join(KINDS)}); load that base in Python.")
-    return kind
+        return None, False
+    recorded = (fingerprint or {}).get("quantization")
+    if recorded is None:
+        return None, False
+    parts = recorded.split("+")
+    linear = [p for p in parts if not p.startswith("embedding-")]
+    embedding = [p.removeprefix("embedding-") for p in parts if p.startswith("embedding-")]
+    if len(linear) != 1 or linear[0] not in KINDS or (embedding and embedding != linear):
+        raise QuantizationError(f"The adapter in {folder} was trained on a base quantized as {recorded!r}, which the "
+                                f"CLI cannot reproduce (it loads one of {', '.join(KINDS)}, optionally with the "
+                                "embedding quantized the same way); load that base in Python.")
+    return linear[0], bool(embedding)
+
+
+def adapter_quantization(folder: str | Path) -> str | None:
+    """The quantization kind of the linear layers of the base the adapter in ``folder`` was trained on, if any."""
+    return recorded_quantization(folder)[0]

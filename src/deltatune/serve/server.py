@@ -43,6 +43,9 @@ def build_server(args: argparse.Namespace) -> Server:
     """Everything but the HTTP listener: model, tokenizer, adapters, engine, limits."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..quant.load import check_quantize_options
+
+    check_quantize_options(getattr(args, "quantize", None), getattr(args, "quantize_embeddings", False))
     adapters = [parse_adapter_arg(text) for text in args.adapter or []]  # bad options fail before loading
     for name, folder in adapters:
         if not folder.exists():
@@ -63,7 +66,8 @@ def build_server(args: argparse.Namespace) -> Server:
     if getattr(args, "quantize", None):
         from ..quant.load import from_pretrained_quantized
 
-        model = from_pretrained_quantized(AutoModelForCausalLM, path, args.quantize).eval()
+        model = from_pretrained_quantized(AutoModelForCausalLM, path, args.quantize,
+                                          embeddings=getattr(args, "quantize_embeddings", False)).eval()
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     base_name = getattr(args, "served_model_name", None) or Path(str(args.model).rstrip("/")).name or str(args.model)

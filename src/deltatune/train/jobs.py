@@ -28,7 +28,7 @@ from ..registry import get_method
 from .options import TrainOptions, build_options
 
 #: options every job must share (the one loaded base model and how it runs)
-SHARED = ("model", "quantize", "device", "bf16", "threads", "save_every", "keep_checkpoints", "resume",
+SHARED = ("model", "quantize", "quantize_embeddings", "device", "bf16", "threads", "save_every", "keep_checkpoints", "resume",
           "overwrite", "quiet", "dist_timeout")
 
 

@@ -98,7 +98,8 @@ def build_run(options: TrainOptions, dist: Distributed | None = None) -> Run:
     encoder = Encoder(task, tokenizer, options.max_length, splits.labels, chat)
     seed_everything(options.seed)
     device = pick_device(options.device) if dist is None else dist.model_device(pick_device(options.device))
-    base = load_base_model(task, model_path, splits.labels, options.quantize, device, for_training=True)
+    base = load_base_model(task, model_path, splits.labels, options.quantize, device, for_training=True,
+                           quantize_embeddings=options.quantize_embeddings)
     model = get_delta_model(base, options.method_config(task)).to(device)
     rows = {
         "train": limit(splits.train, options.max_train_examples),

@@ -103,7 +103,8 @@ def build_joint(jobs: list[Job], dist: Distributed | None = None) -> tuple[Delta
                               "cannot share one base; run them separately (or group jobs with equal label counts).")
     seed_everything(first.seed)
     device = dist.model_device(pick_device(first.device))
-    base = load_base_model(task, model_path, data[0][1].labels, first.quantize, device, for_training=True)
+    base = load_base_model(task, model_path, data[0][1].labels, first.quantize, device, for_training=True,
+                           quantize_embeddings=first.quantize_embeddings)
     after_base = torch.get_rng_state()  # a solo run draws its adapter's initial values from here
     model: DeltaModel | None = None
     runs: list[JobRun] = []

@@ -92,6 +92,9 @@ class TrainOptions(DataSpec):
     quantize: str | None = option(None,
         "load the frozen base quantized: nf4, fp4, int8 (bitsandbytes) or torchao-int8 (QLoRA-style; the adapter "
         "stays float32; needs pip install 'deltatune[quant]')")
+    quantize_embeddings: bool = option(False,
+        "with --quantize: also store the token embedding (and the LM head tied to it) quantized the same way; "
+        "recorded with the adapter, so eval/generate/merge reload the base alike")
     dist_timeout: float = option(600.0,
         "under torchrun: seconds a rank waits for the others before the job fails with an error")
 
@@ -149,9 +152,12 @@ class TrainOptions(DataSpec):
 
     def _validate_quantize(self) -> None:
         """Refuse what cannot run with ``quantize`` before anything is loaded or written."""
+        from ..quant import KINDS, QuantizationError, require_backend
+        from ..quant.load import check_quantize_options
+
+        check_quantize_options(self.quantize, self.quantize_embeddings)
         if self.quantize is None:
             return
-        from ..quant import KINDS, QuantizationError, require_backend
 
         _choice("quantize", self.quantize, (*KINDS, None))
         require_backend(self.quantize)

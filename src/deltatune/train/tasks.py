@@ -38,11 +38,13 @@ AUTO_CLASS = {
 
 
 def load_base_model(task: str, path: str, labels: list[str] | None = None, quantize: str | None = None,
-                    device: torch.device | str = "cpu", for_training: bool = False) -> nn.Module:
+                    device: torch.device | str = "cpu", for_training: bool = False,
+                    quantize_embeddings: bool = False) -> nn.Module:
     """The transformers model for ``task`` from a local folder (a classification head is added if missing).
 
     With ``quantize`` (``nf4``, ``fp4``, ``int8``, ``torchao-int8``) its linear layers are loaded quantized
-    on ``device`` (see :mod:`deltatune.quant.load`); heads stay in float. ``for_training`` readies a
+    on ``device`` (see :mod:`deltatune.quant.load`); heads stay in float, and the token embedding too unless
+    ``quantize_embeddings`` (then it, and an LM head tied to it, are stored quantized the same way). ``for_training`` readies a
     quantized base for adapter training (:func:`deltatune.quant.prepare_for_kbit_training`, checkpointing
     left to ``--gradient-checkpointing``), so the evaluations a run makes between its steps cannot change
     how the frozen weights are stored and thereby the gradients of the steps after them.
@@ -58,10 +60,13 @@ def load_base_model(task: str, path: str, labels: list[str] | None = None, quant
             "id2label": dict(enumerate(labels)),
             "label2id": {name: i for i, name in enumerate(labels)},
         }
+    from ..quant.load import check_quantize_options
+
+    check_quantize_options(quantize, quantize_embeddings)
     if quantize:
         from ..quant.load import from_pretrained_quantized
 
-        model = from_pretrained_quantized(cls, path, quantize, device, **kwargs)
+        model = from_pretrained_quantized(cls, path, quantize, device, embeddings=quantize_embeddings, **kwargs)
         if for_training:
             from ..quant import prepare_for_kbit_training
 
