@@ -123,3 +123,72 @@ def test_quantize_embeddings_without_quantize_is_refused_before_any_work(
         err = capsys.readouterr().err
         assert err.count("error:") == 1 and "--quantize-embeddings needs --quantize KIND" in err, (argv, err)
     assert not (tmp_path / "t").exists() and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "int8", "torchao-int8"])
+def test_state_dict_of_a_quantized_embedding_is_the_float_embedding_and_loads_back(kind: str) -> None:
+    """A state dict holds the dequantized float matrix (what nn.Embedding saves); loading it re-quantizes to the
+    same values (the module's own dequantized rows and codes before the round trip)."""
+    from torch import nn
+
+    from deltatune.quant.embedding import QuantizedEmbedding
+
+    weight = torch.randn(70, 128) * torch.linspace(0.05, 3.0, 70)[:, None]
+    module = QuantizedEmbedding(nn.Embedding.from_pretrained(weight), kind)
+    state = module.state_dict()
+    assert list(state) == ["weight"] and state["weight"].dtype == torch.float32
+    assert torch.equal(state["weight"], module.dequantized())
+    other = QuantizedEmbedding(nn.Embedding.from_pretrained(torch.randn(70, 128)), kind)
+    other.load_state_dict(state)
+    assert torch.equal(other.dequantized(), module.dequantized()) and torch.equal(other.scales, module.scales)
+    if kind != "fp4":  # FP4 has two codes for zero (+0, -0): the same values, possibly other codes
+        assert torch.equal(other.weight, module.weight)
+    with pytest.raises(RuntimeError, match="a quantized embedding loads the float"):
+        other.load_state_dict({"weight": module.weight.data})  # the raw codes are not a saved embedding
+
+
+def test_save_pretrained_of_a_merged_model_with_a_quantized_embedding_reloads(tmp_path: Path) -> None:
+    """merge_and_unload() on an nf4 base with an nf4 embedding/tied head, then transformers' save_pretrained:
+    the folder reloads with plain from_pretrained (nf4 linears, float embedding tied to the head) and computes
+    the merged model's logits; quantizing its embedding again gives the same codes."""
+    from transformers import LlamaForCausalLM
+
+    import deltatune as dt
+    from deltatune.quant import quantization, quantize_embeddings
+    from deltatune.quant.load import from_pretrained_quantized
+
+    source = _save_tied_llama(tmp_path / "llama")
+    base = from_pretrained_quantized(LlamaForCausalLM, str(source), "nf4", embeddings=True)
+    codes = base.model.embed_tokens.weight.detach().clone()
+    torch.manual_seed(1)
+    delta = dt.get_delta_model(base, dt.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    merged = delta.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "merged", device_map="cpu")
+    assert quantization(reloaded.model.layers[0].self_attn.q_proj) == "nf4"
+    assert type(reloaded.model.embed_tokens) is torch.nn.Embedding
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    ids = torch.randint(4, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    merged.train()  # bitsandbytes' float32 path on both
+    reloaded.train()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
+    quantize_embeddings(reloaded, "nf4")
+    assert torch.equal(reloaded.model.embed_tokens.weight, codes)
+
+
+def test_merge_of_the_run_into_its_quantized_base_writes_a_folder_that_reloads(
+        erun: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.quant import quantization
+    from deltatune.quant.load import from_pretrained_quantized
+
+    capsys.readouterr()
+    assert main(["merge", str(erun["run"]), str(tmp_path / "merged")]) == 0
+    out = capsys.readouterr().out
+    assert "max |logit difference|" in out and "note: the quantized token embedding (model.embed_tokens" in out
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", device_map="cpu")
+    assert quantization(merged.model.layers[0].mlp.up_proj) == "nf4"
+    source = from_pretrained_quantized(AutoModelForCausalLM, str(erun["model"]), "nf4", embeddings=True)
+    assert torch.equal(merged.model.embed_tokens.weight, source.model.embed_tokens.dequantized())

@@ -320,10 +320,15 @@ def _generate(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from .commands.inference import run_merge
 
-    out, report = run_merge(args.adapter, args.output, args.model, args.dtype, args.quantize,
-                            args.quantize_embeddings)
+    out, report, float_embeddings = run_merge(args.adapter, args.output, args.model, args.dtype, args.quantize,
+                                              args.quantize_embeddings)
     if report is not None:
         print(report)
+    if float_embeddings:
+        print(f"note: the quantized token embedding ({', '.join(float_embeddings)}; and the LM head tied to it) is "
+              "written dequantized, in float (the same values: transformers has no format for its storage); "
+              "the linear layers stay quantized. After loading it, deltatune.quant.quantize_embeddings(model, "
+              "KIND) stores it quantized again, with the same codes.")
     print(f"merged model written to {out} (load it with transformers' AutoModel...from_pretrained)")
     return 0
 

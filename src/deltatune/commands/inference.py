@@ -24,6 +24,7 @@ from ..fingerprint import FINGERPRINT_KEY
 from ..merge_check import MergeReport, default_probe
 from ..model import DeltaModel
 from ..quant import dequantize
+from ..quant.embedding import quantized_embedding_paths
 from ..quant.load import check_quantize_options, recorded_quantization
 from ..train.data.builtin import DataError
 from ..train.data.files import load_file
@@ -153,13 +154,16 @@ def run_generate(loaded: Loaded, prompts: list[str], **kwargs: Any) -> list[dict
 
 
 def run_merge(adapter: str, output: str, model: str | None = None, dtype: str | None = None,
-              quantize: str | None = None, quantize_embeddings: bool = False) -> tuple[Path, MergeReport | None]:
+              quantize: str | None = None, quantize_embeddings: bool = False,
+              ) -> tuple[Path, MergeReport | None, list[str]]:
     """Fold the adapter into the base weights and save a plain transformers model folder (+ tokenizer).
 
     ``dtype`` (``float32`` / ``bfloat16``): a quantized base is dequantized first, so the adapter is merged
     in full precision and the model is written in ``dtype`` (the usual export of a QLoRA result). Without
-    it, a quantized base is merged by re-quantizing. Returns the folder and the merge-error report
-    (logits merged vs unmerged on a probe batch; ``None`` for models without a vocabulary to probe with).
+    it, a quantized base is merged by re-quantizing. Returns the folder, the merge-error report (logits
+    merged vs unmerged on a probe batch; ``None`` for models without a vocabulary to probe with) and the
+    paths of quantized token embeddings, which the folder holds dequantized (float: transformers has no
+    format for them; :mod:`deltatune.quant.embedding`).
     The folder is written under a temporary name and renamed at the end: a failure leaves nothing behind.
     """
     check_quantize_options(quantize, quantize_embeddings)
@@ -177,6 +181,7 @@ def run_merge(adapter: str, output: str, model: str | None = None, dtype: str | 
     merged = loaded.model.merge_and_unload(probe=probe) if probe is not None else loaded.model.merge_and_unload()
     if dtype is not None:
         merged = merged.to(MERGE_DTYPES[dtype])
+    float_embeddings = quantized_embedding_paths(merged)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -188,7 +193,7 @@ def run_merge(adapter: str, output: str, model: str | None = None, dtype: str | 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out, loaded.model.merge_report
+    return out, loaded.model.merge_report, float_embeddings
 
 
 def inspect_adapter(adapter: str, base: str | None = None) -> dict[str, Any]:

@@ -16,6 +16,13 @@ In a small LLM the vocabulary matrix ``E`` (vocab, dim) is a large share of the 
 computes ``h E^T`` in chunks of ``CHUNK`` vocabulary rows (one float chunk alive at a time) and its
 backward ``grad_h = grad_logits E`` the same way; ``E`` is frozen, so it gets no gradient. Both are
 frozen base modules: adapters target the linear layers, not these.
+
+In a state dict (and so in a whole-model ``save_pretrained``, e.g. after ``merge_and_unload()`` or
+``deltatune merge``) a :class:`QuantizedEmbedding` is the ``nn.Embedding`` it stands for: ``weight`` holds
+the dequantized float values (vocab, dim). transformers has no format for this storage, so the saved folder
+reloads with plain ``from_pretrained`` as a model whose embedding (and tied head) is float, computing the
+same logits; :func:`quantize_embeddings` on it gives back the same codes. Loading such a state dict into a
+:class:`QuantizedEmbedding` quantizes it again.
 """
 
 from __future__ import annotations
@@ -102,6 +109,28 @@ class QuantizedEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, kind={self.kind}"
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.dequantized()  # (vocab, dim) float: what nn.Embedding saves
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        key = prefix + "weight"
+        if key not in state_dict:
+            missing_keys.append(key)
+            return
+        weight = state_dict[key]
+        if not weight.is_floating_point() or tuple(weight.shape) != (self.num_embeddings, self.embedding_dim):
+            error_msgs.append(f"{key}: a quantized embedding loads the float ({self.num_embeddings}, "
+                              f"{self.embedding_dim}) matrix it stands for, got {weight.dtype} {tuple(weight.shape)}")
+            return
+        codes, scales = quantize_rows(weight, self.fmt)
+        with torch.no_grad():
+            self.weight.copy_(codes)
+            self.scales.copy_(scales)
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k != key
+                                   and "." not in k[len(prefix):])
 
 
 class _TiedHeadMatmul(torch.autograd.Function):
@@ -208,6 +237,11 @@ def quantize_embeddings(model: nn.Module, kind: str) -> list[str]:
         _set_module(model, paths[1], TiedQuantizedHead(quantized))
     _set_module(model, paths[0], quantized)
     return paths
+
+
+def quantized_embedding_paths(model: nn.Module) -> list[str]:
+    """Paths of ``model``'s :class:`QuantizedEmbedding` modules (a whole-model save writes them in float)."""
+    return [path for path, module in model.named_modules() if isinstance(module, QuantizedEmbedding)]
 
 
 def dequantize_embeddings(model: nn.Module, dtype: torch.dtype = torch.float32) -> None:
