@@ -25,7 +25,7 @@ from .methods.ia3 import IA3Config
 from .methods.ln_tuning import LNTuningConfig
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
-from .methods.lora import LoraConfig
+from .methods.lora import LoftQConfig, LoraConfig
 from .methods.oft import OFTConfig
 from .methods.p_tuning import PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
@@ -46,7 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaLoraConfig", "AdapterNotFoundError", "BaseModelMismatchError", "BitFitConfig", "BottleneckConfig", "CheckpointError",
     "ConfigError", "DeltaConfig", "DeltaError", "DeltaModel", "IA3Config", "LNTuningConfig", "LoHaConfig",
-    "LoKrConfig", "LoraConfig", "MergeError", "MethodSpec", "OFTConfig", "PTuningConfig", "PeftConfig", "PeftModel",
+    "LoKrConfig", "LoftQConfig", "LoraConfig", "MergeError", "MethodSpec", "OFTConfig", "PTuningConfig", "PeftConfig", "PeftModel",
     "PrefixTuningConfig", "PromptTuningConfig", "TargetError", "TargetedConfig", "TaskType", "VeraConfig",
     "all_methods", "dequantize", "get_delta_model", "get_method", "get_peft_model", "get_peft_model_state_dict",
     "prepare_for_kbit_training", "prepare_model_for_kbit_training", "quant", "quantize", "register",

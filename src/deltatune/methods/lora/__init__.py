@@ -1,4 +1,4 @@
-"""LoRA: low-rank adaptation (Hu et al., arXiv 2106.09685), with rsLoRA, DoRA and PiSSA variants.
+"""LoRA: low-rank adaptation (Hu et al., arXiv 2106.09685), with rsLoRA, DoRA, PiSSA, OLoRA and LoftQ variants.
 
     h = W x + s * B (A x),   A: (r, in),  B: (out, r),  s = alpha / r   (rsLoRA: alpha / sqrt(r))
 
@@ -17,9 +17,10 @@ from ...registry import MethodSpec, register
 from ...targeting import find_targets, unwrapped
 from .bias import trained_biases
 from .combine import combine_lora
-from .config import LoraConfig
+from .config import LoftQConfig, LoraConfig
 from .experts import LoraExperts, make_lora_experts
 from .layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, can_wrap, make_lora_layer
+from .loftq import check_loftq_targets
 from .tied import TiedLoraHead, tie_output_head
 
 
@@ -32,7 +33,10 @@ def prepare_config(model: nn.Module, config: LoraConfig) -> None:
     """Record ``fan_in_fan_out=True`` when the targets are transposed linear layers (GPT-2's ``Conv1D``).
 
     deltatune detects the layout per layer anyway; the flag is written for HF peft, which reads it.
+    LoftQ's targets are checked here too, so that no choice of targets lets a refusal pass unsaid.
     """
+    if config.init_lora_weights == "loftq":
+        check_loftq_targets(model, config, default_targets(model, config))
     if config.fan_in_fan_out or config.target_modules is None and default_targets(model, config) is None:
         return
     wanted = config.target_modules if config.target_modules is not None else default_targets(model, config)
@@ -63,4 +67,4 @@ SPEC = register(
     )
 )
 
-__all__ = ["SPEC", "LoraConfig", "LoraConv", "LoraEmbedding", "LoraExperts", "LoraLayer", "LoraLinear", "TiedLoraHead"]
+__all__ = ["SPEC", "LoftQConfig", "LoraConfig", "LoraConv", "LoraEmbedding", "LoraExperts", "LoraLayer", "LoraLinear", "TiedLoraHead"]

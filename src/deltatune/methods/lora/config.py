@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 from torch import nn
@@ -11,10 +12,38 @@ from ...config import TargetedConfig
 from ...errors import ConfigError
 from .recipe import RECOMMENDED_LR, RECOMMENDED_OPTIONS, task_type_of
 
-INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
-#: Initialisations that move the top of ``W`` into ``A``/``B`` and leave the residual as the base weight.
-REWRITES_BASE = ("pissa", "olora")
+INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "loftq")
+#: Initialisations that change the base weight (PiSSA/OLoRA: the residual; LoftQ: its quantization) to fit
+#: ``A``/``B``: a saved adapter of theirs fits that new base only.
+REWRITES_BASE = ("pissa", "olora", "loftq")
 BIAS_CHOICES = ("none", "all", "lora_only")
+#: LoftQ's bits -> the bitsandbytes quantization it fits (HF peft's choice: NF4 for 4 bits, LLM.int8() for 8).
+LOFTQ_KINDS = {4: "nf4", 8: "int8"}
+
+
+@dataclass
+class LoftQConfig:
+    """LoftQ's settings (HF peft's names): ``loftq_bits`` (4: NF4, 8: int8) and ``loftq_iter`` (T >= 1, the
+    number of alternating quantize / SVD steps); see :mod:`deltatune.methods.lora.loftq`."""
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+    def __post_init__(self) -> None:
+        if self.loftq_bits not in LOFTQ_KINDS:
+            raise ConfigError(f"loftq_bits={self.loftq_bits!r} is not supported; use 4 (NF4) or 8 (int8).")
+        if not isinstance(self.loftq_iter, int) or isinstance(self.loftq_iter, bool) or self.loftq_iter < 1:
+            raise ConfigError(f"loftq_iter={self.loftq_iter!r} must be an integer >= 1 (the alternating steps T).")
+
+    @classmethod
+    def of(cls, value: LoftQConfig | dict[str, Any]) -> LoftQConfig:
+        """``value`` (a ``LoftQConfig`` or the dict saved in ``adapter_config.json``) as a validated ``LoftQConfig``."""
+        if isinstance(value, LoftQConfig):
+            return cls(value.loftq_bits, value.loftq_iter)
+        unknown = sorted(set(value) - {"loftq_bits", "loftq_iter"})
+        if unknown:
+            raise ConfigError(f"loftq_config has unknown keys {unknown}; it takes loftq_bits and loftq_iter.")
+        return cls(**value)
 
 
 @dataclass
@@ -37,7 +66,11 @@ class LoraConfig(TargetedConfig):
             W replaced by ``W - s B A``; Buyukakyuz, arXiv 2406.01775), ``"pissa"`` (A, B from the top-r
             singular vectors of W,
             W replaced by the residual; Meng et al., arXiv 2404.02948) or ``False`` (A and B both random,
-            for tests: the adapter changes the output from the start).
+            for tests: the adapter changes the output from the start), or ``"loftq"`` (with ``loftq_config``:
+            the targeted float linear layers become bitsandbytes layers holding the LoftQ quantization ``Q`` and
+            ``A``, ``B`` fit ``W - Q``; Li et al., arXiv 2310.08659; see :mod:`.loftq`).
+        loftq_config: ``LoftQConfig(loftq_bits=4, loftq_iter=1)`` for ``init_lora_weights="loftq"`` (kept as
+            a dict, as HF peft does); ignored with a warning otherwise.
         rank_pattern / alpha_pattern: ``{regex: value}`` overriding ``r`` / ``lora_alpha`` for modules
             whose path ends with a match.
         target_parameters: names (suffixes) of 3-D expert parameters to adapt, one low-rank update per
@@ -67,6 +100,7 @@ class LoraConfig(TargetedConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     target_parameters: list[str] | None = None
     ensure_weight_tying: bool = False
+    loftq_config: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -79,6 +113,18 @@ class LoraConfig(TargetedConfig):
             raise ConfigError(f"bias={self.bias!r} is not one of {BIAS_CHOICES}.")
         if self.init_lora_weights not in INIT_CHOICES:
             raise ConfigError(f"init_lora_weights={self.init_lora_weights!r} is not one of {INIT_CHOICES}.")
+        self._check_loftq()
+
+    def _check_loftq(self) -> None:
+        """peft's rules: ``"loftq"`` needs ``loftq_config``; a ``loftq_config`` without it is dropped with a warning."""
+        if self.init_lora_weights == "loftq":
+            if not self.loftq_config:
+                raise ConfigError("init_lora_weights='loftq' needs loftq_config, e.g. "
+                                  "loftq_config=dt.LoftQConfig(loftq_bits=4, loftq_iter=1).")
+            self.loftq_config = asdict(LoftQConfig.of(self.loftq_config))
+        elif self.loftq_config:
+            warnings.warn("loftq_config is ignored unless init_lora_weights='loftq'.", stacklevel=3)
+            self.loftq_config = {}
 
     @classmethod
     def recommended(cls, model: nn.Module | None = None, **overrides: Any) -> LoraConfig:
@@ -97,7 +143,10 @@ class LoraConfig(TargetedConfig):
         return cls(**values)
 
     def checkpoint_config(self) -> LoraConfig:
-        """Saved PiSSA / OLoRA adapters read back as plain LoRA: their ``A``/``B`` are in the file, and the base
-        they fit is the residual one, so a load must neither redo the SVD nor change the base again
-        (HF peft's own advice is to save PiSSA adapters with ``init_lora_weights=True``)."""
-        return replace(self, init_lora_weights=True) if self.init_lora_weights in REWRITES_BASE else self
+        """Saved PiSSA / OLoRA / LoftQ adapters read back as plain LoRA: their ``A``/``B`` are in the file, and the
+        base they fit is the rewritten one (residual, or LoftQ's quantization), so a load must neither redo the
+        initialisation nor change the base again (HF peft's own advice is to save such adapters with
+        ``init_lora_weights=True``)."""
+        if self.init_lora_weights not in REWRITES_BASE:
+            return self
+        return replace(self, init_lora_weights=True, loftq_config={})

@@ -10,6 +10,8 @@
 * ``"olora"``: with the thin QR ``W = Q R``, ``A = R_r`` (first ``r`` rows), ``B = Q_r`` (first ``r``
   columns) and ``W`` replaced by ``W - s B A`` (Buyukakyuz, arXiv 2406.01775): orthonormal ``B``, the
   model starts equal to the base; like PiSSA the saved adapter fits the residual base.
+* ``"loftq"``: ``A``, ``B`` and the base's quantization ``Q`` fitted together (Li et al., arXiv 2310.08659);
+  see :mod:`.loftq`.
 * ``False``: ``A`` and ``B`` both random (non-zero start; for tests of merging and saving).
 """
 
@@ -25,7 +27,7 @@ from ...errors import ConfigError
 
 def init_lora(a: torch.Tensor, b: torch.Tensor, mode: bool | str, r: int) -> None:
     """Initialise a linear or convolution LoRA pair in place: ``a`` is ``A`` ``(r, in, ...)``, ``b`` is ``B``."""
-    if mode in ("pissa", "olora"):
+    if mode in ("pissa", "olora", "loftq"):
         raise ConfigError(f"init_lora_weights={mode!r} supports linear layers only; use init_{mode} for those.")
     with torch.no_grad():
         if mode == "gaussian":
@@ -40,7 +42,7 @@ def init_lora(a: torch.Tensor, b: torch.Tensor, mode: bool | str, r: int) -> Non
 
 def init_lora_embedding(a: torch.Tensor, b: torch.Tensor, mode: bool | str) -> None:
     """Initialise an embedding LoRA pair in place: ``a`` is ``(r, vocab)``, ``b`` is ``(dim, r)``."""
-    if mode in ("pissa", "olora"):
+    if mode in ("pissa", "olora", "loftq"):
         raise ConfigError(f"init_lora_weights={mode!r} supports linear layers only, not embeddings.")
     with torch.no_grad():
         nn.init.normal_(b)

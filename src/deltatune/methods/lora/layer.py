@@ -21,9 +21,10 @@ from ...model_interface import is_linear_like, linear_dims
 from ...targeting import pattern_value, unwrapped
 from ...weights import quantization, read_weight
 from .batched import LoraStack, routed_lora, stack_lora
-from .config import REWRITES_BASE, LoraConfig
+from .config import REWRITES_BASE, LoftQConfig, LoraConfig
 from .dora import DoraMixin
 from .init import init_lora, init_lora_embedding, init_olora, init_pissa
+from .loftq import init_loftq, loftq_refusal
 
 
 class LoraLayer(DeltaLayer):
@@ -78,7 +79,9 @@ class LoraLinear(DoraMixin, LoraLayer):
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=torch.float32)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=torch.float32)
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        if config.init_lora_weights in REWRITES_BASE:
+        if config.init_lora_weights == "loftq":  # the float base layer becomes its quantization Q (see .loftq)
+            self.base_layer = init_loftq(a, b, self.base_layer, self.scaling[name], LoftQConfig.of(config.loftq_config))
+        elif config.init_lora_weights in REWRITES_BASE:
             init = init_pissa if config.init_lora_weights == "pissa" else init_olora
             residual = init(a, b, self.base_weight(), self.scaling[name])  # (out, in)
             weight.data.copy_((residual.T if self.fan_in_fan_out else residual).to(weight.dtype))
@@ -268,6 +271,11 @@ def can_wrap(module: nn.Module, config: LoraConfig, path: str) -> str | None:
     if cls is not LoraLinear and init in REWRITES_BASE:
         return f"init_lora_weights={init!r} supports linear layers only, this is an {kind}"
     quantized = quantization(unwrapped(module))
+    if init == "loftq":
+        from ...quant import require_backend
+
+        require_backend("nf4")  # LoftQ quantizes with bitsandbytes: a missing package says so before any work
+        return loftq_refusal(module, unwrapped(module), quantized)
     if quantized and init in REWRITES_BASE:
         return (f"init_lora_weights={init!r} rewrites the base weight, which is quantized ({quantized}) here; "
                 "initialise on the float model, or use the default initialisation")
