@@ -10,7 +10,9 @@ answer), the same batches in the same order, float32 compute. What differs per c
 of the report says it): the base's quantization; gradient checkpointing (``float32``: off, as plain
 LoRA; ``float32-ckpt``: on, the fair reference for memory; the quantized rows: on, the default of
 ``prepare_for_kbit_training`` and of peft's ``prepare_model_for_kbit_training``); and whether the tied
-embedding / LM head stays float32 (default) or is quantized too (``nf4-emb``: ``embeddings=True``).
+embedding / LM head stays float32 (default) or is quantized too (``nf4-emb``: ``embeddings=True``); and the
+LoRA initialisation (``nf4-loftq``: LoftQ, ``init_lora_weights="loftq"`` with ``--loftq-iter`` alternations, on
+the float32 model, which it turns into the nf4 base Q; every other row: ``B = 0``).
 Each configuration runs in its own process, one after another (:func:`bench.runner.run_one`):
 
 * **weight memory**: bytes of every parameter and buffer as stored (4-bit codes plus their block
@@ -18,7 +20,11 @@ Each configuration runs in its own process, one after another (:func:`bench.runn
 * **peak training memory**: the process's RSS high-water mark during training minus its RSS before
   the model was loaded (every library imported first, in every configuration): the model as held
   plus everything training adds; also the part above the loaded model (:class:`bench.measure.PeakMemory`);
+  ``nf4-loftq`` loads the float32 model first, so its high-water mark includes that load;
 * **base perplexity**: ChatterBot test perplexity of the base alone (adapter switched off, after training);
+* **untrained perplexity**: the same with the adapter on, before training (the model training starts from:
+  the base itself where ``B = 0``, ``Q + s B A`` for LoftQ); not measured for peft's row, whose
+  ``prepare_model_for_kbit_training`` does not keep bitsandbytes' training layout through an inference call;
 * **step time**: median step after 3 warm-up steps (forward, backward, clip, AdamW step);
 * **test perplexity**: ChatterBot test split, answer tokens, after training, in eval mode;
 * **merge error**: max / mean |logit difference| of the merged vs the unmerged model on a probe batch
@@ -43,13 +49,15 @@ import torch
 from bench.loop import epoch_batches, perplexity, train
 from bench.measure import PeakMemory, machine_info, median_after_warmup
 
-CONFIGS = ("float32", "float32-ckpt", "nf4", "nf4-emb", "peft-nf4", "int8", "torchao-int8")  # run in this order
+CONFIGS = ("float32", "float32-ckpt", "nf4", "nf4-loftq", "nf4-emb", "peft-nf4", "int8", "torchao-int8")  # this order
 #: config -> (base quantization or None, gradient checkpointing, embedding / tied head quantized too)
 SETUP: dict[str, tuple[str | None, bool, bool]] = {
     "float32": (None, False, False), "float32-ckpt": (None, True, False), "nf4": ("nf4", True, False),
+    "nf4-loftq": ("nf4", True, False),
     "nf4-emb": ("nf4", True, True), "peft-nf4": ("nf4", True, False), "int8": ("int8", True, False),
     "torchao-int8": ("torchao-int8", True, False),
 }
+LOFTQ = ("nf4-loftq",)  #: rows that start from the float32 model and let LoftQ quantize it
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -83,12 +91,12 @@ def _load(config: str) -> torch.nn.Module:
 
     path = bundled_model_path("smollm2")
     kind, _, embeddings = SETUP[config]
-    if kind is None:
+    if kind is None or config in LOFTQ:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return from_pretrained_quantized(AutoModelForCausalLM, str(path), kind, embeddings=embeddings)
 
 
-def _adapt(model: torch.nn.Module, config: str) -> torch.nn.Module:
+def _adapt(model: torch.nn.Module, config: str, loftq_iter: int = 1) -> torch.nn.Module:
     if config == "peft-nf4":
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -99,6 +107,9 @@ def _adapt(model: torch.nn.Module, config: str) -> torch.nn.Module:
     import deltatune as dt
 
     kind, checkpointing, _ = SETUP[config]
+    init: dict[str, Any] = {}
+    if config in LOFTQ:
+        init = {"init_lora_weights": "loftq", "loftq_config": dt.LoftQConfig(loftq_bits=4, loftq_iter=loftq_iter)}
     if kind is not None:
         model = dt.prepare_for_kbit_training(model)  # checkpointing on by default, as peft's
     elif checkpointing:
@@ -106,7 +117,7 @@ def _adapt(model: torch.nn.Module, config: str) -> torch.nn.Module:
     if bool(getattr(model, "is_gradient_checkpointing", False)) != checkpointing:
         raise RuntimeError(f"{config}: gradient checkpointing is not {'on' if checkpointing else 'off'} as intended")
     return dt.get_delta_model(model, dt.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
-                                                   task_type="CAUSAL_LM"))
+                                                   task_type="CAUSAL_LM", **init))
 
 
 @torch.no_grad()
@@ -151,7 +162,9 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)
     model = _load(config)
     weights = weight_bytes(model)
-    model = _adapt(model, config)
+    model = _adapt(model, config, job.get("loftq_iter", 1))
+    if config in LOFTQ:  # the base is quantized now: its bytes without the adapter's
+        weights = weight_bytes(model) - sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     torch.manual_seed(0)  # the same LoRA initialisation draws in every configuration
     from deltatune.weights import param_tensors
 
@@ -159,6 +172,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         for tensor in [*model.parameters(), *model.buffers()]:
             for part in param_tensors(tensor):
                 part.sum()
+    untrained = None if config == "peft-nf4" else perplexity(model, test_feats, pad_id=pad_id)
     memory = PeakMemory()
     memory.start()
     stats = train(model, batches, lr=job["lr"])
@@ -170,7 +184,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
 
         "step_s": median_after_warmup(stats.step_times, 3), "steps": len(batches),
         "first_loss": stats.losses[0], "final_loss": sum(stats.losses[-5:]) / len(stats.losses[-5:]),
-        "test_ppl": perplexity(model, test_feats, pad_id=pad_id),
+        "test_ppl": perplexity(model, test_feats, pad_id=pad_id), "untrained_ppl": untrained,
     }
     # the base alone, after training: an inference call before training would make bitsandbytes re-lay-out
     # its 4-bit weights for the CPU kernel, which corrupts later training gradients where nothing undoes it
@@ -182,6 +196,10 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
 
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a is not None and b else "-"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _setup_text(config: str) -> str:
@@ -199,8 +217,9 @@ def report(results: dict[str, dict[str, Any]], settings: dict[str, Any]) -> str:
               "Peak total: RSS high-water in training minus RSS before loading the model; above model: the part "
               "above the loaded model."), "",
              ("| config | ckpt | embedding+head | weight MB | vs fp32 | peak total MB | vs fp32 | vs fp32-ckpt "
-              "| above model MB | step s | vs fp32 | base ppl | test ppl | vs fp32 | merge max / mean logit error |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| above model MB | step s | vs fp32 | base ppl | untrained ppl | test ppl | vs fp32 "
+              "| merge max / mean logit error |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for config in CONFIGS:
         r = results.get(config)
         if r is None:
@@ -214,7 +233,7 @@ def report(results: dict[str, dict[str, Any]], settings: dict[str, Any]) -> str:
             f"| {f'{total:.0f}' if total is not None else '-'} | {_ratio(total, ref.get('peak_total_mb'))} "
             f"| {_ratio(total, ckpt.get('peak_total_mb'))} | {r['peak_mb']:.0f} "
             f"| {r['step_s']:.3f} | {_ratio(r['step_s'], ref.get('step_s'))} | {r.get('base_ppl', float('nan')):.3f} "
-            f"| {r['test_ppl']:.3f} | {_ratio(r['test_ppl'], ref.get('test_ppl'))} "
+            f"| {_number(r.get('untrained_ppl'))} | {r['test_ppl']:.3f} | {_ratio(r['test_ppl'], ref.get('test_ppl'))} "
             f"| {r['merge_max']:.3g} / {r['merge_mean']:.3g} |")
     ours, theirs = results.get("nf4", {}), results.get("peft-nf4", {})
     if ours.get("ok") and theirs.get("ok"):
@@ -236,9 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--loftq-iter", type=int, default=1, help="LoftQ's alternations T for the nf4-loftq row")
+    parser.add_argument("--output", type=Path, default=RESULTS / "quantized",
+                        help="where to write the report: OUTPUT.md and OUTPUT.json")
     args = parser.parse_args(argv)
     settings = {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-                "n_test": args.n_test, "lr": args.lr, "threads": args.threads}
+                "n_test": args.n_test, "lr": args.lr, "threads": args.threads, "loftq_iter": args.loftq_iter}
     results: dict[str, dict[str, Any]] = {}
     start = time.perf_counter()
     machine = machine_info(RESULTS.parent.parent)
@@ -248,11 +270,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {config}: {result.get('process_seconds', 0):.0f} s, {'ok' if result.get('ok') else result.get('error')}",
               flush=True)
         text = report(results, settings)  # saved after every configuration: an interrupted run keeps what it has
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "quantized.md").write_text(text, encoding="utf-8")
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.with_suffix(".md").write_text(text, encoding="utf-8")
         payload = {"settings": settings, "results": results, "machine": machine,
                    "wall_seconds": time.perf_counter() - start}
-        (RESULTS / "quantized.json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+        args.output.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
     print(text)
     return 0
 

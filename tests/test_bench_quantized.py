@@ -33,12 +33,16 @@ def test_report_gives_ratios_to_the_float32_runs_and_deltatune_over_peft() -> No
     row = {"ok": True, "weight_mb": 100.0, "peak_total_mb": 400.0, "peak_mb": 200.0, "step_s": 1.0, "base_ppl": 12.0,
            "test_ppl": 10.0, "merge_max": 0.0, "merge_mean": 0.0}
     results = {"float32": row, "float32-ckpt": row | {"peak_total_mb": 200.0},
-               "nf4": row | {"weight_mb": 30.0, "peak_total_mb": 100.0, "step_s": 1.5},
+               "nf4": row | {"weight_mb": 30.0, "peak_total_mb": 100.0, "step_s": 1.5, "untrained_ppl": 12.0},
+               "nf4-loftq": row | {"weight_mb": 30.0, "peak_total_mb": 100.0, "step_s": 1.5, "untrained_ppl": 11.0},
                "peft-nf4": row | {"weight_mb": 30.0, "peak_total_mb": 125.0, "step_s": 2.0},
                "int8": {"ok": False, "error": "boom"}}
     text = report(results, {"steps": 1})
     # each row says its settings (checkpointing, embedding), then ratios to float32 and to float32 + checkpointing
-    assert "| nf4 | on | float32 | 30.0 | 0.30x | 100 | 0.25x | 0.50x | 200 | 1.500 | 1.50x | 12.000 | 10.000 |" in text
+    assert "| nf4 | on | float32 | 30.0 | 0.30x | 100 | 0.25x | 0.50x | 200 | 1.500 | 1.50x | 12.000 | 12.000 | 10.000 |" in text
+    # LoftQ's row: the untrained model (adapter on) is Q + s B A, no longer the base alone
+    assert "| nf4-loftq | on | float32 | 30.0 | 0.30x | 100 | 0.25x | 0.50x | 200 | 1.500 | 1.50x | 12.000 | 11.000 |" in text
+    assert "| peft-nf4 | on | float32 | 30.0 | 0.30x | 125 | 0.31x | 0.62x | 200 | 2.000 | 2.00x | 12.000 | - |" in text
     assert "| float32 | off | float32 | 100.0 | 1.00x | 400 | 1.00x | 2.00x |" in text
     assert "| int8 | on | float32 | failed: boom |" in text
     assert "deltatune/peft (nf4, both checkpointed): step time 0.75x, peak training memory 0.80x" in text

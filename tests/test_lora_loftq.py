@@ -247,3 +247,60 @@ def test_loftq_8bit_holds_int8_and_fits_better_than_int8_alone() -> None:
     assert all("Linear8bitLt" in {c.__name__ for c in type(m.get_base_layer()).__mro__} for m in layers(delta).values())
     plain = sum(float((w - requantized_by_backend("int8", w)).norm() ** 2) for w in weights.values()) ** 0.5
     assert loftq_error(delta, weights) < 0.95 * plain
+
+
+def test_loftq_layers_keep_the_training_layout_through_an_inference_call() -> None:
+    """bitsandbytes re-lays-out 4-bit weights at the first inference call on AVX512-BF16 CPUs, which breaks
+    training after it; LoftQ's new layers opt out as prepare_for_kbit_training's layers do."""
+    delta = dt.get_delta_model(tiny_llama(), loftq_config()).eval()
+    with torch.no_grad():
+        delta(**inputs())
+    states = [m.get_base_layer().weight.quant_state for m in layers(delta).values()]
+    assert not any(getattr(state, "packing_format_for_cpu", False) for state in states)
+
+
+def _lora_factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{"layers.<i>.<...>_proj": (A, B)}``: keyed from ``layers.`` on, whatever wraps the model."""
+    return {p[p.index("layers."):]: (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
+            for p, m in model.named_modules() if p.endswith(LINEARS) and hasattr(m, "lora_A")}
+
+
+def test_loftq_on_an_already_quantized_base_from_its_safetensors(tmp_path) -> None:
+    """replace_lora_weights_loftq on a base loaded as nf4: the same A, B as LoftQ (T=1) on the float model, and,
+    with lora_alpha == r, HF peft's replace_lora_weights_loftq on the same loaded base."""
+    import peft
+    from transformers import LlamaForCausalLM
+
+    from deltatune.quant.load import from_pretrained_quantized
+
+    tiny_llama().save_pretrained(tmp_path / "float")
+
+    def nf4_base() -> nn.Module:
+        return from_pretrained_quantized(LlamaForCausalLM, str(tmp_path / "float"), "nf4")
+
+    lora = {"r": 4, "target_modules": list(LINEARS)}
+    delta = dt.get_delta_model(nf4_base(), dt.LoraConfig(lora_alpha=8, **lora))
+    assert len(dt.replace_lora_weights_loftq(delta, tmp_path / "float")) == 14
+    from_float = dt.get_delta_model(tiny_llama(), loftq_config(r=4, alpha=8))
+    want = _lora_factors(from_float)
+    for path, (a, b) in _lora_factors(delta).items():
+        torch.testing.assert_close(a, want[path][0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b, want[path][1], atol=1e-5, rtol=1e-4)
+
+    ours = dt.get_delta_model(nf4_base(), dt.LoraConfig(lora_alpha=4, **lora))
+    dt.replace_lora_weights_loftq(ours, tmp_path / "float")
+    theirs = peft.get_peft_model(nf4_base(), peft.LoraConfig(lora_alpha=4, **lora))
+    with _CudaToCpu():
+        peft.replace_lora_weights_loftq(theirs, model_path=str(tmp_path / "float" / "model.safetensors"))
+    theirs_factors = _lora_factors(theirs)
+    for path, (a, b) in _lora_factors(ours).items():
+        torch.testing.assert_close(a, theirs_factors[path][0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b, theirs_factors[path][1], atol=1e-5, rtol=1e-4)
+
+    before = _lora_factors(ours)
+    assert dt.replace_lora_weights_loftq(ours, tmp_path / "float", callback=lambda model, path: False) == []
+    assert all(torch.equal(a, before[p][0]) for p, (a, _) in _lora_factors(ours).items())
+    with pytest.raises(dt.ConfigError, match="no model.safetensors"):
+        dt.replace_lora_weights_loftq(ours, tmp_path)
+    with pytest.raises(dt.ConfigError, match="wraps a quantized linear layer"):
+        dt.replace_lora_weights_loftq(dt.get_delta_model(tiny_llama(), dt.LoraConfig(**lora)), tmp_path / "float")

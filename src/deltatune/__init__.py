@@ -25,7 +25,7 @@ from .methods.ia3 import IA3Config
 from .methods.ln_tuning import LNTuningConfig
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
-from .methods.lora import LoftQConfig, LoraConfig
+from .methods.lora import LoftQConfig, LoraConfig, replace_lora_weights_loftq
 from .methods.oft import OFTConfig
 from .methods.p_tuning import PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
@@ -50,5 +50,5 @@ __all__ = [
     "PrefixTuningConfig", "PromptTuningConfig", "TargetError", "TargetedConfig", "TaskType", "VeraConfig",
     "all_methods", "dequantize", "get_delta_model", "get_method", "get_peft_model", "get_peft_model_state_dict",
     "prepare_for_kbit_training", "prepare_model_for_kbit_training", "quant", "quantize", "register",
-    "register_architecture", "set_peft_model_state_dict",
+    "register_architecture", "replace_lora_weights_loftq", "set_peft_model_state_dict",
 ]

@@ -21,6 +21,7 @@ from .config import LoftQConfig, LoraConfig
 from .experts import LoraExperts, make_lora_experts
 from .layer import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, can_wrap, make_lora_layer
 from .loftq import check_loftq_targets
+from .loftq_quantized import replace_lora_weights_loftq
 from .tied import TiedLoraHead, tie_output_head
 
 
@@ -67,4 +68,5 @@ SPEC = register(
     )
 )
 
-__all__ = ["SPEC", "LoftQConfig", "LoraConfig", "LoraConv", "LoraEmbedding", "LoraExperts", "LoraLayer", "LoraLinear", "TiedLoraHead"]
+__all__ = ["SPEC", "LoftQConfig", "LoraConfig", "LoraConv", "LoraEmbedding", "LoraExperts", "LoraLayer", "LoraLinear",
+           "TiedLoraHead", "replace_lora_weights_loftq"]

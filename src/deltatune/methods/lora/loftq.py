@@ -16,7 +16,9 @@ bitsandbytes' NF4 (``loftq_bits=4``, with deltatune's double quantisation of the
 
 In deltatune the targeted ``nn.Linear`` is then *replaced* by the bitsandbytes layer holding ``Q_T`` (real
 4-bit or 8-bit storage, frozen), so training after it is QLoRA; non-targeted layers stay as they were
-(``target_modules="all-linear"`` quantizes every linear layer but the head, as ``dt.quantize`` does).
+(``target_modules="all-linear"`` quantizes every linear layer but the head, as ``dt.quantize`` does). The new
+4-bit layers keep bitsandbytes' training layout, as :func:`deltatune.prepare_for_kbit_training` makes the layers
+it finds keep it, so evaluating before or during training leaves the gradients right.
 HF peft's ``init_lora_weights="loftq"`` differs in three ways: it keeps the base in float holding
 ``dequant(Q)`` (you save that and reload it quantized), it quantizes without double quantisation, and it
 leaves ``s`` out of the split (its ``Q + s B A`` fits ``W`` only when ``lora_alpha == r``).
@@ -28,7 +30,8 @@ another base is refused. With ``loftq_iter=1``, ``Q_1 = quant(W)`` is exactly th
 bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`` build from the same float weights, so the
 adapter loads onto the usual quantized load of the original model. With more iterations ``Q_T`` is a
 different base: keep that model (or its ``Q``) with the adapter, as peft asks its LoftQ users to save the
-LoftQ base model beside the adapter.
+LoftQ base model beside the adapter. On a base that is quantized already, :func:`.loftq_quantized.replace_lora_weights_loftq`
+fits ``A``, ``B`` to it from the float weights in the model's safetensors file.
 """
 
 from __future__ import annotations
@@ -59,6 +62,14 @@ def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, kind: str,
     return make_bnb_linear(shell, kind, compute_dtype)
 
 
+def svd_factors(error: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A (r, in), B (out, r))`` with ``s B A`` the best rank-``r`` approximation of ``error`` ``(out, in)``:
+    ``A = sqrt(S_r / s) V_r^T``, ``B = U_r sqrt(S_r / s)``."""
+    u, sv, vh = torch.linalg.svd(error, full_matrices=False)
+    root = (sv[:rank] / scaling).sqrt()  # (r,)
+    return root[:, None] * vh[:rank], u[:, :rank] * root[None, :]
+
+
 @torch.no_grad()
 def loftq_factors(
     weight: torch.Tensor, rank: int, scaling: float, iters: int, quantize: Callable[[torch.Tensor], nn.Module],
@@ -74,11 +85,7 @@ def loftq_factors(
     for _ in range(iters):
         residual = target if a is None else target - scaling * (b @ a)  # what Q must hold: W - s B A
         layer = quantize(residual)
-        error = target - read_weight(layer).float().to(target.device)  # W - dequant(Q_t)   (out, in)
-        u, sv, vh = torch.linalg.svd(error, full_matrices=False)
-        root = (sv[:rank] / scaling).sqrt()  # (r,)
-        a = root[:, None] * vh[:rank]  # (r, in)
-        b = u[:, :rank] * root[None, :]  # (out, r)
+        a, b = svd_factors(target - read_weight(layer).float().to(target.device), rank, scaling)  # W - dequant(Q_t)
     assert layer is not None and a is not None and b is not None  # iters >= 1 (LoftQConfig checks it)
     return layer, a, b
 
@@ -92,11 +99,14 @@ def init_loftq(a: torch.Tensor, b: torch.Tensor, base: nn.Linear, scaling: float
     def quantize(weight: torch.Tensor) -> nn.Module:
         return quantized_linear(weight, base.bias, kind, dtype)
 
+    from ...quant.bnb import keep_training_layout
+
     layer, factor_a, factor_b = loftq_factors(base.weight, a.shape[0], scaling, settings.loftq_iter, quantize)
     with torch.no_grad():
         a.copy_(factor_a)
         b.copy_(factor_b)
     layer.train(base.training)
+    keep_training_layout(layer)  # LoftQ starts training: the layout prepare_for_kbit_training keeps (see there)
     return layer
 
 
