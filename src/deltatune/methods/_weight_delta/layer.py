@@ -92,15 +92,24 @@ class WeightDeltaLayer(DeltaLayer):
             return delta.reshape(self.get_base_layer().weight.shape)  # (out, in / groups, *kernel)
         return delta.T if self.transposed else delta
 
-    def _dropped_rows(self, name: str, delta: torch.Tensor) -> torch.Tensor:
-        """Rank dropout: each output row of ``dW`` kept with probability ``1 - p`` (rescaled by the kept mean)."""
-        keep = (torch.rand(delta.shape[0], device=delta.device) > self.rank_dropout[name]).to(delta.dtype)
+    def _row_keep(self, name: str, rows: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Rank dropout's mask ``(rows,)``: each output row kept with probability ``1 - p`` (rescaled by the kept mean)."""
+        keep = (torch.rand(rows, device=device) > self.rank_dropout[name]).to(dtype)
         if self.rank_dropout_scale[name]:
             keep = keep / keep.mean().clamp_min(1e-8)
+        return keep
+
+    def _dropped_rows(self, name: str, delta: torch.Tensor) -> torch.Tensor:
+        """Rank dropout on ``dW``: its output rows times :meth:`_row_keep`'s mask."""
+        keep = self._row_keep(name, delta.shape[0], delta.device, delta.dtype)
         return delta * keep.view(-1, *[1] * (delta.dim() - 1))
 
+    def _module_dropped(self, name: str) -> bool:
+        """Module dropout: while training, the whole delta is skipped with probability ``p`` (one draw per call)."""
+        return self.training and self.module_dropout[name] > 0 and bool(torch.rand(()) < self.module_dropout[name])
+
     def add_delta(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.training and self.module_dropout[name] > 0 and torch.rand(()) < self.module_dropout[name]:
+        if self._module_dropped(name):
             return result
         # (out, in), or the filter (out, in / groups, *kernel) for a convolution
         delta = self.delta_weight(name) if self.conv else self.raw_delta_weight(name)

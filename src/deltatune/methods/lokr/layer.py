@@ -6,7 +6,8 @@
 ``lokr_w2``) or as a rank-r product (``lokr_w1_a @ lokr_w1_b``, ``lokr_w2_a @ lokr_w2_b``), chosen
 exactly as HF peft chooses, so files carry over. In a mixed-adapter batch on a linear layer whose adapters share factor
 shapes, each row computes ``W1 X W2^T`` from its gathered factors (``X``: the input as ``(c, d)``), else
-the dense ``dW`` is gathered (see :mod:`deltatune.methods._weight_delta.batched`).
+the dense ``dW`` is gathered (see :mod:`deltatune.methods._weight_delta.batched`). A single adapter on a
+linear layer computes ``vec(s W1 X W2^T)`` too (:mod:`.kron_apply`): ``dW`` is formed only to merge.
 
 On a convolution, ``in = c * d`` splits the input channels per group and the kernel goes with ``W2``:
 whole, ``W2`` is ``(b, d, *kernel)``; as a product, ``W2a W2b`` is ``(b, d * prod(kernel))``; with
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +30,7 @@ from .._weight_delta import WeightDeltaLayer, can_wrap_linear_or_conv, cp_filter
 from .._weight_delta.batched import KronStack, stack_kron
 from ..lora.batched import LoraStack
 from .config import LoKrConfig
+from .kron_apply import kron_apply
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -97,6 +100,18 @@ class LoKrLinear(WeightDeltaLayer):
             (a, c), (b, d) = w1.shape, w2.shape[:2]
             return torch.einsum("ik,jlxy->ijklxy", w1, w2).reshape(a * b, c * d, *w2.shape[2:]) * self.scaling[name]
         return torch.kron(w1, w2) * self.scaling[name]  # (out, in), or a filter-sized tensor (reshaped by delta_weight)
+
+    def add_delta(self, name: str, x: torch.Tensor, result: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """On a linear layer ``dW x = vec(s W1 X W2^T)`` on the activations (:mod:`.kron_apply`), never
+        forming ``dW``; rank dropout masks the output features (``(dW * keep) x = keep * (dW x)``)."""
+        if self.conv:
+            return super().add_delta(name, x, result, *args, **kwargs)
+        if self._module_dropped(name):
+            return result
+        out = kron_apply(x, self._w(name, "w1") * self.scaling[name], self._w(name, "w2"))  # (..., out)
+        if self.training and self.rank_dropout[name] > 0:
+            out = out * self._row_keep(name, out.shape[-1], out.device, torch.float32).to(out.dtype)
+        return result + out.to(result.dtype)
 
     def routed_stack(self, names: Sequence[str]) -> LoraStack | KronStack | torch.Tensor:
         """The Kronecker factors when every adapter's have the same shapes, else the dense ``dW``."""
