@@ -1,9 +1,9 @@
-"""``python -m bench --suite quick|full``: see :mod:`bench.run`."""
+"""``python -m bench --suite quick|full``: see :mod:`bench.suite_cli`."""
 
 from __future__ import annotations
 
 import sys
 
-from bench.run import main
+from bench.suite_cli import main
 
 sys.exit(main())

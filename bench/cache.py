@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +51,45 @@ class JobCache:
             self._done[key] = result
             with self.path.open("a") as fh:
                 fh.write(json.dumps({"key": key, "result": result}, default=str) + "\n")
+
+
+def finished_jobs(path: Path) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Every (job, result) pair recorded in the cache file at ``path``, in the order they finished."""
+    if not path.exists():
+        return []
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    return [(json.loads(e["key"]), e["result"]) for e in entries]
+
+
+def results_in(saved: Any, *, ok_only: bool = True) -> list[dict[str, Any]]:
+    """The successful (``ok_only=False``: all) job results held by a committed results JSON.
+
+    Two layouts exist: a part's list of ``{"job", "result"}`` entries (recipe, low data, forgetting), and a
+    suite's dict whose measurement keys hold results that carry their own ``"job"`` (``full.json``).
+    """
+    if isinstance(saved, list):
+        out = [e["result"] if "job" in e["result"] else e["result"] | {"job": e["job"]} for e in saved]
+    else:
+        out = []
+        for value in saved.values():
+            for res in value if isinstance(value, list) else [value]:
+                if isinstance(res, dict) and isinstance(res.get("job"), dict):
+                    out.append(res)
+    return [r for r in out if r.get("ok") or not ok_only]
+
+
+def part_cache(path: Path, committed: Path | None, *, resume: bool,
+               read: Callable[[Path], list[dict[str, Any]]] | None = None) -> JobCache:
+    """A part's job cache. With ``resume``, a missing cache file is first seeded from the part's committed
+    results file (a fresh checkout resumes from what was published): ``read(committed)`` gives its results,
+    each with its ``"job"`` (default: :func:`results_in` of the JSON). Without ``resume`` the cache starts empty."""
+    if resume and not path.exists() and committed is not None and committed.exists():
+        done = read(committed) if read else results_in(json.loads(committed.read_text()))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"key": job_key(r["job"]), "result": r}, default=str) + "\n" for r in done))
+    return JobCache(path, resume=resume)

@@ -11,6 +11,10 @@ evaluated by perplexity on both held-out sets; the base and each single adapter 
     python -m bench.combination            # writes bench/results/combination.{json,md}
     python -m bench.combination --steps 10 --n-eval 16   # a quick harness check
     python -m bench.combination --steps 12 --n-eval 24 --threads 1   # the size run on the loaded shared box
+
+In ``python -m bench --suite full`` the experiment is one job (``{"kind": "combination", "steps", "n_eval"}``,
+run by :mod:`bench.worker` with 1 thread); :func:`committed` turns a saved ``combination.json`` back into
+that job's result, so a resumed suite reuses it.
 """
 
 from __future__ import annotations
@@ -97,6 +101,28 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def job(steps: int = 40, n_eval: int = 48) -> dict[str, Any]:
+    """The experiment as a suite job (:mod:`bench.worker` calls :func:`run` with these settings)."""
+    return {"kind": "combination", "steps": steps, "n_eval": n_eval}
+
+
+def committed(path: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """``(job, result)`` of a saved ``combination.json`` (``None`` if there is none)."""
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text(encoding="utf-8"))
+    s = result["settings"]
+    return job(s["steps"], s["n_eval"]), result | {"ok": True, "wall_seconds": result["seconds"]}
+
+
+def write(result: dict[str, Any], folder: Path, stem: str = "combination") -> None:
+    """``<stem>.json`` (the raw result) and ``<stem>.md`` (the table) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keep = {k: v for k, v in result.items() if k in ("settings", "train_loss_first_last", "perplexity", "seconds")}
+    (folder / f"{stem}.json").write_text(json.dumps(keep, indent=2) + "\n", encoding="utf-8")
+    (folder / f"{stem}.md").write_text(report(keep), encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
@@ -106,9 +132,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     result = run(args.steps, args.n_eval)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "combination.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    (args.out / "combination.md").write_text(report(result), encoding="utf-8")
+    write(result, args.out)
     print(report(result))
 
 

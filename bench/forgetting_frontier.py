@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from bench.cache import JobCache, job_key
+from bench.cache import finished_jobs, job_key, part_cache
 from bench.runner import REPO, run_many
 
 RESULTS = REPO / "bench" / "results"
@@ -44,9 +44,10 @@ GENERAL = ("fortunes", "chatterbot_test")
 TARGET = "kjv"
 
 
-def jobs(ranks: tuple[int, ...] = RANKS, steps: int | None = None) -> list[dict[str, Any]]:
+def jobs(ranks: tuple[int, ...] = RANKS, steps: int | None = None, n_eval: int | None = None) -> list[dict[str, Any]]:
     """Full fine-tuning first, then LoRA (all linear layers, alpha = 2r, dropout 0.1) at each rank."""
     common = COMMON | ({"steps": steps, "eval_every": max(1, steps // 2)} if steps else {})
+    common |= {"n_eval": n_eval} if n_eval else {}
     out = [common | {"method": "full", "lr": FULL_LR}]
     out += [common | {"method": "lora", "lr": LORA_LR, "method_options": {
         "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.1, "target_modules": "all-linear"}} for r in ranks]
@@ -58,12 +59,9 @@ def label(job: dict[str, Any]) -> str:
     return "full FT" if job["method"] == "full" else f"LoRA r={job['method_options']['r']}"
 
 
-def finished() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+def finished(cache: Path | None = None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """Every finished (job, result) pair in the cache file."""
-    if not CACHE.exists():
-        return []
-    entries = [json.loads(line) for line in CACHE.read_text().splitlines() if line.strip()]
-    return [(json.loads(e["key"]), e["result"]) for e in entries]
+    return finished_jobs(cache or CACHE)
 
 
 def _pct(after: float, before: float) -> str:
@@ -117,11 +115,14 @@ def chart(done: list[tuple[dict[str, Any], dict[str, Any]]], path: Path) -> Path
     return path
 
 
-def write_report() -> None:
-    """``forgetting.md``, ``forgetting.json`` and ``forgetting_frontier.png`` from the finished jobs."""
+def write_report(folder: Path | None = None, stem: str = "forgetting") -> None:
+    """``<stem>.md``, ``<stem>.json`` and ``<stem>_frontier.png`` from the finished jobs in ``.<stem>.jobs.jsonl``
+    (default: ``bench/results/forgetting.*``). Settings in the text are the first finished job's."""
+    folder = folder or RESULTS
+    done = finished(folder / f".{stem}.jobs.jsonl")
     order = {job_key(j): i for i, j in enumerate(jobs())}
-    done = sorted(finished(), key=lambda jr: order.get(job_key(jr[0]), len(order)))
-    c = COMMON
+    done = sorted(done, key=lambda jr: order.get(job_key(jr[0]), len(order)))
+    c = COMMON | {k: v for k, v in (done[0][0] if done else {}).items() if k in COMMON}
     md = ["# Learning vs forgetting (`python -m bench.forgetting_frontier`)", "",
           (f"SmolLM2-135M-Instruct trained as a causal LM on KJV verses of Genesis to 2 Kings ({c['steps']} steps, batch "
            f"{c['batch_size']} x at most {c['max_length']} tokens = {c['steps'] * c['batch_size']} two-verse passages, one "
@@ -130,16 +131,16 @@ def write_report() -> None:
            f"{c['n_eval']} fortunes and the first {c['n_eval']} ChatterBot test answers (general text). LoRA on every linear "
            f"layer, alpha = 2r, dropout 0.1, lr {LORA_LR:g} (10x full fine-tuning's {FULL_LR:g}, the recipe's ratio); "
            "learning rates not swept. Percentages: change against the base model."), "",
-          *table(done), "", "![frontier](forgetting_frontier.png)", ""]
+          *table(done), "", f"![frontier]({stem}_frontier.png)", ""]
     for job, res in done:
         if "disabled" in res:
             same = all(res["disabled"][k] == res["before"][k] for k in res["before"])
             md.append(f"{label(job)} with the adapter disabled gives the base model's perplexities exactly: "
                       f"**{'yes' if same else 'NO'}** (max |logit difference| on a probe batch "
                       f"{res['disabled_logit_max_abs_diff']:.3g}).")
-    (RESULTS / "forgetting.md").write_text("\n".join(md) + "\n")
-    (RESULTS / "forgetting.json").write_text(json.dumps([{"job": j, "result": r} for j, r in done], indent=1) + "\n")
-    chart(done, RESULTS / "forgetting_frontier.png")
+    (folder / f"{stem}.md").write_text("\n".join(md) + "\n")
+    (folder / f"{stem}.json").write_text(json.dumps([{"job": j, "result": r} for j, r in done], indent=1) + "\n")
+    chart(done, folder / f"{stem}_frontier.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,10 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="configurations trained at once (1 thread each)")
     args = parser.parse_args(argv)
     if args.command == "run":
-        if not CACHE.exists() and (RESULTS / "forgetting.json").exists():  # fresh checkout: resume from the committed file
-            saved = json.loads((RESULTS / "forgetting.json").read_text())
-            CACHE.write_text("".join(json.dumps({"key": job_key(e["job"]), "result": e["result"]}) + "\n" for e in saved))
-        cache = JobCache(CACHE, resume=True)
+        cache = part_cache(CACHE, RESULTS / "forgetting.json", resume=True)  # fresh checkout: resume from the committed file
         todo = [j for j in jobs(tuple(args.ranks)) if not (args.no_full and j["method"] == "full")]
         lock = threading.Lock()
 

@@ -23,10 +23,11 @@ import argparse
 import json
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.cache import JobCache, job_key
+from bench.cache import finished_jobs, part_cache
 from bench.runner import REPO, run_many
 
 RESULTS = REPO / "bench" / "results"
@@ -49,11 +50,11 @@ def _options(method: str) -> dict[str, Any] | None:
     return dict(dt.LoraConfig.RECOMMENDED_OPTIONS)
 
 
-def job(task: str, n: int, method: str, lr: float, seed: int) -> dict[str, Any]:
+def job(task: str, n: int, method: str, lr: float, seed: int, protocol: dict[str, Any] | None = None) -> dict[str, Any]:
     """One classification job (:mod:`bench.classify`): one seed, scored on validation and test."""
     out = {"kind": "classify", "model": "minilm", "method": method, "lib": "deltatune", "task": task, "seeds": [seed],
            "n_train": n, "max_length": MAX_LENGTH[task], "lr": lr, "eval_splits": ["validation", "test"],
-           "save": False, **PROTOCOL}
+           "save": False, **(protocol or PROTOCOL)}
     options = _options(method)
     return out | ({"method_options": options} if options else {})
 
@@ -61,18 +62,15 @@ def job(task: str, n: int, method: str, lr: float, seed: int) -> dict[str, Any]:
 Cell = tuple[str, int, str]  # (task, n, method)
 
 
-def finished() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+def finished(cache: Path | None = None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """Every finished (job, result) pair in the cache file."""
-    if not CACHE.exists():
-        return []
-    entries = [json.loads(line) for line in CACHE.read_text().splitlines() if line.strip()]
-    return [(json.loads(e["key"]), e["result"]) for e in entries]
+    return finished_jobs(cache or CACHE)
 
 
-def results() -> dict[Cell, dict[float, dict[int, dict[str, float]]]]:
+def results(cache: Path | None = None) -> dict[Cell, dict[float, dict[int, dict[str, float]]]]:
     """``{(task, n, method): {lr: {seed: {"validation": %, "test": %}}}}`` of every finished job."""
     out: dict[Cell, dict[float, dict[int, dict[str, float]]]] = {}
-    for j, result in finished():
+    for j, result in finished(cache):
         for run in result.get("runs", []):
             accs = {split: 100 * a for split, a in run["accuracies"].items()}
             out.setdefault((j["task"], j["n_train"], j["method"]), {}).setdefault(j["lr"], {})[run["seed"]] = accs
@@ -173,19 +171,49 @@ def chart(res: dict[Cell, Any], path: Path) -> Path | None:
     return path
 
 
-def write_report() -> None:
-    res = results()
+def write_report(folder: Path | None = None, stem: str = "lowdata") -> None:
+    """``<stem>.md``, ``<stem>.json`` and ``<stem>.png`` from the cache file ``.<stem>.jobs.jsonl`` (default:
+    ``bench/results/lowdata.*``)."""
+    folder = folder or RESULTS
+    cache = folder / f".{stem}.jobs.jsonl"
+    res = results(cache)
     md = ["# Low data on every task (`python -m bench.lowdata_all`)", "",
           ("Bundled MiniLM; first n rows of each task's fixed training split; batch 16, 2 epochs raised until the run "
            "has at least 100 steps, bf16 autocast, AdamW, 6 % warm-up then linear decay, clipping 1. "
            "Learning-rate grid per method (the default and 3x): "
            + ", ".join(f"{LABELS[m]} {', '.join(f'{lr:g}' for lr in g)}" for m, g in GRID.items())
            + ". Picked per (task, n, method) on the validation split with seed 0; test read at the picked rate only."),
-          "", *report_lines(res), "", "![low data](lowdata.png)", ""]
-    (RESULTS / "lowdata.md").write_text("\n".join(md))
-    done = [{"job": j, "result": r} for j, r in finished()]
-    (RESULTS / "lowdata.json").write_text(json.dumps(done, indent=1) + "\n")
-    chart(res, RESULTS / "lowdata.png")
+          "", *report_lines(res), "", f"![low data]({stem}.png)", ""]
+    (folder / f"{stem}.md").write_text("\n".join(md))
+    done = [{"job": j, "result": r} for j, r in finished(cache)]
+    (folder / f"{stem}.json").write_text(json.dumps(done, indent=1) + "\n")
+    chart(res, folder / f"{stem}.png")
+
+
+Runner = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+
+
+def grid_jobs(tasks: list[str], sizes: list[int], grid: int, protocol: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Phase one: every grid point on seed 0, the default rates first (a complete table early)."""
+    cells = [(t, n, m) for n in sizes for t in tasks for m in LABELS]
+    return [job(t, n, m, GRID[m][i], 0, protocol) for i in range(grid) for t, n, m in cells]
+
+
+def seed_jobs(tasks: list[str], sizes: list[int], grid: int, seed: int, cache: Path,
+              protocol: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Phase two: ``seed`` at each cell's picked rate (cells whose grid has not finished are left out)."""
+    cells = [(t, n, m) for n in sizes for t in tasks for m in LABELS]
+    done = results(cache)
+    picks = {cell: pick(done.get(cell, {}), GRID[cell[2]][:grid]) for cell in cells}
+    return [job(*cell, lr, seed, protocol) for cell, lr in picks.items() if lr is not None]
+
+
+def run_plan(tasks: list[str], sizes: list[int], grid: int, seeds: list[int], cache: Path, run: Runner,
+             protocol: dict[str, Any] | None = None) -> None:
+    """The grid on seed 0, then each further seed at the picked rates (``run`` runs a list of jobs)."""
+    run(grid_jobs(tasks, sizes, grid, protocol))
+    for seed in [s for s in seeds if s != 0]:
+        run(seed_jobs(tasks, sizes, grid, seed, cache, protocol))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,11 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="jobs at once (1 thread each)")
     args = parser.parse_args(argv)
     if args.command == "run":
-        if not CACHE.exists() and (RESULTS / "lowdata.json").exists():  # fresh checkout: resume from the committed file
-            saved = json.loads((RESULTS / "lowdata.json").read_text())
-            CACHE.write_text("".join(json.dumps({"key": job_key(e["job"]), "result": e["result"]}) + "\n" for e in saved))
-        cache = JobCache(CACHE, resume=True)
-        cells = [(t, n, m) for n in args.sizes for t in args.tasks for m in LABELS]
+        cache = part_cache(CACHE, RESULTS / "lowdata.json", resume=True)  # fresh checkout: resume from the committed file
         lock = threading.Lock()
 
         def progress(message: str) -> None:  # after each finished job: log it, rewrite the report
@@ -210,15 +234,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(message, flush=True)
                 write_report()
 
-        def run(todo: list[dict[str, Any]]) -> None:
-            run_many(todo, workers=args.workers, threads=1, cache=cache, progress=progress)
+        def run(todo: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return run_many(todo, workers=args.workers, threads=1, cache=cache, progress=progress)
 
-        # every grid point on seed 0, the default rates first (a complete table early), then the further
-        # seeds of the picked rates
-        run([job(t, n, m, GRID[m][i], 0) for i in range(args.grid) for t, n, m in cells])
-        for seed in [s for s in args.seeds if s != 0]:
-            picks = {cell: pick(results().get(cell, {}), GRID[cell[2]][: args.grid]) for cell in cells}
-            run([job(*cell, lr, seed) for cell, lr in picks.items() if lr is not None])
+        run_plan(args.tasks, args.sizes, args.grid, args.seeds, CACHE, run)
     write_report()
     return 0
 

@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from bench.cache import JobCache, job_key
+from bench.cache import finished_jobs, part_cache
 from bench.methods import METHODS
 from bench.runner import REPO, run_many
 
@@ -45,14 +47,15 @@ def lora_options(targets: str, r: int) -> dict[str, Any]:
 SPLITS = ["validation", "test"]
 
 
-def job(task: str, seed: int, method: str, lr: float, options: dict[str, Any] | None) -> dict[str, Any]:
+def job(task: str, seed: int, method: str, lr: float, options: dict[str, Any] | None,
+        protocol: dict[str, Any] | None = None) -> dict[str, Any]:
     """One classification job (:mod:`bench.classify`, one seed) under round one's protocol.
 
     Each trained model is scored on the validation *and* the test split, so the search's seed-0 runs
     are also the recipe's seed-0 test runs (the pick reads only the validation numbers).
     """
     out = {"kind": "classify", "model": "minilm", "method": method, "lib": "deltatune", "task": task, "seeds": [seed],
-           "max_length": MAX_LENGTH[task], "lr": lr, "eval_splits": SPLITS, "save": False, **PROTOCOL}
+           "max_length": MAX_LENGTH[task], "lr": lr, "eval_splits": SPLITS, "save": False, **(protocol or PROTOCOL)}
     return out | ({"method_options": options} if options else {})
 
 
@@ -83,12 +86,17 @@ def _std(xs: list[float]) -> float:
 Key = tuple[str, float]  # (configuration label, learning rate)
 
 
-def finished() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+def test_jobs(tasks: list[str], full_tasks: list[str], seeds: list[int],
+              protocol: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """``test``'s jobs: the shipped recipe on ``tasks``, full fine-tuning on ``full_tasks``, seed-major."""
+    options, lr = shipped_recipe()
+    out = [job(task, seed, "lora", lr, options, protocol) for seed in seeds for task in tasks]
+    return out + [job(task, seed, "full", METHODS["full"].lr, None, protocol) for seed in seeds for task in full_tasks]
+
+
+def finished(cache: Path | None = None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """Every finished (job, result) pair in the cache file, in the order they finished."""
-    if not CACHE.exists():
-        return []
-    entries = [json.loads(line) for line in CACHE.read_text().splitlines() if line.strip()]
-    return [(json.loads(e["key"]), e["result"]) for e in entries]
+    return finished_jobs(cache or CACHE)
 
 
 def accuracies(done: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[Key, dict[str, dict[str, dict[int, float]]]]:
@@ -102,15 +110,15 @@ def accuracies(done: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[Key, d
     return out
 
 
-def round_one_full() -> dict[str, dict[int, float]]:
+def round_one_full(path: Path | None = None, n_train: int = PROTOCOL["n_train"]) -> dict[str, dict[int, float]]:
     """Full fine-tuning's test accuracy % per task and seed from round one (``bench/results/full.json``)."""
-    path = RESULTS / "full.json"
+    path = path or RESULTS / "full.json"
     if not path.exists():
         return {}
     out: dict[str, dict[int, float]] = {}
     for res in json.loads(path.read_text()).get("accuracy", []):
         j = res.get("job", {})
-        if j.get("method") == "full" and j.get("lib") == "deltatune" and j.get("n_train") == PROTOCOL["n_train"]:
+        if j.get("method") == "full" and j.get("lib") == "deltatune" and j.get("n_train") == n_train:
             out[j["task"]] = {r["seed"]: 100 * r["accuracy"] for r in res.get("runs", [])}
     return out
 
@@ -158,9 +166,14 @@ def test_table(acc: dict[Key, Any], full1: dict[str, dict[int, float]]) -> list[
     return lines
 
 
-def write_report() -> None:
-    """``recipe.md`` (tables) and ``recipe.json`` (every finished job) from the cache file."""
-    done = finished()
+def write_report(folder: Path | None = None, stem: str = "recipe", full_json: Path | None = None,
+                 n_train: int = PROTOCOL["n_train"]) -> None:
+    """``<stem>.md`` (tables) and ``<stem>.json`` (every finished job) from the cache file ``.<stem>.jobs.jsonl``.
+
+    Defaults: ``bench/results/recipe.*``, round one's full fine-tuning from ``full.json``.
+    """
+    folder = folder or RESULTS
+    done = finished(folder / f".{stem}.jobs.jsonl")
     acc = accuracies(done)
     search, best = search_table(acc, SEARCH_TASKS)
     options, lr = shipped_recipe()
@@ -177,9 +190,23 @@ def write_report() -> None:
           ("Gap = configuration − full fine-tuning (lr 1e-4) over the same seeds; full fine-tuning from this run "
           "where it ran here, else from round one's `full` suite (same protocol, `bench/results/full.json`). "
           "SMS spam was not used to pick the recipe."), "",
-          *test_table(acc, round_one_full()), ""]
-    (RESULTS / "recipe.md").write_text("\n".join(md))
-    (RESULTS / "recipe.json").write_text(json.dumps([{"job": j, "result": r} for j, r in done], indent=1) + "\n")
+          *test_table(acc, round_one_full(full_json, n_train)), ""]
+    (folder / f"{stem}.md").write_text("\n".join(md))
+    (folder / f"{stem}.json").write_text(json.dumps([{"job": j, "result": r} for j, r in done], indent=1) + "\n")
+
+
+Runner = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+
+
+def run_jobs(jobs: list[dict[str, Any]], run: Runner, report: Callable[[], None]) -> None:
+    """Run ``jobs`` one at a time through ``run`` (a cache-aware :func:`bench.runner.run_many`), rewriting the
+    report after each job."""
+    for one in jobs:
+        res = run([one])[0]
+        print(json.dumps({"task": one["task"], "config": _label(one), "lr": one["lr"], "seeds": one["seeds"],
+                          "acc": [r.get("accuracies") for r in res.get("runs", [])], "error": res.get("error")}),
+              flush=True)
+        report()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,19 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [job(task, seed, "lora", lr, lora_options(tg, r))
                 for tg in args.targets for r in args.ranks for lr in args.lrs for seed in args.seeds for task in args.tasks]
     else:
-        options, lr = shipped_recipe()
-        jobs = [job(task, seed, "lora", lr, options) for seed in args.seeds for task in args.tasks]
-        jobs += [job(task, seed, "full", METHODS["full"].lr, None) for seed in args.seeds for task in args.full_tasks]
-    if not CACHE.exists() and (RESULTS / "recipe.json").exists():  # a fresh checkout: resume from the committed file
-        saved = json.loads((RESULTS / "recipe.json").read_text())
-        CACHE.write_text("".join(json.dumps({"key": job_key(e["job"]), "result": e["result"]}) + "\n" for e in saved))
-    cache = JobCache(CACHE, resume=True)
-    for one in jobs:  # one process at a time; the report is rewritten after each job
-        res = run_many([one], workers=1, threads=1, cache=cache)[0]
-        print(json.dumps({"task": one["task"], "config": _label(one), "lr": one["lr"], "seeds": one["seeds"],
-                          "acc": [r.get("accuracies") for r in res.get("runs", [])], "error": res.get("error")}),
-              flush=True)
-        write_report()
+        jobs = test_jobs(args.tasks, args.full_tasks, args.seeds)
+    cache = part_cache(CACHE, RESULTS / "recipe.json", resume=True)  # a fresh checkout resumes from the committed file
+    run_jobs(jobs, lambda todo: run_many(todo, workers=1, threads=1, cache=cache), write_report)
     return 0
 
 

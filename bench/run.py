@@ -1,20 +1,19 @@
-"""Run a benchmark suite and write ``bench/results/<suite>.{md,json}`` and PNG charts.
+"""Round one's measurements (cost, accuracy, low data, forgetting, inference) of a suite, written to
+``bench/results/<suite>.{md,json}`` and PNG charts; :mod:`bench.parts` runs them with round two's parts.
 
-    python -m bench --suite quick          # a few minutes: every method once, small data
-    python -m bench --suite full           # the published tables (under an hour on 2 idle cores)
-    python bench/run.py --suite quick --only accuracy cost
+    python -m bench --suite quick          # a few minutes: every part once, small data
+    python bench/run.py --suite quick --parts accuracy cost
 
 Each configuration runs in its own process (:mod:`bench.worker`); see ``bench/README.md``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from bench.cache import JobCache
 from bench.measure import machine_info
 from bench.methods import METHODS, available
 from bench.runner import REPO, run_many
-from bench.suites import SUITES, Suite
+from bench.suites import Suite
 
 PARTS = ("accuracy", "cost", "lowdata", "forgetting", "inference")
 RESULTS = REPO / "bench" / "results"
@@ -99,11 +98,12 @@ def _log(message: str) -> None:
 
 def run_suite(s: Suite, parts: list[str], log: Any = _log, *, cache: JobCache | None = None,
               on_part: Callable[[dict[str, Any], list[str]], None] | None = None,
-              cached_only: bool = False) -> dict[str, Any]:
-    """Run ``parts`` of suite ``s``; returns the raw results (everything the report needs).
+              cached_only: bool = False, slots: threading.Semaphore | None = None) -> dict[str, Any]:
+    """Run round one's ``parts`` of suite ``s``; returns the raw results (everything the report needs).
 
     After each part, ``on_part(results_so_far, parts_done)`` is called (the caller saves them), so an
-    interrupted run keeps every finished part; ``cache`` keeps every finished job.
+    interrupted run keeps every finished part; ``cache`` keeps every finished job; ``slots`` bounds the
+    worker processes shared with other parts running at the same time (:func:`bench.runner.run_many`).
     """
     pairs, skipped = _configs(s, s.methods, s.peft_methods)
     out: dict[str, Any] = {"suite": s.name, "settings": s.__dict__, "skipped": skipped, "parts": parts,
@@ -114,7 +114,8 @@ def run_suite(s: Suite, parts: list[str], log: Any = _log, *, cache: JobCache | 
     done: list[str] = []
 
     def many(jobs: list[dict[str, Any]], workers: int, threads: int) -> list[dict[str, Any]]:
-        return run_many(jobs, workers=workers, threads=threads, progress=log, cache=cache, cached_only=cached_only)
+        return run_many(jobs, workers=workers, threads=threads, progress=log, cache=cache, cached_only=cached_only,
+                        slots=slots)
 
     def run_part(part: str, body: Callable[[], None]) -> None:
         if part not in parts:
@@ -178,51 +179,52 @@ def _merge(old: dict[str, Any] | None, new: dict[str, Any], parts: list[str]) ->
     return merged
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
-    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="run only these measurements")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for <suite>.md/.json and charts")
-    parser.add_argument("--report-only", action="store_true", help="re-render tables/charts from <suite>.json")
-    parser.add_argument("--resume", action="store_true",
-                        help="reuse the jobs an interrupted run of this suite finished (same settings only)")
-    parser.add_argument("--tasks", nargs="+", choices=["trec", "rt", "bbc"],
-                        help="run only these tasks' accuracy jobs (e.g. two processes sharing one --resume cache)")
-    parser.add_argument("--libs", nargs="+", choices=["deltatune", "peft"],
-                        help="run only these libraries' accuracy jobs (with --tasks: split one suite over processes)")
-    parser.add_argument("--cached-only", action="store_true",
-                        help="with --resume: report the finished jobs only, run nothing (a run cut short; the report "
-                             "counts the jobs not run)")
-    args = parser.parse_args(argv)
+def borrow_full(raw: dict[str, Any], lender: Path) -> dict[str, Any]:
+    """``raw`` with the full fine-tuning accuracy runs of the suite saved at ``lender`` added, split into one
+    result per seed and marked ``reused_from`` (the same jobs with identical settings; not run again).
+    Seeds ``raw`` already holds for a task are kept as they are."""
+    if not lender.exists():
+        return raw
+    other = json.loads(lender.read_text())
+    s = raw["settings"]
+    have = {(r["job"]["task"], run["seed"]) for r in raw.get("accuracy") or [] if r.get("ok")
+            and r["job"]["method"] == "full" for run in r.get("runs", [])}
+    where = f"suite {other['suite']}, started {other.get('started')}, commit {other['machine']['commit']} ({lender.name})"
+    borrowed = []
+    for res in other.get("accuracy") or []:
+        job = res.get("job", {})
+        if not (res.get("ok") and job.get("method") == "full" and job.get("lib") == "deltatune"
+                and job.get("task") in s["tasks"] and job.get("n_train") == s["n_train"] and job.get("epochs") == s["epochs"]):
+            continue
+        for run in res["runs"]:
+            if run["seed"] in s["seeds"] and (job["task"], run["seed"]) not in have:
+                borrowed.append(res | {"job": job | {"seeds": [run["seed"]]}, "runs": [run], "reused_from": where,
+                                       "wall_seconds": 0.0, "process_seconds": 0.0})
+    return raw | {"accuracy": (raw.get("accuracy") or []) + borrowed} if borrowed else raw
+
+
+def saver(suite: Suite, out: Path, command: str) -> Callable[[dict[str, Any], list[str]], None]:
+    """``on_part`` for :func:`run_suite`: merge the finished parts into ``<out>/<suite>.json`` (as it is on disk
+    now, so parts run by concurrent threads all land) and rewrite the report."""
     from bench.report import write_report
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    raw_path = args.out / f"{args.suite}.json"
-    if args.report_only:
-        md = write_report(json.loads(raw_path.read_text()), args.out)
-        print(f"wrote {md}")
-        return 0
-    # Parts not (yet) re-measured keep their saved results; the report says when each part was measured.
-    old = json.loads(raw_path.read_text()) if raw_path.exists() else None
+    lock = threading.Lock()
+    raw_path = out / f"{suite.name}.json"
 
     def save(raw: dict[str, Any], done: list[str]) -> None:
-        merged = _merge(old, dict(raw, command="python -m bench --suite " + args.suite), done)
-        md = write_report(merged, args.out)
-        raw_path.write_text(json.dumps(merged, indent=1, default=str) + "\n")
+        with lock:
+            old = json.loads(raw_path.read_text()) if raw_path.exists() else None
+            merged = _merge(old, dict(raw, command=command), done)
+            raw_path.write_text(json.dumps(merged, indent=1, default=str) + "\n")
+            if suite.borrow_full_from:
+                merged = borrow_full(merged, out / f"{suite.borrow_full_from}.json")
+            md = write_report(merged, out)
         print(f"saved {', '.join(done)}: {raw_path}, {md}", flush=True)
 
-    cache = JobCache(args.out / f".{args.suite}.jobs.jsonl", resume=args.resume)
-    if args.cached_only and not args.resume:
-        parser.error("--cached-only needs --resume (it reports the jobs an earlier run finished)")
-    suite = SUITES[args.suite]
-    if args.tasks:
-        suite = replace(suite, tasks=[t for t in suite.tasks if t in args.tasks])
-    if args.libs:
-        suite = replace(suite, methods=suite.methods if "deltatune" in args.libs else [],
-                        peft_methods=suite.peft_methods if "peft" in args.libs else [])
-    run_suite(suite, list(args.only), cache=cache, on_part=save, cached_only=args.cached_only)
-    return 0
+    return save
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # ``python bench/run.py --suite quick``: the same command line as ``python -m bench``
+    from bench.suite_cli import main
+
     sys.exit(main())

@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +50,15 @@ def run_one(job: dict[str, Any], *, threads: int = 2, timeout: float = 3600) -> 
 
 def run_many(jobs: list[dict[str, Any]], *, workers: int = 1, threads: int = 2,
              progress: Callable[[str], None] = print, cache: JobCache | None = None,
-             timeout: float = 3600, cached_only: bool = False) -> list[dict[str, Any]]:
+             timeout: float = 3600, cached_only: bool = False,
+             slots: threading.Semaphore | None = None) -> list[dict[str, Any]]:
     """Run ``jobs`` with ``workers`` processes at once (each with ``threads`` threads); results in job order.
 
     ``timeout``: seconds before a job's process is killed (reported as failed).
     With a ``cache``, jobs it already holds are not run again and each new success is recorded;
-    ``cached_only`` runs nothing and marks the jobs the cache lacks as not run.
+    ``cached_only`` runs nothing and marks the jobs the cache lacks as not run. ``slots``: a semaphore shared
+    by several concurrent ``run_many`` calls (the parts of one suite), held while a job's process runs, so
+    that no more processes run at once than it allows.
     """
     def describe(job: dict[str, Any]) -> str:
         keys = ("kind", "method", "lib", "task", "n_train", "seeds")
@@ -66,7 +71,8 @@ def run_many(jobs: list[dict[str, Any]], *, workers: int = 1, threads: int = 2,
             return saved | {"reused": True}
         if cached_only:
             return {"ok": False, "error": NOT_RUN, "job": jobs[index]}
-        result = run_one(jobs[index], threads=threads, timeout=timeout)
+        with slots or nullcontext():
+            result = run_one(jobs[index], threads=threads, timeout=timeout)
         if cache:
             cache.put(jobs[index], result)
         status = "ok" if result.get("ok") else f"FAILED: {result.get('error')}"

@@ -1,5 +1,10 @@
 """Named suites: what each measurement runs. ``quick`` checks the harness end to end in minutes;
-``full`` makes the published tables (under an hour on 2 cores when the machine is otherwise idle).
+``full`` makes every table of README.md's Benchmarks sections, sized so that ``python -m bench --suite full
+--plan`` estimates at most 90 minutes on 2 idle cores; ``extended`` is ``full`` plus what was cut to fit
+(every cut is named in :data:`FULL_CUTS` and in ``bench/README.md``).
+
+A suite runs *parts*: round one's measurements inside :mod:`bench.run` (:data:`ROUND_ONE`) and round two's
+experiments, each in its own module with its own report (:data:`ROUND_TWO`; see :mod:`bench.parts`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,23 @@ PEFT_SHARED = ["lora", "dora", "ia3", "prefix", "prompt", "ptuning"]
 #: Methods of issue 16, run by the ``methods`` suites beside full fine-tuning and LoRA (not yet in ``full``).
 NEW_METHODS = ["bitfit", "lntuning", "loha", "lokr", "vera", "oft", "adalora"]
 NEW_PEFT_SHARED = ["lntuning", "loha", "lokr", "vera", "oft", "adalora"]
+#: Round one's parts (bench/run.py) and round two's (bench/parts.py: recipe test, low data on every task,
+#: the learning-vs-forgetting frontier, issue 16's methods grid, adapter arithmetic).
+ROUND_ONE = ["cost", "accuracy", "lowdata", "forgetting", "inference"]
+ROUND_TWO = ["recipe", "lowdata_all", "forgetting_frontier", "methods", "combination"]
+ALL_PARTS = ROUND_ONE + ROUND_TWO
+#: What ``full`` leaves out to fit 90 minutes (``extended`` runs it); printed by ``--plan`` (bench/README.md).
+FULL_CUTS = [
+    ("lowdata and forgetting (round one's TREC-only low data at one rate; 40 ChatterBot steps of forgetting) are "
+     "superseded by lowdata_all (every task, rate picked on validation) and forgetting_frontier (100 KJV steps, "
+     "three LoRA ranks); their last results stay in full.json / README sections 4 and 5"),
+    ("methods (issue 16's grid: its cost jobs, 7 methods x 3 tasks x 3 seeds, 6 peft twins on TREC): the whole "
+     "part runs in `extended` only"),
+    ("lowdata_all: seed 0 only (the two-rate grid on every task and size, 54 jobs); seeds 1 and 2 at the "
+     "picked rates (54 jobs) run in `extended`"),
+    ("accuracy: head-only fine-tuning's accuracy jobs (3 tasks x 3 seeds) run in `extended`; "
+     "its cost jobs stay"),
+]
 
 
 @dataclass(frozen=True)
@@ -34,6 +56,18 @@ class Suite:
         accuracy_methods: the methods of the accuracy runs (``None``: all of ``methods``); the others run in
             the cost jobs only.
         cost_threads: torch threads of the memory and timing jobs.
+        parts: what ``python -m bench --suite NAME`` runs (``--parts`` picks a subset); see :data:`ALL_PARTS`.
+        borrow_full_from: a suite whose full fine-tuning accuracy jobs this suite's report borrows (split per
+            seed, marked as reused) instead of running the same jobs again (``methods`` borrows ``full``'s).
+        outputs_prefix: prefix of the round-two parts' files (``""``: ``recipe.md``, ``lowdata.md``, ...: the
+            published ones; ``quick_``: ``quick_recipe.md``, ...).
+        recipe_*: :mod:`bench.recipe`'s ``test`` (the shipped recipe on these tasks and seeds, full fine-tuning on
+            ``recipe_full_tasks``); ``recipe_protocol`` overrides its training protocol (``None``: round one's).
+        lowall_*: :mod:`bench.lowdata_all` (tasks, sizes, seeds, grid points per method, protocol override).
+        frontier_*: :mod:`bench.forgetting_frontier` (LoRA ranks; steps and evaluation sets, ``None``: its COMMON).
+        methods_suite / methods_seeds: the suite whose cost and accuracy jobs are the ``methods`` part (issue 16's
+            grid), and the accuracy seeds it runs here (``None``: that suite's own).
+        combination_*: :mod:`bench.combination`'s training steps per adapter and evaluation examples.
         split_seeds: one accuracy job per seed, all seed-0 jobs first, so that an interrupted or cut run has
             every configuration at the first seeds (the report says how many seeds each cell has).
     """
@@ -71,15 +105,52 @@ class Suite:
     accuracy_methods: list[str] | None = None
     split_seeds: bool = False
     cost_threads: int = 2
+    parts: list[str] = field(default_factory=lambda: list(ROUND_ONE))
+    borrow_full_from: str | None = None
+    outputs_prefix: str = ""
+    recipe_tasks: list[str] = field(default_factory=lambda: ["trec", "rt", "bbc", "sms"])
+    recipe_full_tasks: list[str] = field(default_factory=lambda: ["sms"])
+    recipe_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    recipe_protocol: dict[str, object] | None = None
+    lowall_tasks: list[str] = field(default_factory=lambda: ["trec", "rt", "bbc"])
+    lowall_sizes: list[int] = field(default_factory=lambda: [50, 200, 1000])
+    lowall_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    lowall_grid: int = 2
+    lowall_protocol: dict[str, object] | None = None
+    frontier_ranks: list[int] = field(default_factory=lambda: [16, 64, 4])
+    frontier_steps: int | None = None
+    frontier_n_eval: int | None = None
+    methods_suite: str = "methods"
+    methods_seeds: list[int] | None = None
+    combination_steps: int = 40
+    combination_n_eval: int = 48
 
+
+#: ``extended``'s parts: round one's cost, accuracy and inference, and every round-two part; ``full`` leaves
+#: out ``methods`` (see FULL_CUTS).
+EXTENDED_PARTS = ["cost", "accuracy", "inference", *ROUND_TWO]
+FULL_PARTS = [p for p in EXTENDED_PARTS if p != "methods"]
+#: A tiny training protocol for the ``quick`` suite's round-two parts: 200 rows, 1 epoch (about 13 steps).
+QUICK_PROTOCOL = {"n_train": 200, "epochs": 1, "batch_size": 16, "autocast": "bf16"}
 
 SUITES: dict[str, Suite] = {
     "quick": Suite(
         name="quick", tasks=["trec"], seeds=[0], n_train=400, epochs=1, memory_steps=6, timing_warmup=2,
         timing_rounds=3, timing_per_round=2, lowdata_sizes=[50], lowdata_methods=["full", "lora"], lowdata_seeds=[0],
         lowdata_min_steps=10, forget_steps=4, forget_n_eval=8, infer_rounds=3, infer_reps=1,
+        parts=list(ALL_PARTS), outputs_prefix="quick_", recipe_tasks=["trec"], recipe_full_tasks=["trec"],
+        recipe_seeds=[0], recipe_protocol=QUICK_PROTOCOL, lowall_tasks=["trec"], lowall_sizes=[50], lowall_seeds=[0, 1],
+        lowall_protocol={"epochs": 1, "batch_size": 16, "autocast": "bf16", "min_steps": 4}, frontier_ranks=[4],
+        frontier_steps=2, frontier_n_eval=4, methods_suite="methods-quick", combination_steps=2, combination_n_eval=4,
     ),
-    "full": Suite(name="full", tasks=["trec", "rt", "bbc"], seeds=[0, 1, 2], n_train=2000, epochs=2),
+    "full": Suite(name="full", tasks=["trec", "rt", "bbc"], seeds=[0, 1, 2], n_train=2000, epochs=2,
+                  parts=list(FULL_PARTS), lowall_seeds=[0],
+                  accuracy_methods=[m for m in ALL_METHODS if m != "head"]),
+    # ``full`` with nothing cut: the same jobs plus those FULL_CUTS names, written to the same files (its name is
+    # ``full``, so it shares full's results and resume cache: ``--suite extended --resume`` after ``full`` runs
+    # only the cut jobs).
+    "extended": Suite(name="full", tasks=["trec", "rt", "bbc"], seeds=[0, 1, 2], n_train=2000, epochs=2,
+                      parts=list(EXTENDED_PARTS)),
     "methods-quick": Suite(
         name="methods-quick", tasks=["trec"], seeds=[0], n_train=400, epochs=1, methods=["full", "lora", *NEW_METHODS],
         peft_methods=list(NEW_PEFT_SHARED), memory_steps=6, timing_warmup=2, timing_rounds=3, timing_per_round=2,
@@ -89,10 +160,10 @@ SUITES: dict[str, Suite] = {
     # Cost jobs cut for a shared, heavily loaded 2-core machine: 1 thread (2 threads waste most of their time
     # spinning when the other core is taken), 5 memory steps, 1 warm-up step, 3 interleaved timing rounds of
     # 3 steps. LoRA runs in the cost jobs only: its accuracy on this protocol is in ``full``; full
-    # fine-tuning's accuracy jobs are the same jobs as ``full``'s (same settings), so a run may reuse them
-    # (see bench/README.md).
+    # fine-tuning's accuracy jobs would be the same jobs as ``full``'s (same settings), so the report borrows
+    # them from full.json (split per seed) instead of running them again.
     "methods": Suite(name="methods", tasks=["trec", "rt", "bbc"], seeds=[0, 1, 2], n_train=2000, epochs=2,
                      methods=["full", "lora", *NEW_METHODS], peft_methods=list(NEW_PEFT_SHARED),
-                     accuracy_methods=["full", *NEW_METHODS], split_seeds=True, memory_steps=5, timing_warmup=1,
-                     timing_rounds=3, timing_per_round=3, cost_threads=1),
+                     accuracy_methods=list(NEW_METHODS), split_seeds=True, memory_steps=5, timing_warmup=1,
+                     timing_rounds=3, timing_per_round=3, cost_threads=1, borrow_full_from="full"),
 }

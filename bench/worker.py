@@ -16,7 +16,7 @@ RESULT_PREFIX = "BENCH_RESULT "
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Dispatch on ``job["kind"]``: ``classify``, ``memory``, ``timing``, ``forgetting``, ``quantized`` or ``inference``."""
+    """Dispatch on ``job["kind"]``: ``classify``, ``memory``, ``timing``, ``forgetting``, ``quantized``, ``inference`` or ``combination``."""
     if job["kind"] == "classify":
         from bench import classify
 
@@ -37,6 +37,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         from bench import inference
 
         return inference.run(job)
+    if job["kind"] == "combination":
+        from bench import combination
+
+        return combination.run(job["steps"], job["n_eval"])
     raise ValueError(f"unknown job kind {job['kind']!r}")
 
 

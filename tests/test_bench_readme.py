@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import readme  # noqa: E402
+from bench import readme
 
 
 def test_readme_blocks_equal_what_the_committed_results_generate() -> None:

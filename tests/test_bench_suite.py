@@ -1,0 +1,144 @@
+"""``python -m bench --suite full``: every part in one resumable run, and ``--plan``'s estimate arithmetic."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import lowdata_all, plan, recipe
+from bench.cache import part_cache
+from bench.parts import SuiteRun, phases
+from bench.run import borrow_full
+from bench.suites import FULL_CUTS, SUITES
+
+
+def _classify(task: str, method: str, seeds: list[int], n_train: int) -> dict[str, Any]:
+    return {"kind": "classify", "model": "minilm", "method": method, "lib": "deltatune", "task": task, "seeds": seeds,
+            "n_train": n_train, "epochs": 1, "batch_size": 10, "max_length": 64, "autocast": "bf16", "lr": 1e-3}
+
+
+def test_plan_estimate_is_min_of_unit_scaled_records_over_load_and_sums_per_part() -> None:
+    # units of a classify job = seeds x steps; 100 rows / batch 10 = 10 steps per epoch
+    twin = _classify("trec", "lora", [0, 1], 100)  # 2 x 10 = 20 units
+    assert plan.units(twin) == 20
+    assert plan.units(_classify("trec", "lora", [0], 30) | {"min_steps": 7}) == 9  # 3 steps/epoch, 3 epochs for >= 7
+    recs = [plan.Record(_classify("trec", "lora", [0], 100), 40.0, "full.json"),       # idle: 4 s/unit
+            plan.Record(_classify("trec", "lora", [0], 100), 30.0, "full.json"),       # idle, faster: 3 s/unit
+            plan.Record(_classify("trec", "full", [0], 100), 100.0, "full.json"),      # idle full FT: 10 s/unit
+            plan.Record(_classify("trec", "full", [0, 1], 100), 300.0, "loaded.json"),  # 15 s/unit: 1.5x idle
+            plan.Record(_classify("rt", "full", [0], 100), 900.0, "loaded.json"),      # 90 s/unit -> 60 after / 1.5
+            plan.Record(_classify("bbc", "ia3", [0], 100), 300.0, "loaded.json")]      # no idle twin
+    factors = plan.load_factors(recs)
+    assert factors == {"loaded.json": pytest.approx(300.0 / (10.0 * 20))}  # least-loaded comparable job (rt: 9x)
+    norm = plan.normalized(recs)
+    assert plan.estimate_job(twin, norm) == (pytest.approx(3.0 * 20), "same job")
+    assert plan.estimate_job(_classify("rt", "full", [0, 1, 2], 100), norm) == (pytest.approx(900 / 1.5 / 10 * 30), "same job")
+    assert plan.estimate_job(_classify("sms", "ia3", [0], 100), norm) == (pytest.approx(300 / 1.5), "other task")
+    kind = plan.estimate_job(_classify("sms", "bitfit", [0], 100), norm)
+    per_unit = sorted([4.0, 3.0, 10.0, 10.0, 60.0, 20.0])
+    assert kind == (pytest.approx((per_unit[2] + per_unit[3]) / 2 * 10), "kind median")
+
+    s = replace(SUITES["quick"], workers=2, recipe_tasks=["trec", "rt"], recipe_full_tasks=["rt"], recipe_seeds=[0, 1])
+    rows = {r.part: r for r in plan.plan(s, ["recipe", "inference"], norm)}
+    jobs = phases(s, "recipe")[0].jobs
+    assert rows["recipe"].jobs == len(jobs) == 6
+    shared = sum(plan.estimate_job(j, norm)[0] for j in jobs)
+    assert rows["recipe"].shared_seconds == pytest.approx(shared) and rows["recipe"].alone_seconds == 0
+    assert rows["recipe"].minutes == pytest.approx(shared / 2 / 60)  # shared jobs: their sum over 2 workers
+    assert rows["inference"].minutes == pytest.approx(rows["inference"].alone_seconds / 60)  # alone: the sum
+
+
+def test_full_suite_is_estimated_within_90_minutes_and_names_its_cuts() -> None:
+    full, extended = SUITES["full"], SUITES["extended"]
+    recs = plan.normalized(plan.records())
+    minutes = sum(r.minutes for r in plan.plan(full, full.parts, recs))
+    assert 30 < minutes <= 90
+    assert sum(r.minutes for r in plan.plan(extended, extended.parts, recs)) > minutes
+    assert set(extended.parts) - set(full.parts) == {"methods"} and any(c.startswith("methods") for c in FULL_CUTS)
+    assert full.lowall_seeds == [0] and extended.lowall_seeds == [0, 1, 2]
+    assert {"recipe", "lowdata_all", "forgetting_frontier", "combination", "accuracy", "cost"} <= set(full.parts)
+
+
+def _fake_run_one(calls: list[dict], state: dict[str, int]) -> Any:
+    lock = threading.Lock()
+
+    def run_one(job: dict[str, Any], *, threads: int = 2, timeout: float = 3600) -> dict[str, Any]:
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+            calls.append(job)
+        time.sleep(0.02)
+        with lock:
+            state["now"] -= 1
+        val = 0.5 + 0.1 * (job["lr"] in (1e-3, 1e-4, 2e-2)) + 0.01 * job["seeds"][0]  # the default rate wins
+        runs = [{"seed": seed, "accuracy": val, "accuracies": {"validation": val, "test": val - 0.05}}
+                for seed in job["seeds"]]
+        return {"ok": True, "runs": runs, "n_train": job["n_train"], "job": job, "process_seconds": 0.02}
+
+    return run_one
+
+
+def test_suite_runs_parts_over_shared_workers_and_resume_reuses_every_job(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench.runner
+
+    calls: list[dict] = []
+    state = {"now": 0, "most": 0}
+    monkeypatch.setattr(bench.runner, "run_one", _fake_run_one(calls, state))
+    monkeypatch.setattr(lowdata_all, "chart", lambda *args: None)  # the report's PNG: seconds per job, not tested here
+    s = replace(SUITES["quick"], workers=2, recipe_tasks=["trec", "rt"], recipe_full_tasks=["trec"], recipe_seeds=[0, 1],
+                lowall_tasks=["trec", "bbc"], lowall_sizes=[50], lowall_seeds=[0, 1])
+    SuiteRun(s, tmp_path, resume=False, log=lambda _: None).run(["recipe", "lowdata_all"])
+    assert 1 < state["most"] <= 2  # both parts at once, never more processes than workers
+    grid = lowdata_all.grid_jobs(["trec", "bbc"], [50], 2, s.lowall_protocol)
+    later = [j for j in calls if j.get("min_steps") and j["seeds"] == [1]]
+    assert len(calls) == 6 + len(grid) + len(later) and len(later) == 6  # one seed-1 job per cell
+    assert all(j["lr"] == lowdata_all.GRID[j["method"]][0] for j in later)  # at the rate picked on validation
+    assert "| TREC | 50 |" in (tmp_path / "quick_lowdata.md").read_text()
+    assert "| Rotten Tomatoes | LoRA all linear" in (tmp_path / "quick_recipe.md").read_text()
+
+    calls.clear()
+    SuiteRun(s, tmp_path, resume=True, log=lambda _: None).run(["recipe", "lowdata_all"])
+    assert calls == []  # every job of every part reused
+    for cache in tmp_path.glob(".*.jobs.jsonl"):  # a fresh checkout: the caches are gone, the results files stay
+        cache.unlink()
+    SuiteRun(s, tmp_path, resume=True, log=lambda _: None).run(["recipe", "lowdata_all"])
+    assert calls == []  # seeded from quick_recipe.json / quick_lowdata.json
+    SuiteRun(s, tmp_path, resume=False, log=lambda _: None).run(["recipe"])
+    assert len(calls) == 6  # without --resume a part starts afresh
+
+
+def test_part_cache_seeds_from_the_committed_results_only_when_resuming(tmp_path: Path) -> None:
+    committed = ROOT / "bench" / "results" / "recipe.json"
+    saved = json.loads(committed.read_text())
+    cache = part_cache(tmp_path / ".recipe.jobs.jsonl", committed, resume=True)
+    assert all(cache.get(e["job"]) is not None for e in saved) and len(saved) == 18
+    fresh = part_cache(tmp_path / ".recipe.jobs.jsonl", committed, resume=False)
+    assert fresh.get(saved[0]["job"]) is None and (tmp_path / ".recipe.jobs.jsonl").read_text() == ""
+    jobs = recipe.test_jobs(["trec", "rt", "bbc", "sms"], ["sms"], [0, 1, 2])
+    assert len(jobs) == 15 and all(cache.get(j) is not None for j in jobs)  # the shipped recipe's test is all there
+
+
+def test_methods_borrow_full_fine_tuning_per_seed_from_the_full_suite(tmp_path: Path) -> None:
+    full = {"suite": "full", "started": "then", "machine": {"commit": "abc"}, "accuracy": [
+        {"ok": True, "job": {"method": "full", "lib": "deltatune", "task": "trec", "n_train": 2000, "epochs": 2,
+                             "seeds": [0, 1, 2]}, "runs": [{"seed": 0, "accuracy": 0.9}, {"seed": 1, "accuracy": 0.8},
+                                                          {"seed": 2, "accuracy": 0.7}]}]}
+    (tmp_path / "full.json").write_text(json.dumps(full))
+    own = {"ok": True, "job": {"method": "full", "lib": "deltatune", "task": "trec", "seeds": [1]},
+           "runs": [{"seed": 1, "accuracy": 0.5}]}
+    raw = {"settings": {"tasks": ["trec"], "seeds": [0, 1], "n_train": 2000, "epochs": 2}, "accuracy": [own]}
+    out = borrow_full(raw, tmp_path / "full.json")
+    borrowed = out["accuracy"][1:]
+    assert [(r["job"]["seeds"], r["runs"]) for r in borrowed] == [([0], [{"seed": 0, "accuracy": 0.9}])]
+    assert borrowed[0]["reused_from"].startswith("suite full") and out["accuracy"][0] is own
