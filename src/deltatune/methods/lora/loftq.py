@@ -30,8 +30,9 @@ another base is refused. With ``loftq_iter=1``, ``Q_1 = quant(W)`` is exactly th
 bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`` build from the same float weights, so the
 adapter loads onto the usual quantized load of the original model. With more iterations ``Q_T`` is a
 different base: keep that model (or its ``Q``) with the adapter, as peft asks its LoftQ users to save the
-LoftQ base model beside the adapter. On a base that is quantized already, :func:`.loftq_quantized.replace_lora_weights_loftq`
-fits ``A``, ``B`` to it from the float weights in the model's safetensors file.
+LoftQ base model beside the adapter. On a base that is quantized already,
+:func:`.loftq_quantized.replace_lora_weights_loftq` fits ``A``, ``B`` to it from the float weights in the model's
+safetensors file.
 """
 
 from __future__ import annotations
@@ -93,13 +94,13 @@ def loftq_factors(
 def init_loftq(a: torch.Tensor, b: torch.Tensor, base: nn.Linear, scaling: float, settings: LoftQConfig) -> nn.Module:
     """Fill ``a`` ``(r, in)`` and ``b`` ``(out, r)`` with LoftQ's factors for ``base``'s float weight and return the
     bitsandbytes layer holding ``Q_T``, which replaces ``base``."""
+    from ...quant.bnb import keep_training_layout
+
     kind = LOFTQ_KINDS[settings.loftq_bits]
     dtype = base.weight.dtype
 
     def quantize(weight: torch.Tensor) -> nn.Module:
         return quantized_linear(weight, base.bias, kind, dtype)
-
-    from ...quant.bnb import keep_training_layout
 
     layer, factor_a, factor_b = loftq_factors(base.weight, a.shape[0], scaling, settings.loftq_iter, quantize)
     with torch.no_grad():
@@ -114,8 +115,8 @@ def loftq_refusal(module: nn.Module, base: nn.Module, quantized: str | None) -> 
     """Why LoftQ cannot start on ``base`` (wrapped as ``module``), or ``None``; checked before anything changes."""
     if quantized:
         return (f"init_lora_weights='loftq' quantizes the float weight itself, and this layer is quantized "
-                f"already ({quantized}); pass the float model (LoftQ makes the targeted layers 4-bit), or keep "
-                "this base with the default initialisation")
+                f"already ({quantized}); pass the float model (LoftQ quantizes the targeted layers), or add LoRA "
+                "with the default initialisation and call dt.replace_lora_weights_loftq(model, float_model_path)")
     if module is not base:
         return ("init_lora_weights='loftq' replaces the base layer by its quantization, and this layer already "
                 "carries adapters; give the LoftQ adapter first, on the plain model")
@@ -145,5 +146,5 @@ def check_loftq_targets(model: nn.Module, config: LoraConfig, default: str | Non
         path, kind = next(iter(quantized.items()))
         raise TargetError(f"{len(quantized)} of the target modules are quantized already ({path}: {kind}). "
                           "init_lora_weights='loftq' quantizes the float weights itself: call get_delta_model on "
-                          "the float model (LoftQ makes the targeted layers 4-bit), or keep this quantized base "
-                          "with the default initialisation.")
+                          "the float model (LoftQ quantizes the targeted layers), or add LoRA with the default "
+                          "initialisation to this base and call dt.replace_lora_weights_loftq(model, float_model_path).")
