@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..model_interface import HEAD_NAMES
-from .convert import KINDS, QuantizationError, require_backend
+from .convert import KINDS, QuantizationError, copy_float_tensors_off_the_file, require_backend
 
 #: Modules kept in float: the LM head and every task head (trained in full, or too small to matter).
 FLOAT_MODULES = sorted({"lm_head", *(name for names in HEAD_NAMES.values() for name in names)})
@@ -53,6 +53,7 @@ def from_pretrained_quantized(cls: Any, path: str, kind: str, device: torch.devi
         from .embedding import quantize_embeddings
 
         quantize_embeddings(model, kind)
+    copy_float_tensors_off_the_file(model)  # frees the float file's mapping (see there)
     return model
 
 
