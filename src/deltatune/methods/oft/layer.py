@@ -108,8 +108,8 @@ class OFTLinear(DeltaLayer):
         n = self.blocks[name]
         if blocks.shape[0] == 1 and n > 1:
             blocks = blocks.expand(n, -1, -1)
-        parts = x.to(blocks.dtype).reshape(*x.shape[:-1], n, blocks.shape[-1])  # (..., n, b)
-        return torch.einsum("...nk,nkc->...nc", parts, blocks).reshape(x.shape).to(x.dtype)
+        parts = x.to(blocks.dtype).reshape(-1, n, blocks.shape[-1]).transpose(0, 1)  # (n, tokens, b), a view
+        return torch.bmm(parts, blocks).transpose(0, 1).reshape(x.shape).to(x.dtype)  # x_i R_i per block
 
     def _rotation_stack(self, names: Sequence[str]) -> torch.Tensor:
         """The adapters' rotations at their common block size plus an identity slot: ``(K+1, m, c, c)``."""

@@ -6,13 +6,22 @@ excluded), HF peft's ``oft_R.weight`` layout ``(n_blocks, b (b - 1) / 2)``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 
+@functools.lru_cache(maxsize=32)
+def _upper_indices(block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices of the strict upper triangle of a ``block x block`` matrix (built once per size)."""
+    rows, cols = torch.triu_indices(block, block, 1, device=device)
+    return rows, cols
+
+
 def skew(vec: torch.Tensor, block: int) -> torch.Tensor:
     """``S - S^T`` with ``S``'s strict upper triangle filled from ``vec`` ``(n, b (b - 1) / 2)``: ``(n, b, b)``."""
-    rows, cols = torch.triu_indices(block, block, 1, device=vec.device)
+    rows, cols = _upper_indices(block, vec.device)
     upper = vec.new_zeros(vec.shape[0], block, block)
     upper[:, rows, cols] = vec
     return upper - upper.transpose(-2, -1)
@@ -20,7 +29,7 @@ def skew(vec: torch.Tensor, block: int) -> torch.Tensor:
 
 def upper_entries(q: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`skew`: ``(n, b, b) -> (n, b (b - 1) / 2)``."""
-    rows, cols = torch.triu_indices(q.shape[-1], q.shape[-1], 1, device=q.device)
+    rows, cols = _upper_indices(q.shape[-1], q.device)
     return q[:, rows, cols]
 
 
@@ -31,21 +40,21 @@ def cayley(q: torch.Tensor, neumann: bool, terms: int) -> torch.Tensor:
     the ``k = 4`` series, ``k = 2`` gives ``I + 2 Q``, ``k = 1`` gives ``I``), HF peft's truncation of
     ``(I + Q)(I - Q)^-1``. Otherwise the exact ``(I - Q)(I + Q)^-1``.
     """
-    eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype).expand_as(q)
+    eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
     if not neumann:
+        eye = eye.expand_as(q)
         return torch.linalg.solve(eye + q, eye - q, left=False)
-    out = eye.clone()
     if terms < 2:
-        return out
-    out = out + 2 * q
+        return eye.expand_as(q).clone()
+    out = torch.add(eye, q, alpha=2.0)  # (n, b, b); the sum is accumulated in place (autograd keeps no partial sums)
     if terms < 3:
         return out
     power = q @ q
-    out = out + 2 * power
+    out.add_(power, alpha=2.0)
     for _ in range(3, terms - 1):
         power = power @ q
-        out = out + 2 * power
-    return out + power @ q
+        out.add_(power, alpha=2.0)
+    return out.add_(power @ q)
 
 
 def constrain(vec: torch.Tensor, block: int, eps: float) -> torch.Tensor:
