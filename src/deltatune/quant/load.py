@@ -92,7 +92,3 @@ def recorded_quantization(folder: str | Path) -> tuple[str | None, bool]:
                                 "embedding quantized the same way); load that base in Python.")
     return linear[0], bool(embedding)
 
-
-def adapter_quantization(folder: str | Path) -> str | None:
-    """The quantization kind of the linear layers of the base the adapter in ``folder`` was trained on, if any."""
-    return recorded_quantization(folder)[0]
