@@ -66,6 +66,21 @@ def save_tiny(kind: str, folder: Path, seed: int = 0, dropout: float = 0.1) -> P
     return folder
 
 
+def save_quantizable_llama(folder: Path, tied: bool = False) -> Path:
+    """A tiny Llama for the quantized-base CLI tests (every width a multiple of 64, as bitsandbytes' CPU
+    kernels want; ``tied``: the LM head shares the token embedding) and the tokenizer, into ``folder``."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tied, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                         initializer_range=0.3)
+    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def _sentence(rng: random.Random, n: int = 6) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 

@@ -13,30 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train_tiny import VOCAB, make_tokenizer, write_pairs
+from _train_tiny import VOCAB, save_quantizable_llama, write_pairs
 
 from deltatune.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def _save_llama(folder: Path) -> Path:
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-                         initializer_range=0.3)
-    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def qrun(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("qcli")
-    model, pairs = _save_llama(root / "llama"), write_pairs(root / "pairs.jsonl", 40)
+    model, pairs = save_quantizable_llama(root / "llama"), write_pairs(root / "pairs.jsonl", 40)
     assert main(["train", "--model", str(model), "--data", str(pairs), "--max-steps", "3", "--quantize", "nf4",
                  "--output-dir", str(root / "run"), "--method-opt", "target_modules=all-linear", "--quiet",
                  "--threads", "1", "--batch-size", "8", "--lr", "2e-2"]) == 0
