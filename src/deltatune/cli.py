@@ -63,9 +63,20 @@ def _adapter_args(parser: argparse.ArgumentParser, required: bool = True) -> Non
     _quantize_arg(parser)
 
 
+def _quantization(text: str) -> str:
+    """``--quantize``'s value: a kind, 4-bit kinds optionally with ``:BLOCKSIZE`` (refused here if unknown)."""
+    from .quant.convert import QuantizationError, kind_spec, parse_kind
+
+    try:
+        return kind_spec(*parse_kind(text))  # "nf4:64" -> "nf4": the spelling the fingerprint records
+    except QuantizationError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _quantize_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quantize", choices=["nf4", "fp4", "int8", "torchao-int8"],
-                        help="load the base quantized (default: as the adapter's base was when it was trained)")
+    parser.add_argument("--quantize", type=_quantization, metavar="{nf4,fp4,int8,torchao-int8}[:BLOCKSIZE]",
+                        help="load the base quantized (default: as the adapter's base was when it was trained); "
+                        "nf4/fp4 take a block size, e.g. nf4:32 (default 64)")
     parser.add_argument("--quantize-embeddings", action="store_true",
                         help="with --quantize: the token embedding (and the LM head tied to it) quantized too")
 
@@ -122,8 +133,9 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
-    p.add_argument("--quantize", choices=["nf4", "fp4", "int8", "torchao-int8"],
-                   help="load the base model quantized (adapters must have been trained on the same quantization)")
+    p.add_argument("--quantize", type=_quantization, metavar="{nf4,fp4,int8,torchao-int8}[:BLOCKSIZE]",
+                   help="load the base model quantized (adapters must have been trained on the same quantization); "
+                   "nf4/fp4 take a block size, e.g. nf4:32 (default 64)")
     p.add_argument("--quantize-embeddings", action="store_true",
                    help="with --quantize: the token embedding (and the LM head tied to it) quantized too")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="log level")

@@ -1,7 +1,7 @@
 """bitsandbytes backends: 4-bit NF4/FP4 (QLoRA, Dettmers et al., arXiv 2305.14314) and LLM.int8()
 (Dettmers et al., arXiv 2208.07339) linear layers.
 
-4-bit: ``W ~ absmax_b * code[q]`` per block ``b`` of 64 values (NF4 or FP4 code book, ``q`` 4 bits,
+4-bit: ``W ~ absmax_b * code[q]`` per block ``b`` of 64 values (or another block size: ``blocksize``) (NF4 or FP4 code book, ``q`` 4 bits,
 two per byte); with double quantisation the block scales are themselves quantised to 8 bits.
 8-bit: ``W ~ SCB[:, None] * q / 127`` with one float scale per output row, ``q`` int8.
 
@@ -52,7 +52,9 @@ class Bnb4bitAccess:
         return "Linear4bit" in _class_names(module)
 
     def kind(self, module: nn.Module) -> str:
-        return str(module.weight.quant_type)
+        from .convert import kind_spec
+
+        return kind_spec(str(module.weight.quant_type), int(module.weight.blocksize))  # "nf4", "nf4:32"
 
     def read(self, module: nn.Module) -> torch.Tensor:
         import bitsandbytes as bnb
@@ -137,8 +139,9 @@ class Bnb8bitAccess:
         return param.numel()
 
 
-def make_bnb_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype) -> nn.Module:
-    """A bitsandbytes copy of ``linear``: ``kind`` ``"nf4"``/``"fp4"`` (double quantisation) or ``"int8"``."""
+def make_bnb_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype, blocksize: int = 64) -> nn.Module:
+    """A bitsandbytes copy of ``linear``: ``kind`` ``"nf4"``/``"fp4"`` (double quantisation, ``blocksize`` values
+    per block scale) or ``"int8"``."""
     import bitsandbytes as bnb
 
     device, has_bias = linear.weight.device, linear.bias is not None
@@ -151,7 +154,7 @@ def make_bnb_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype) ->
         module = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
                                    compress_statistics=True, quant_type=kind, device="meta")
         module.weight = bnb.nn.Params4bit(data.to(compute_dtype), requires_grad=False, compress_statistics=True,
-                                          quant_type=kind, module=module)
+                                          quant_type=kind, blocksize=blocksize, module=module)
     if has_bias:
         module.bias = nn.Parameter(linear.bias.detach().to("cpu", compute_dtype), requires_grad=False)
     return module.to(device)  # moving the weight quantises it

@@ -3,6 +3,8 @@
 ``quantize(model, kind)`` swaps each ``nn.Linear`` (except the output head and ``skip``) for the
 backend's module, quantising its weight: ``"nf4"`` / ``"fp4"`` (bitsandbytes 4-bit with double
 quantisation), ``"int8"`` (bitsandbytes LLM.int8()), ``"torchao-int8"`` (torchao int8 weight-only).
+4-bit kinds take a block size (values per float scale, default 64): ``quantize(model, "nf4", blocksize=32)``,
+spelled ``"nf4:32"`` where one string names the quantization (the CLI's ``--quantize``, the fingerprint).
 This is what ``transformers``' ``BitsAndBytesConfig`` / ``TorchAoConfig`` do at load time; use it
 where loading that way is not possible (a model already in memory, a plain ``nn.Module``).
 """
@@ -28,14 +30,56 @@ KINDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+#: bitsandbytes 4-bit block sizes (values per block scale) its kernels accept; 64 is its (and transformers') default.
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+DEFAULT_BLOCKSIZE = 64
+FOUR_BIT = ("nf4", "fp4")
+
+
+def parse_kind(spec: str, blocksize: int | None = None) -> tuple[str, int | None]:
+    """``(kind, blocksize)`` of a quantization ``spec`` (``"nf4"``, ``"nf4:32"``, ``"int8"`` ...) and an optional
+    ``blocksize`` given separately; the block size is ``None`` for kinds without blocks, else 64 unless set.
+    Raises :class:`QuantizationError` for an unknown kind, a block size a kind has no use for, or one that
+    bitsandbytes does not support."""
+    if not isinstance(spec, str):
+        raise QuantizationError(f"A quantization is a string such as 'nf4' or 'nf4:32', got {spec!r}.")
+    kind, sep, size = spec.partition(":")
+    if kind not in KINDS:
+        raise QuantizationError(f"Unknown quantization {spec!r}; choose one of {', '.join(KINDS)} "
+                                "(nf4 and fp4 also as KIND:BLOCKSIZE, e.g. nf4:32).")
+    if sep:
+        if not size.isdigit():
+            raise QuantizationError(f"Quantization {spec!r}: the block size after ':' must be a whole number, "
+                                    f"one of {', '.join(map(str, BLOCKSIZES))}.")
+        if blocksize is not None and blocksize != int(size):
+            raise QuantizationError(f"Quantization {spec!r} and blocksize={blocksize} disagree; give the block size once.")
+        blocksize = int(size)
+    if kind not in FOUR_BIT:
+        if blocksize is not None:
+            raise QuantizationError(f"{kind} has no block size (it keeps one scale per row); a block size applies to "
+                                    "the 4-bit kinds nf4 and fp4 only.")
+        return kind, None
+    if blocksize is None:
+        return kind, DEFAULT_BLOCKSIZE
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+        raise QuantizationError(f"Block size {blocksize!r} is not supported by bitsandbytes' 4-bit quantization; "
+                                f"choose one of {', '.join(map(str, BLOCKSIZES))} (default {DEFAULT_BLOCKSIZE}).")
+    return kind, blocksize
+
+
+def kind_spec(kind: str, blocksize: int | None) -> str:
+    """The one-string name of a quantization: ``"nf4"`` at the default block size, ``"nf4:32"`` otherwise
+    (what the fingerprint records and ``--quantize`` takes)."""
+    return kind if blocksize in (None, DEFAULT_BLOCKSIZE) else f"{kind}:{blocksize}"
+
+
 def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in text.split("+")[0].split(".")[:2] if p.isdigit())
 
 
 def require_backend(kind: str) -> None:
-    """Raise :class:`QuantizationError` (with the pip command) unless ``kind`` can run here."""
-    if kind not in KINDS:
-        raise QuantizationError(f"Unknown quantization {kind!r}; choose one of {', '.join(KINDS)}.")
+    """Raise :class:`QuantizationError` (with the pip command) unless ``kind`` (``"nf4:32"`` too) can run here."""
+    kind, _ = parse_kind(kind)
     package, minimum, _ = KINDS[kind]
     if importlib.util.find_spec(package) is None:
         raise QuantizationError(
@@ -53,17 +97,21 @@ def require_backend(kind: str) -> None:
 
 
 def quantize(model: nn.Module, kind: str, compute_dtype: torch.dtype | None = None,
-             skip: Iterable[str] = (), embeddings: bool = False) -> nn.Module:
+             skip: Iterable[str] = (), embeddings: bool = False, blocksize: int | None = None) -> nn.Module:
     """Quantise ``model``'s linear layers in place (and return it).
 
     Args:
         model: a float model without adapters (quantise first, then add adapters).
-        kind: ``"nf4"``, ``"fp4"``, ``"int8"`` or ``"torchao-int8"``.
+        kind: ``"nf4"``, ``"fp4"``, ``"int8"`` or ``"torchao-int8"`` (4-bit kinds also ``"nf4:32"``: see ``blocksize``).
         compute_dtype: dtype of 4-bit matmuls (default: the model's weight dtype).
         skip: module paths to keep in float, besides the output head and task heads (``classifier``, ``score``...).
         embeddings: also quantize the input token embedding, and the LM head when it is tied to it
             (:mod:`deltatune.quant.embedding`); off by default, as in transformers' quantized loading.
+        blocksize: nf4/fp4 only: values per block scale, one of :data:`BLOCKSIZES` (default 64, as bitsandbytes
+            and transformers). Smaller blocks cost memory (double quantisation: about 0.13 more bits per value
+            at 32) and follow the weights more closely, e.g. weights that were once quantized in blocks of 32.
     """
+    kind, blocksize = parse_kind(kind, blocksize)
     require_backend(kind)
     if any(getattr(m, "_delta_base_child", None) for m in model.modules()):
         raise QuantizationError("quantize() the base model before adding adapters (get_delta_model), not after.")
@@ -85,7 +133,8 @@ def quantize(model: nn.Module, kind: str, compute_dtype: torch.dtype | None = No
                 continue
             dtype = compute_dtype or module.weight.dtype
             parent, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, make_bnb_linear(module, kind, dtype))
+            layer = make_bnb_linear(module, kind, dtype, blocksize=blocksize or DEFAULT_BLOCKSIZE)
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
             done.append(path)
     if not done:
         raise QuantizationError(f"quantize({kind!r}): the model has no nn.Linear layer to quantize (besides its head).")

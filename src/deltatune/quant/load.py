@@ -7,6 +7,9 @@ fingerprints agree), and a model loaded this way can be saved again with ``save_
 the one loader the CLI commands (train, eval, generate, merge, serve) call for ``--quantize`` (and
 ``--quantize-embeddings``: ``embeddings=True``). An adapter records how its base was quantized in its
 fingerprint; :func:`recorded_quantization` reads it back so a trained run reloads its base the same way.
+A 4-bit block size other than bitsandbytes' 64 (``"nf4:32"``, or ``blocksize=32``) has no transformers
+config: such a model is loaded in float32 and quantized in memory by :func:`deltatune.quant.quantize`
+(same layers, same fingerprint rules; the whole float model is resident while it is quantized).
 """
 
 from __future__ import annotations
@@ -19,7 +22,16 @@ import torch
 from torch import nn
 
 from ..model_interface import HEAD_NAMES
-from .convert import KINDS, QuantizationError, copy_float_tensors_off_the_file, require_backend
+from .convert import (
+    DEFAULT_BLOCKSIZE,
+    KINDS,
+    QuantizationError,
+    copy_float_tensors_off_the_file,
+    kind_spec,
+    parse_kind,
+    quantize,
+    require_backend,
+)
 
 #: Modules kept in float: the LM head and every task head (trained in full, or too small to matter).
 FLOAT_MODULES = sorted({"lm_head", *(name for names in HEAD_NAMES.values() for name in names)})
@@ -27,7 +39,11 @@ FLOAT_MODULES = sorted({"lm_head", *(name for names in HEAD_NAMES.values() for n
 
 def quantization_config(kind: str, compute_dtype: torch.dtype = torch.float32) -> Any:
     """The transformers quantization config for ``kind`` (checks the backend package first)."""
+    kind, blocksize = parse_kind(kind)
     require_backend(kind)
+    if blocksize not in (None, DEFAULT_BLOCKSIZE):
+        raise QuantizationError(f"transformers' BitsAndBytesConfig has no block size ({kind_spec(kind, blocksize)!r}); "
+                                "use from_pretrained_quantized or deltatune.quantize(model, kind, blocksize=...).")
     if kind == "torchao-int8":
         from torchao.quantization import Int8WeightOnlyConfig
         from transformers import TorchAoConfig
@@ -42,11 +58,17 @@ def quantization_config(kind: str, compute_dtype: torch.dtype = torch.float32) -
 
 
 def from_pretrained_quantized(cls: Any, path: str, kind: str, device: torch.device | str = "cpu",
-                              embeddings: bool = False, **kwargs: Any) -> nn.Module:
+                              embeddings: bool = False, blocksize: int | None = None, **kwargs: Any) -> nn.Module:
     """``cls.from_pretrained(path, ...)`` with ``kind`` quantization, on ``device``; ``embeddings=True``
-    then quantizes the input embedding (and the tied LM head) too (:mod:`deltatune.quant.embedding`)."""
-    config = quantization_config(kind)
+    then quantizes the input embedding (and the tied LM head) too (:mod:`deltatune.quant.embedding`).
+    ``blocksize`` (or ``kind="nf4:32"``): values per 4-bit block scale (default 64; see the module docstring)."""
+    kind, blocksize = parse_kind(kind, blocksize)  # a bad kind or block size fails before anything is loaded
     device = torch.device(device)
+    if blocksize not in (None, DEFAULT_BLOCKSIZE):
+        require_backend(kind)
+        model = cls.from_pretrained(path, dtype=torch.float32, **kwargs)
+        return quantize(model, kind, embeddings=embeddings, blocksize=blocksize).to(device)
+    config = quantization_config(kind)
     model = cls.from_pretrained(path, quantization_config=config, dtype=torch.float32, device_map={"": str(device)},
                                 **kwargs)
     if embeddings:
@@ -60,7 +82,7 @@ def from_pretrained_quantized(cls: Any, path: str, kind: str, device: torch.devi
 def check_quantize_options(quantize: str | None, quantize_embeddings: bool) -> None:
     """Refuse ``--quantize-embeddings`` without ``--quantize`` (before anything is loaded or written)."""
     if quantize_embeddings and not quantize:
-        raise QuantizationError("--quantize-embeddings needs --quantize KIND (nf4, fp4, int8 or torchao-int8): it "
+        raise QuantizationError("--quantize-embeddings needs --quantize KIND (nf4, fp4, int8 or torchao-int8; nf4:32 ...): it "
                                 "quantizes the token embedding the same way as the linear layers. (eval, generate and "
                                 "merge of a run trained with both flags reload its base that way without either.)")
 
@@ -86,9 +108,13 @@ def recorded_quantization(folder: str | Path) -> tuple[str | None, bool]:
     parts = recorded.split("+")
     linear = [p for p in parts if not p.startswith("embedding-")]
     embedding = [p.removeprefix("embedding-") for p in parts if p.startswith("embedding-")]
-    if len(linear) != 1 or linear[0] not in KINDS or (embedding and embedding != linear):
+    try:
+        linear_kind = parse_kind(linear[0])[0] if len(linear) == 1 else None
+    except QuantizationError:
+        linear_kind = None
+    if linear_kind is None or (embedding and embedding != [linear_kind]):
         raise QuantizationError(f"The adapter in {folder} was trained on a base quantized as {recorded!r}, which the "
-                                f"CLI cannot reproduce (it loads one of {', '.join(KINDS)}, optionally with the "
+                                f"CLI cannot reproduce (it loads one of {', '.join(KINDS)} (nf4/fp4 also KIND:BLOCKSIZE), optionally with the "
                                 "embedding quantized the same way); load that base in Python.")
     return linear[0], bool(embedding)
 

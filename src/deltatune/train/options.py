@@ -90,7 +90,8 @@ class TrainOptions(DataSpec):
         "under torchrun: shard the frozen base model across ranks (FSDP) instead of replicating it (DDP)")
     bf16: bool = option(False, "compute in bfloat16 (autocast; FSDP: bf16 compute, fp32 gradient reduction)")
     quantize: str | None = option(None,
-        "load the frozen base quantized: nf4, fp4, int8 (bitsandbytes) or torchao-int8 (QLoRA-style; the adapter "
+        "load the frozen base quantized: nf4, fp4, int8 (bitsandbytes) or torchao-int8 (QLoRA-style; nf4/fp4 take a "
+        "block size, e.g. nf4:32, default 64; the adapter "
         "stays float32; needs pip install 'deltatune[quant]')")
     quantize_embeddings: bool = option(False,
         "with --quantize: also store the token embedding (and the LM head tied to it) quantized the same way; "
@@ -153,13 +154,19 @@ class TrainOptions(DataSpec):
     def _validate_quantize(self) -> None:
         """Refuse what cannot run with ``quantize`` before anything is loaded or written."""
         from ..quant import KINDS, QuantizationError, require_backend
+        from ..quant.convert import parse_kind
         from ..quant.load import check_quantize_options
 
         check_quantize_options(self.quantize, self.quantize_embeddings)
         if self.quantize is None:
             return
 
-        _choice("quantize", self.quantize, (*KINDS, None))
+        _choice("quantize", self.quantize.partition(":")[0] if isinstance(self.quantize, str) else self.quantize,
+                (*KINDS, None))
+        try:  # nf4:32 and the like: a block size bitsandbytes supports
+            parse_kind(self.quantize)
+        except QuantizationError as err:
+            raise ConfigError(f"quantize={self.quantize!r}: {err}") from None
         require_backend(self.quantize)
         if self.fsdp:
             raise QuantizationError("--quantize cannot be combined with --fsdp (FSDP does not shard bitsandbytes/torchao "
