@@ -74,7 +74,7 @@ def test_eval_of_the_run_matches_the_in_memory_model(erun: dict, capsys: pytest.
     ``eval`` loads for inference, where bitsandbytes may pick its bfloat16 CPU kernel (AVX512-BF16 CPUs): within
     1% then (0.2% measured here).
     """
-    import deltatune.commands.inference as inference
+    from deltatune.commands import inference
     from deltatune.train.tasks import load_base_model
 
     final = json.loads((erun["run"] / "summary.json").read_text())["final"]["test"]
