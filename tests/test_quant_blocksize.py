@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from _quant_models import inputs, tiny_llama
-from _train_tiny import VOCAB, make_tokenizer, write_pairs
+from _train_tiny import save_quantizable_llama, write_pairs
 from torch import nn
 
 import deltatune as dt
@@ -108,19 +108,6 @@ def test_cli_refuses_a_bad_block_size_before_any_work(tmp_path: Path, capsys: py
     assert not out.exists()
 
 
-def _save_llama(folder: Path) -> Path:
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-                         initializer_range=0.3)
-    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
-    return folder
-
-
 def test_cli_run_records_the_block_size_and_eval_reloads_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -128,7 +115,7 @@ def test_cli_run_records_the_block_size_and_eval_reloads_it(tmp_path: Path, caps
     from deltatune.commands.inference import load_for_inference
     from deltatune.quant.load import from_pretrained_quantized, recorded_quantization
 
-    model, pairs = _save_llama(tmp_path / "llama"), write_pairs(tmp_path / "pairs.jsonl", 24)
+    model, pairs = save_quantizable_llama(tmp_path / "llama"), write_pairs(tmp_path / "pairs.jsonl", 24)
     assert main(["train", "--model", str(model), "--data", str(pairs), "--max-steps", "2", "--quantize", "nf4:32",
                  "--output-dir", str(tmp_path / "run"), "--method-opt", "target_modules=all-linear", "--quiet",
                  "--threads", "1", "--batch-size", "8", "--lr", "2e-2"]) == 0
