@@ -26,7 +26,6 @@ from bench.methods import METHODS, available
 from bench.runner import REPO, run_many
 from bench.suites import Suite
 
-PARTS = ("accuracy", "cost", "lowdata", "forgetting", "inference")
 RESULTS = REPO / "bench" / "results"
 
 

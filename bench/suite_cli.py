@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                         peft_methods=suite.peft_methods if "peft" in args.libs else [])
     args.out.mkdir(parents=True, exist_ok=True)
     run = SuiteRun(suite, args.out, resume=args.resume, cached_only=args.cached_only,
-                               command=f"python -m bench --suite {args.suite}")
+                   command=f"python -m bench --suite {args.suite}")
     if args.report_only:
         run.reports(parts)
     else:
