@@ -124,7 +124,8 @@ def loftq_refusal(module: nn.Module, base: nn.Module, quantized: str | None) -> 
         return (f"init_lora_weights='loftq' replaces the layer by a bitsandbytes linear layer, which has no form "
                 f"for a {type(base).__name__} (transposed or custom weight); exclude it")
     if base.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"init_lora_weights='loftq' needs a float weight; this one is {base.weight.dtype}"
+        return (f"init_lora_weights='loftq' needs a float weight (float32, float16 or bfloat16); this one is "
+                f"{base.weight.dtype}: load the model in float, or exclude this layer")
     return None
 
 
