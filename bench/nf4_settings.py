@@ -50,6 +50,8 @@ def quantize_bnb(model: nn.Module, quant_type: str, blocksize: int, double_quant
                                   quant_type=quant_type, quant_storage=torch.uint8, device="meta")
         layer.weight = bnb.nn.Params4bit(module.weight.detach().clone(), requires_grad=False, blocksize=blocksize,
                                          compress_statistics=double_quant, quant_type=quant_type, module=layer)
+        if module.in_features % blocksize:
+            layer.support_avx512bf16_for_cpu = False  # bnb's CPU re-layout fails on blocks straddling rows
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         parent, _, child = path.rpartition(".")

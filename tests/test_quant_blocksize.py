@@ -48,9 +48,13 @@ def test_layers_store_the_block_size_and_dequantize_as_bitsandbytes() -> None:
         w = floats["model.layers.0.mlp.up_proj"]
         errors[blocksize] = float((read_weight(model.model.layers[0].mlp.up_proj) - w).abs().mean())
         assert model_quantization(model) == ("nf4" if blocksize == 64 else f"nf4:{blocksize}")
+        before = read_weight(model.model.layers[0].self_attn.q_proj)  # (64, 64): blocks of 128 straddle rows
         with torch.no_grad():
-            model(**inputs())  # an inference call may repack 4-bit weights for the CPU kernel
+            logits = model.eval()(**inputs()).logits  # an inference call may repack 4-bit weights for the CPU kernel
+        assert torch.isfinite(logits).all()
         assert model_quantization(model) == ("nf4" if blocksize == 64 else f"nf4:{blocksize}")
+        after = read_weight(model.model.layers[0].self_attn.q_proj)  # repacked: block scales rounded to bfloat16
+        assert torch.allclose(after, before, rtol=1e-2, atol=1e-6)
     assert errors[32] < errors[64] < errors[128]  # smaller blocks: a scale closer to each block's largest value
 
 

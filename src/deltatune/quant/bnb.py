@@ -155,6 +155,10 @@ def make_bnb_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype, bl
                                    compress_statistics=True, quant_type=kind, device="meta")
         module.weight = bnb.nn.Params4bit(data.to(compute_dtype), requires_grad=False, compress_statistics=True,
                                           quant_type=kind, blocksize=blocksize, module=module)
+        if linear.in_features % blocksize:
+            # bitsandbytes' CPU inference re-layout (AVX512-BF16) reshapes the block scales to (out, in / blocksize)
+            # and fails when blocks straddle rows (SmolLM2: in 576, blocksize 128); its generic kernel handles them
+            module.support_avx512bf16_for_cpu = False
     if has_bias:
         module.bias = nn.Parameter(linear.bias.detach().to("cpu", compute_dtype), requires_grad=False)
     return module.to(device)  # moving the weight quantises it
