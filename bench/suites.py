@@ -157,13 +157,13 @@ SUITES: dict[str, Suite] = {
         lowdata_sizes=[50], lowdata_methods=["full", "lora"], lowdata_seeds=[0], lowdata_min_steps=10, forget_steps=4,
         forget_n_eval=8, infer_rounds=3, infer_reps=1,
     ),
-    # Cost jobs cut for a shared, heavily loaded 2-core machine: 1 thread (2 threads waste most of their time
-    # spinning when the other core is taken), 5 memory steps, 1 warm-up step, 3 interleaved timing rounds of
-    # 3 steps. LoRA runs in the cost jobs only: its accuracy on this protocol is in ``full``; full
+    # Cost jobs for a shared 2-core machine: 1 thread (2 threads waste most of their time spinning when the
+    # other core is taken), 5 memory steps (the peak is reached in the first step), 3 warm-up steps, 10
+    # interleaved timing rounds of 5 steps (the first run's 3 rounds of 3 steps moved ratios by 5 %). LoRA runs in the cost jobs only: its accuracy on this protocol is in ``full``; full
     # fine-tuning's accuracy jobs would be the same jobs as ``full``'s (same settings), so the report borrows
     # them from full.json (split per seed) instead of running them again.
     "methods": Suite(name="methods", tasks=["trec", "rt", "bbc"], seeds=[0, 1, 2], n_train=2000, epochs=2,
                      methods=["full", "lora", *NEW_METHODS], peft_methods=list(NEW_PEFT_SHARED),
-                     accuracy_methods=list(NEW_METHODS), split_seeds=True, memory_steps=5, timing_warmup=1,
-                     timing_rounds=3, timing_per_round=3, cost_threads=1, borrow_full_from="full"),
+                     accuracy_methods=list(NEW_METHODS), split_seeds=True, memory_steps=5, timing_warmup=3,
+                     timing_rounds=10, timing_per_round=5, cost_threads=1, borrow_full_from="full"),
 }

@@ -171,6 +171,26 @@ def test_recipe_pick_reads_validation_only_and_gap_uses_the_same_seeds() -> None
     assert "| 0,1 | 55.00 ± 7.07 | 75.00 (round one) | -20.00 |" in row  # mean of seeds 0 and 1 only
 
 
+def test_recipe_search_rescores_candidates_with_more_seeds_on_validation() -> None:
+    """A candidate with seeds 0 and 1 on every task gets the validation mean over tasks and seeds and the
+    sample std over seeds of the per-seed task mean; one with a seed missing on a task gets none."""
+    from bench import recipe
+
+    def done(task: str, lr: float, seed: int, val: float) -> tuple[dict, dict]:
+        job = recipe.job(task, seed, "lora", lr, recipe.lora_options("all", 16, dropout=0.0))
+        return job, {"ok": True, "runs": [{"seed": seed, "accuracy": val, "accuracies": {"validation": val}}]}
+
+    vals = {0: {"trec": 0.90, "rt": 0.80, "bbc": 0.70}, 1: {"trec": 0.93, "rt": 0.83, "bbc": 0.79}}
+    runs = [done(t, 1e-3, seed, v) for seed, by_task in vals.items() for t, v in by_task.items()]
+    runs += [done(t, 2e-3, 0, 0.5) for t in ("trec", "rt", "bbc")] + [done("trec", 2e-3, 1, 0.5)]
+    rows, _ = recipe.search_table(recipe.accuracies(runs), ["trec", "rt", "bbc"])
+    per_seed = [100 * sum(by_task.values()) / 3 for by_task in vals.values()]  # 80.0 and 85.0
+    mean, std = sum(per_seed) / 2, abs(per_seed[0] - per_seed[1]) / 2 ** 0.5
+    row = next(r for r in rows if "| 0.001 |" in r)
+    assert "dropout 0" in row and f"| {mean:.2f} (seeds 0,1) | {std:.2f} |" in row
+    assert next(r for r in rows if "| 0.002 |" in r).endswith("| — | — |")
+
+
 def test_split_seed_jobs_come_seed_major_and_pool_back_into_one_cell() -> None:
     """The ``methods`` suite runs one job per seed (every configuration at seed 0 first); the report pools
     them, and deltatune-vs-peft accuracy is judged against twice the larger seed spread."""
