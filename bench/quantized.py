@@ -10,7 +10,8 @@ answer), the same batches in the same order, float32 compute. What differs per c
 of the report says it): the base's quantization; gradient checkpointing (``float32``: off, as plain
 LoRA; ``float32-ckpt``: on, the fair reference for memory; the quantized rows: on, the default of
 ``prepare_for_kbit_training`` and of peft's ``prepare_model_for_kbit_training``); and whether the tied
-embedding / LM head stays float32 (default) or is quantized too (``nf4-emb``: ``embeddings=True``); and the
+embedding / LM head stays float32 (default) or is quantized too (``nf4-emb``: ``embeddings=True``); the nf4
+block size (``nf4-b32``: 32 values per scale, ``--quantize nf4:32``; every other row: 64); and the
 LoRA initialisation (``nf4-loftq``: LoftQ, ``init_lora_weights="loftq"`` with ``--loftq-iter`` alternations, on
 the float32 model, which it turns into the nf4 base Q; every other row: ``B = 0``).
 Each configuration runs in its own process, one after another (:func:`bench.runner.run_one`):
@@ -49,11 +50,12 @@ import torch
 from bench.loop import epoch_batches, perplexity, train
 from bench.measure import PeakMemory, machine_info, median_after_warmup
 
-CONFIGS = ("float32", "float32-ckpt", "nf4", "nf4-loftq", "nf4-emb", "peft-nf4", "int8", "torchao-int8")  # this order
+CONFIGS = ("float32", "float32-ckpt", "nf4", "nf4-b32", "nf4-loftq", "nf4-emb", "peft-nf4", "int8",
+           "torchao-int8")  # this order
 #: config -> (base quantization or None, gradient checkpointing, embedding / tied head quantized too)
 SETUP: dict[str, tuple[str | None, bool, bool]] = {
     "float32": (None, False, False), "float32-ckpt": (None, True, False), "nf4": ("nf4", True, False),
-    "nf4-loftq": ("nf4", True, False),
+    "nf4-b32": ("nf4:32", True, False), "nf4-loftq": ("nf4", True, False),
     "nf4-emb": ("nf4", True, True), "peft-nf4": ("nf4", True, False), "int8": ("int8", True, False),
     "torchao-int8": ("torchao-int8", True, False),
 }

@@ -1,4 +1,4 @@
-"""Regenerate the tables of README.md's Benchmarks sections from ``bench/results/*.md``.
+"""Regenerate README.md's benchmark tables (Benchmarks sections, QLoRA section) from ``bench/results/*.md``.
 
 Each generated table block in README.md sits between two HTML comments::
 
@@ -58,6 +58,9 @@ BLOCKS: list[Block] = [
     Block("methods-cost", "methods.md", "2. Cost"),
     Block("methods-peft", "methods.md", "3. deltatune vs HF peft"),
     Block("combination", "combination.md", None),
+    Block("quantized", "quantized.md", None),
+    Block("quantized-settings", "quantized_settings.md", None),
+    Block("quantized-loftq2", "quantized_loftq2.md", None),
 ]
 
 HEADING = re.compile(r"^(#+)\s+(.*)$")

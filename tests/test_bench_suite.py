@@ -64,9 +64,10 @@ def test_full_suite_is_estimated_within_90_minutes_and_names_its_cuts() -> None:
     minutes = sum(r.minutes for r in plan.plan(full, full.parts, recs))
     assert 30 < minutes <= 90
     assert sum(r.minutes for r in plan.plan(extended, extended.parts, recs)) > minutes
-    assert set(extended.parts) - set(full.parts) == {"methods"} and any(c.startswith("methods") for c in FULL_CUTS)
+    assert set(extended.parts) - set(full.parts) == {"methods", "combination"}
+    assert all(any(c.startswith(part) for c in FULL_CUTS) for part in ("methods", "combination"))
     assert full.lowall_seeds == [0] and extended.lowall_seeds == [0, 1, 2]
-    assert {"recipe", "lowdata_all", "forgetting_frontier", "combination", "accuracy", "cost"} <= set(full.parts)
+    assert {"recipe", "lowdata_all", "forgetting_frontier", "accuracy", "cost"} <= set(full.parts)
 
 
 def _fake_run_one(calls: list[dict], state: dict[str, int]) -> Any:
@@ -122,7 +123,7 @@ def test_part_cache_seeds_from_the_committed_results_only_when_resuming(tmp_path
     committed = ROOT / "bench" / "results" / "recipe.json"
     saved = json.loads(committed.read_text())
     cache = part_cache(tmp_path / ".recipe.jobs.jsonl", committed, resume=True)
-    assert all(cache.get(e["job"]) is not None for e in saved) and len(saved) == 18
+    assert saved and all(cache.get(e["job"]) is not None for e in saved)
     fresh = part_cache(tmp_path / ".recipe.jobs.jsonl", committed, resume=False)
     assert fresh.get(saved[0]["job"]) is None and (tmp_path / ".recipe.jobs.jsonl").read_text() == ""
     jobs = recipe.test_jobs(["trec", "rt", "bbc", "sms"], ["sms"], [0, 1, 2])
