@@ -65,7 +65,8 @@ def _adapter_args(parser: argparse.ArgumentParser, required: bool = True) -> Non
 
 def _quantization(text: str) -> str:
     """``--quantize``'s value: a kind, 4-bit kinds optionally with ``:BLOCKSIZE`` (refused here if unknown)."""
-    from .quant.convert import QuantizationError, kind_spec, parse_kind
+    from .quant.convert import QuantizationError, parse_kind
+    from .quant.spec import kind_spec
 
     try:
         return kind_spec(*parse_kind(text))  # "nf4:64" -> "nf4": the spelling the fingerprint records

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .spec import kind_spec
+
 
 def _class_names(obj: object) -> set[str]:
     return {c.__name__ for c in type(obj).__mro__ if c.__module__.startswith("bitsandbytes")}
@@ -52,8 +54,6 @@ class Bnb4bitAccess:
         return "Linear4bit" in _class_names(module)
 
     def kind(self, module: nn.Module) -> str:
-        from .convert import kind_spec
-
         return kind_spec(str(module.weight.quant_type), int(module.weight.blocksize))  # "nf4", "nf4:32"
 
     def read(self, module: nn.Module) -> torch.Tensor:

@@ -20,6 +20,7 @@ from torch import nn
 from ..model_interface import HEAD_NAMES, output_head_paths
 from ..weights import quantization, read_weight
 from .errors import QuantizationError
+from .spec import BLOCKSIZES, DEFAULT_BLOCKSIZE, FOUR_BIT
 
 #: kind -> (package, minimum version, what it is)
 KINDS: dict[str, tuple[str, str, str]] = {
@@ -28,12 +29,6 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "int8": ("bitsandbytes", "0.46", "bitsandbytes LLM.int8() (int8 weights, one scale per row)"),
     "torchao-int8": ("torchao", "0.10", "torchao int8 weight-only (one scale per row)"),
 }
-
-
-#: bitsandbytes 4-bit block sizes (values per block scale) its kernels accept; 64 is its (and transformers') default.
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-DEFAULT_BLOCKSIZE = 64
-FOUR_BIT = ("nf4", "fp4")
 
 
 def parse_kind(spec: str, blocksize: int | None = None) -> tuple[str, int | None]:
@@ -65,12 +60,6 @@ def parse_kind(spec: str, blocksize: int | None = None) -> tuple[str, int | None
         raise QuantizationError(f"Block size {blocksize!r} is not supported by bitsandbytes' 4-bit quantization; "
                                 f"choose one of {', '.join(map(str, BLOCKSIZES))} (default {DEFAULT_BLOCKSIZE}).")
     return kind, blocksize
-
-
-def kind_spec(kind: str, blocksize: int | None) -> str:
-    """The one-string name of a quantization: ``"nf4"`` at the default block size, ``"nf4:32"`` otherwise
-    (what the fingerprint records and ``--quantize`` takes)."""
-    return kind if blocksize in (None, DEFAULT_BLOCKSIZE) else f"{kind}:{blocksize}"
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:

@@ -23,15 +23,14 @@ from torch import nn
 
 from ..model_interface import HEAD_NAMES
 from .convert import (
-    DEFAULT_BLOCKSIZE,
     KINDS,
     QuantizationError,
     copy_float_tensors_off_the_file,
-    kind_spec,
     parse_kind,
     quantize,
     require_backend,
 )
+from .spec import DEFAULT_BLOCKSIZE, kind_spec
 
 #: Modules kept in float: the LM head and every task head (trained in full, or too small to matter).
 FLOAT_MODULES = sorted({"lm_head", *(name for names in HEAD_NAMES.values() for name in names)})
