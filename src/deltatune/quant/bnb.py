@@ -1,8 +1,8 @@
 """bitsandbytes backends: 4-bit NF4/FP4 (QLoRA, Dettmers et al., arXiv 2305.14314) and LLM.int8()
 (Dettmers et al., arXiv 2208.07339) linear layers.
 
-4-bit: ``W ~ absmax_b * code[q]`` per block ``b`` of 64 values (or another block size: ``blocksize``) (NF4 or FP4 code book, ``q`` 4 bits,
-two per byte); with double quantisation the block scales are themselves quantised to 8 bits.
+4-bit: ``W ~ absmax_b * code[q]`` per block ``b`` of ``blocksize`` values (64 unless set; NF4 or FP4 code
+book, ``q`` 4 bits, two per byte); with double quantisation the block scales are themselves quantised to 8 bits.
 8-bit: ``W ~ SCB[:, None] * q / 127`` with one float scale per output row, ``q`` int8.
 
 Both module types are ``nn.Linear`` subclasses, so layer methods wrap them as they wrap a float
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .spec import kind_spec
+from .spec import DEFAULT_BLOCKSIZE, kind_spec
 
 
 def _class_names(obj: object) -> set[str]:
@@ -139,7 +139,8 @@ class Bnb8bitAccess:
         return param.numel()
 
 
-def make_bnb_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype, blocksize: int = 64) -> nn.Module:
+def make_bnb_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype,
+                    blocksize: int = DEFAULT_BLOCKSIZE) -> nn.Module:
     """A bitsandbytes copy of ``linear``: ``kind`` ``"nf4"``/``"fp4"`` (double quantisation, ``blocksize`` values
     per block scale) or ``"int8"``."""
     import bitsandbytes as bnb

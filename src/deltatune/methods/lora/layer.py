@@ -271,10 +271,7 @@ def can_wrap(module: nn.Module, config: LoraConfig, path: str) -> str | None:
     if cls is not LoraLinear and init in REWRITES_BASE:
         return f"init_lora_weights={init!r} supports linear layers only, this is an {kind}"
     quantized = quantization(unwrapped(module))
-    if init == "loftq":
-        from ...quant import require_backend
-
-        require_backend("nf4")  # LoftQ quantizes with bitsandbytes: a missing package says so before any work
+    if init == "loftq":  # bitsandbytes itself is checked once, before targeting (lora.prepare_config)
         return loftq_refusal(module, unwrapped(module), quantized)
     if quantized and init in REWRITES_BASE:
         return (f"init_lora_weights={init!r} rewrites the base weight, which is quantized ({quantized}) here; "
