@@ -84,7 +84,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     for seed in job["seeds"]:
         model, counts = load_model(prep, job["method"], job["lib"], seed, job.get("method_options"))
         batches = batches_for(prep, job, seed)
-        stats = train(model, batches, lr=job.get("lr") or METHODS[job["method"]].lr, autocast=job.get("autocast"))
+        stats = train(model, batches, lr=job.get("lr") or METHODS[job["method"]].lr, autocast=job.get("autocast"),
+                      **({"warmup_frac": job["warmup_frac"]} if "warmup_frac" in job else {}))
         runs.append({
             "seed": seed, "steps": len(batches), "train_seconds": stats.seconds, **counts,
             "epochs": epochs_for(len(prep.train), job["batch_size"], job["epochs"], job.get("min_steps", 0)),

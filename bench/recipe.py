@@ -66,13 +66,25 @@ def shipped_recipe() -> tuple[dict[str, Any], float]:
     return dict(dt.LoraConfig.RECOMMENDED_OPTIONS), dt.LoraConfig.RECOMMENDED_LR
 
 
+def protocol_with(epochs: int = PROTOCOL["epochs"], warmup: float | None = None) -> dict[str, Any]:
+    """Round one's protocol with another number of epochs or warm-up share (a schedule candidate)."""
+    return PROTOCOL | {"epochs": epochs} | ({"warmup_frac": warmup} if warmup is not None else {})
+
+
+def _schedule_label(j: dict[str, Any]) -> str:
+    """``", 3 epochs"`` / ``", warm-up 10%"`` where the job's schedule is not round one's (empty otherwise)."""
+    parts = [f", {j['epochs']} epochs"] if j.get("epochs", PROTOCOL["epochs"]) != PROTOCOL["epochs"] else []
+    return "".join(parts + ([f", warm-up {100 * j['warmup_frac']:g}%"] if "warmup_frac" in j else []))
+
+
 def _label(j: dict[str, Any]) -> str:
     if j["method"] == "full":
-        return "full fine-tuning"
+        return "full fine-tuning" + _schedule_label(j)
     o = j.get("method_options") or {}
     t = "all linear" if o.get("target_modules") == "all-linear" else ",".join(o.get("target_modules", ["query", "value"]))
     drop = o.get("lora_dropout", 0.1)
-    return f"LoRA {t}, r={o.get('r', 8)}, alpha={o.get('lora_alpha', 16)}" + ("" if drop == 0.1 else f", dropout {drop:g}")
+    return (f"LoRA {t}, r={o.get('r', 8)}, alpha={o.get('lora_alpha', 16)}" + ("" if drop == 0.1 else f", dropout {drop:g}")
+            + _schedule_label(j))
 
 
 def _mean(xs: list[float]) -> float:
@@ -230,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 2e-3])
     s.add_argument("--seeds", nargs="+", type=int, default=[0])
     s.add_argument("--dropouts", nargs="+", type=float, default=[0.1], help="LoRA dropout of the candidates")
+    s.add_argument("--epochs", nargs="+", type=int, default=[PROTOCOL["epochs"]], help="epochs of the candidates")
+    s.add_argument("--warmups", nargs="+", type=float, default=[None],
+                   help="warm-up share of the candidates (default: the protocol's 6%%)")
     t = sub.add_parser("test", help="the shipped recipe (and full fine-tuning where asked) on the test splits")
     t.add_argument("--tasks", nargs="+", default=["trec", "rt", "bbc", "sms"])
     t.add_argument("--full-tasks", nargs="*", default=["sms"], help="tasks on which full fine-tuning runs too")
@@ -240,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         write_report()
         return 0
     if args.command == "search":
-        jobs = [job(task, seed, "lora", lr, lora_options(tg, r, dropout)) for tg in args.targets for r in args.ranks
-                for dropout in args.dropouts for lr in args.lrs for seed in args.seeds for task in args.tasks]
+        jobs = [job(task, seed, "lora", lr, lora_options(tg, r, dropout), protocol_with(epochs, warmup))
+                for tg in args.targets for r in args.ranks for dropout in args.dropouts for lr in args.lrs
+                for epochs in args.epochs for warmup in args.warmups for seed in args.seeds for task in args.tasks]
     else:
         jobs = test_jobs(args.tasks, args.full_tasks, args.seeds)
     cache = part_cache(CACHE, RESULTS / "recipe.json", resume=True)  # a fresh checkout resumes from the committed file

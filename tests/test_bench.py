@@ -227,3 +227,33 @@ def test_cached_only_reports_finished_jobs_and_counts_the_rest(tmp_path: Path) -
                    progress=lambda _: None)
     assert out[0]["ok"] and out[0]["reused"] and out[1] == {"ok": False, "error": aggregate.NOT_RUN, "job": missing}
     assert aggregate.failures({"accuracy": out}) == ["not run, the run was cut short: 1 accuracy (seeds [1]) jobs"]
+
+
+def test_recipe_schedule_candidates_are_told_apart_and_reach_the_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3-epoch or 10 %-warm-up candidate is a job of its own, labelled so, and its warm-up reaches ``train``."""
+    from bench import classify, recipe
+
+    plain = recipe.job("trec", 0, "lora", 1e-3, recipe.lora_options("all", 16))
+    longer = recipe.job("trec", 0, "lora", 1e-3, recipe.lora_options("all", 16), recipe.protocol_with(3))
+    warm = recipe.job("trec", 0, "lora", 1e-3, recipe.lora_options("all", 16), recipe.protocol_with(2, 0.1))
+    assert plain == recipe.job("trec", 0, "lora", 1e-3, recipe.lora_options("all", 16), recipe.protocol_with())
+    assert longer["epochs"] == 3 and "warmup_frac" not in longer and warm["warmup_frac"] == 0.1
+    labels = {recipe._label(j) for j in (plain, longer, warm)}
+    assert labels == {"LoRA all linear, r=16, alpha=32", "LoRA all linear, r=16, alpha=32, 3 epochs",
+                      "LoRA all linear, r=16, alpha=32, warm-up 10%"}
+    seen: list[dict] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(model: object, batches: object, **kw: object) -> None:
+        seen.append(kw)
+        raise Stop
+
+    monkeypatch.setattr(classify, "train", fake_train)
+    monkeypatch.setattr(classify, "load_model", lambda *a, **k: (None, {}))
+    monkeypatch.setattr(classify, "batches_for", lambda *a, **k: [])
+    monkeypatch.setattr(classify, "prepare", lambda job: None)
+    with pytest.raises(Stop):
+        classify.run(warm)
+    assert seen[0]["warmup_frac"] == 0.1
