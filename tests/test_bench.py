@@ -257,3 +257,25 @@ def test_recipe_schedule_candidates_are_told_apart_and_reach_the_trainer(monkeyp
     with pytest.raises(Stop):
         classify.run(warm)
     assert seen[0]["warmup_frac"] == 0.1
+
+
+def test_recipe_test_table_compares_a_longer_schedule_with_full_fine_tuning_at_that_schedule() -> None:
+    """A 3-epoch LoRA row gets two gaps: to round one's 2-epoch full fine-tuning and to a 3-epoch one."""
+    from bench import recipe
+    from bench.methods import METHODS
+
+    def done(method: str, lr: float, seed: int, test: float, epochs: int) -> tuple[dict, dict]:
+        options = recipe.lora_options("all", 16) if method == "lora" else None
+        job = recipe.job("trec", seed, method, lr, options, recipe.protocol_with(epochs))
+        return job, {"ok": True, "runs": [{"seed": seed, "accuracy": test,
+                                            "accuracies": {"validation": test, "test": test}}]}
+
+    full_lr = METHODS["full"].lr
+    runs = [done("lora", 1e-3, s, t, 3) for s, t in ((0, 0.90), (1, 0.94))]
+    runs += [done("full", full_lr, s, t, 3) for s, t in ((0, 0.95), (1, 0.97), (2, 0.99))]
+    rows = recipe.test_table(recipe.accuracies(runs), {"trec": {0: 91.0, 1: 93.0}})
+    lora = next(r for r in rows if "LoRA" in r)
+    # 92 vs round one's 92 (seeds 0,1): +0.00; vs 3-epoch full fine-tuning over seeds 0,1 only (96): -4.00
+    assert lora.endswith("| 0,1 | 92.00 ± 2.83 | 92.00 (round one) | +0.00 | 96.00 | -4.00 |")
+    full3 = next(r for r in rows if "full fine-tuning, 3 epochs" in r)
+    assert full3.endswith("| 97.00 ± 2.00 | — | — | 97.00 | — |")  # round one has no seed 2: no gap to it
