@@ -206,12 +206,12 @@ def test_loftq_bad_input_is_refused_before_anything_changes(monkeypatch) -> None
     with pytest.raises(dt.TargetError, match="embed_tokens: .*loftq"):
         dt.get_delta_model(model, dt.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"],
                                                 init_lora_weights="loftq", loftq_config=dt.LoftQConfig()))
-    from transformers.pytorch_utils import Conv1D
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-    conv = nn.Sequential(Conv1D(8, 4))
-    with pytest.raises(dt.TargetError, match="Conv1D"):
-        dt.get_delta_model(conv, dt.LoraConfig(r=2, target_modules=["0"], init_lora_weights="loftq",
-                                               loftq_config=dt.LoftQConfig()))
+    custom = nn.Sequential(NonDynamicallyQuantizableLinear(8, 4))  # a subclass: its forward may differ
+    with pytest.raises(dt.TargetError, match="NonDynamicallyQuantizableLinear"):
+        dt.get_delta_model(custom, dt.LoraConfig(r=2, target_modules=["0"], init_lora_weights="loftq",
+                                                 loftq_config=dt.LoftQConfig()))
     delta = dt.get_delta_model(model, dt.LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(dt.TargetError, match="already carries adapters"):
         delta.add_adapter("loftq", dt.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="loftq",

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..structure.modules import is_transposed_linear, linear_dims, row_major_weight
 from .spec import DEFAULT_BLOCKSIZE, kind_spec
 
 
@@ -139,29 +140,37 @@ class Bnb8bitAccess:
         return param.numel()
 
 
-def make_bnb_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype,
+def make_bnb_linear(linear: nn.Module, kind: str, compute_dtype: torch.dtype,
                     blocksize: int = DEFAULT_BLOCKSIZE) -> nn.Module:
     """A bitsandbytes copy of ``linear``: ``kind`` ``"nf4"``/``"fp4"`` (double quantisation, ``blocksize`` values
-    per block scale) or ``"int8"``."""
+    per block scale) or ``"int8"``.
+
+    ``linear`` is an ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2), whose ``(in, out)`` weight is quantized
+    transposed, ``(out, in)``, as transformers' ``BitsAndBytesConfig`` loading does: ``x W_conv + b`` and
+    ``x W_conv^T^T + b`` are the same function, so the bitsandbytes linear layer replaces the ``Conv1D`` as is.
+    """
     import bitsandbytes as bnb
 
+    in_features, out_features = linear_dims(linear)
     device, has_bias = linear.weight.device, linear.bias is not None
-    data = linear.weight.detach().to("cpu")
+    data = row_major_weight(linear).detach().to("cpu").contiguous()  # (out, in)
     if kind == "int8":
-        module = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
+        module = bnb.nn.Linear8bitLt(in_features, out_features, bias=has_bias,
                                      has_fp16_weights=False, threshold=6.0, device="meta")
         module.weight = bnb.nn.Int8Params(data.float(), requires_grad=False, has_fp16_weights=False)
     else:
-        module = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
+        module = bnb.nn.Linear4bit(in_features, out_features, bias=has_bias, compute_dtype=compute_dtype,
                                    compress_statistics=True, quant_type=kind, device="meta")
         module.weight = bnb.nn.Params4bit(data.to(compute_dtype), requires_grad=False, compress_statistics=True,
                                           quant_type=kind, blocksize=blocksize, module=module)
-        if linear.in_features % blocksize:
+        if in_features % blocksize:
             # bitsandbytes' CPU inference re-layout (AVX512-BF16) reshapes the block scales to (out, in / blocksize)
             # and fails when blocks straddle rows (SmolLM2: in 576, blocksize 128); its generic kernel handles them
             module.support_avx512bf16_for_cpu = False
     if has_bias:
         module.bias = nn.Parameter(linear.bias.detach().to("cpu", compute_dtype), requires_grad=False)
+    if is_transposed_linear(linear):
+        module.source_cls = type(linear)  # transformers' record of a Conv1D's layer; dequantize restores it
     return module.to(device)  # moving the weight quantises it
 
 

@@ -1,7 +1,8 @@
 """Turn a float model into a quantised one and back, and get it ready for k-bit training.
 
 ``quantize(model, kind)`` swaps each ``nn.Linear`` (except the output head and ``skip``) for the
-backend's module, quantising its weight: ``"nf4"`` / ``"fp4"`` (bitsandbytes 4-bit with double
+backend's module, quantising its weight (the bitsandbytes kinds also take transformers' ``Conv1D``, GPT-2's
+linear layer with an ``(in, out)`` weight, quantized transposed as transformers' ``BitsAndBytesConfig`` does): ``"nf4"`` / ``"fp4"`` (bitsandbytes 4-bit with double
 quantisation), ``"int8"`` (bitsandbytes LLM.int8()), ``"torchao-int8"`` (torchao int8 weight-only).
 4-bit kinds take a block size (values per float scale, default 64): ``quantize(model, "nf4", blocksize=32)``,
 spelled ``"nf4:32"`` where one string names the quantization (the CLI's ``--quantize``, the fingerprint).
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from ..model_interface import HEAD_NAMES, output_head_paths
+from ..structure.modules import is_transposed_linear
 from ..weights import quantization, read_weight
 from .errors import QuantizationError
 from .spec import BLOCKSIZES, DEFAULT_BLOCKSIZE, FOUR_BIT
@@ -118,7 +120,7 @@ def quantize(model: nn.Module, kind: str, compute_dtype: torch.dtype | None = No
 
         done = []
         for path, module in list(model.named_modules()):
-            if type(module) is not nn.Linear or path in keep:
+            if not (type(module) is nn.Linear or is_transposed_linear(module)) or path in keep:
                 continue
             dtype = compute_dtype or module.weight.dtype
             parent, _, child = path.rpartition(".")
@@ -169,22 +171,41 @@ def model_quantization_text(model: nn.Module) -> str:
 def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Replace every quantised linear layer (also inside adapter wrappers) by an ``nn.Linear`` holding
     its dequantised weight in ``dtype``, and a quantized embedding (and the head tied to it) by float
-    ones; adapters merged afterwards are merged in full precision."""
+    ones; adapters merged afterwards are merged in full precision.
+
+    A layer quantized from transformers' ``Conv1D`` (GPT-2; it records ``source_cls``, as transformers' own
+    loading does) becomes a ``Conv1D`` again, weight ``(in, out)``, so the model saves in its own format;
+    inside an adapter wrapper, which was built for the quantized ``(out, in)`` layer, it stays an ``nn.Linear``."""
     from .embedding import dequantize_embeddings
 
     dequantize_embeddings(model, dtype)
     for path, module in list(model.named_modules()):
         if not path or quantization(module) is None:
             continue
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           device="meta", dtype=dtype)
-        linear.weight = nn.Parameter(read_weight(module).to(dtype), requires_grad=False)  # (out, in)
-        if module.bias is not None:
-            linear.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
-        parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, linear)
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        wrapped = getattr(parent, "_delta_base_child", None) == child
+        setattr(parent, child, _float_layer(module, dtype, keep_linear=wrapped))
     _forget_quantization(model)
     return model
+
+
+def _float_layer(module: nn.Module, dtype: torch.dtype, keep_linear: bool) -> nn.Module:
+    """A float copy of the quantized linear ``module``: an ``nn.Linear``, or the ``Conv1D`` it was made from."""
+    weight = read_weight(module).to(dtype)  # (out, in)
+    source = getattr(module, "source_cls", None)
+    if not keep_linear and module.bias is not None and isinstance(source, type) and source.__name__ == "Conv1D":
+        with torch.device("meta"):
+            conv = source(module.out_features, module.in_features)  # Conv1D(nf=out, nx=in): weight (in, out)
+        conv.weight = nn.Parameter(weight.T.contiguous(), requires_grad=False)
+        conv.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+        return conv
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                       device="meta", dtype=dtype)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+    return linear
 
 
 def _forget_quantization(model: nn.Module) -> None:

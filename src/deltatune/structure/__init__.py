@@ -9,9 +9,11 @@ from .infer import AttentionSite, FeedForwardSite, ModelRoles, attention_heads, 
 from .modules import (
     is_linear_like,
     is_norm_layer,
+    is_transposed_linear,
     linear_dims,
     original_modules,
     residual_input_arg,
+    row_major_weight,
     unwrapped,
 )
 
@@ -23,9 +25,11 @@ __all__ = [
     "infer_roles",
     "is_linear_like",
     "is_norm_layer",
+    "is_transposed_linear",
     "linear_dims",
     "original_modules",
     "residual_input_arg",
+    "row_major_weight",
     "text_config",
     "unwrapped",
 ]

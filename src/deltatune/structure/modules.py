@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 
+import torch
 from torch import nn
 
 from .vocabulary import RESIDUAL_ARGS
@@ -42,6 +43,16 @@ def is_linear_like(module: nn.Module) -> bool:
         return True
     weight = getattr(module, "weight", None)
     return type(module).__name__ == "Conv1D" and isinstance(weight, nn.Parameter) and weight.dim() == 2
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """A linear layer that stores its weight ``(in, out)`` and computes ``x W + b`` (transformers' ``Conv1D``)."""
+    return is_linear_like(module) and not isinstance(module, nn.Linear)
+
+
+def row_major_weight(module: nn.Module) -> torch.Tensor:
+    """A float linear-like module's weight as ``(out, in)``: ``nn.Linear``'s own, ``Conv1D``'s transposed (a view)."""
+    return module.weight.T if is_transposed_linear(module) else module.weight
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int] | None:

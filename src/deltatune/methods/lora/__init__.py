@@ -33,11 +33,15 @@ def default_targets(model: nn.Module, config: LoraConfig) -> str | None:
 def prepare_config(model: nn.Module, config: LoraConfig) -> None:
     """Record ``fan_in_fan_out=True`` when the targets are transposed linear layers (GPT-2's ``Conv1D``).
 
-    deltatune detects the layout per layer anyway; the flag is written for HF peft, which reads it.
-    LoftQ's targets are checked here too, so that no choice of targets lets a refusal pass unsaid.
+    deltatune detects the layout per layer anyway; the flag is written for HF peft, which reads it. LoftQ
+    replaces every target by a bitsandbytes linear layer (weight ``(out, in)``), so there the flag is ``False``,
+    as on a GPT-2 loaded quantized. LoftQ's targets are checked here too, so that no choice of targets lets a
+    refusal pass unsaid.
     """
     if config.init_lora_weights == "loftq":
         check_loftq_targets(model, config, default_targets(model, config))
+        config.fan_in_fan_out = False
+        return
     if config.fan_in_fan_out or config.target_modules is None and default_targets(model, config) is None:
         return
     wanted = config.target_modules if config.target_modules is not None else default_targets(model, config)

@@ -81,6 +81,7 @@ class LoraLinear(DoraMixin, LoraLayer):
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         if config.init_lora_weights == "loftq":  # the float base layer becomes its quantization Q (see .loftq)
             self.base_layer = init_loftq(a, b, self.base_layer, self.scaling[name], LoftQConfig.of(config.loftq_config))
+            self.fan_in_fan_out = False  # a Conv1D base is now a bitsandbytes linear layer, weight (out, in)
         elif config.init_lora_weights in REWRITES_BASE:
             init = init_pissa if config.init_lora_weights == "pissa" else init_olora
             residual = init(a, b, self.base_weight(), self.scaling[name])  # (out, in)

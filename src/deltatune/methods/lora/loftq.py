@@ -14,7 +14,8 @@ split evenly between the factors, and divided by ``s`` so the scaled product is 
 bitsandbytes' NF4 (``loftq_bits=4``, with deltatune's double quantisation of the block scales, as
 :func:`deltatune.quantize` does) or LLM.int8() (``loftq_bits=8``).
 
-In deltatune the targeted ``nn.Linear`` is then *replaced* by the bitsandbytes layer holding ``Q_T`` (real
+In deltatune the targeted ``nn.Linear`` (or GPT-2's ``Conv1D``, whose ``(in, out)`` weight is fitted transposed,
+``W = W_conv^T``) is then *replaced* by the bitsandbytes layer holding ``Q_T`` (real
 4-bit or 8-bit storage, frozen), so training after it is QLoRA; non-targeted layers stay as they were
 (``target_modules="all-linear"`` quantizes every linear layer but the head, as ``dt.quantize`` does). The new
 4-bit layers keep bitsandbytes' training layout, as :func:`deltatune.prepare_for_kbit_training` makes the layers
@@ -43,6 +44,7 @@ import torch
 from torch import nn
 
 from ...errors import TargetError
+from ...structure.modules import is_transposed_linear, row_major_weight
 from ...targeting import find_targets, unwrapped
 from ...weights import quantization, read_weight
 from .config import LOFTQ_KINDS, LoftQConfig, LoraConfig
@@ -91,9 +93,15 @@ def loftq_factors(
     return layer, a, b
 
 
-def init_loftq(a: torch.Tensor, b: torch.Tensor, base: nn.Linear, scaling: float, settings: LoftQConfig) -> nn.Module:
+def init_loftq(a: torch.Tensor, b: torch.Tensor, base: nn.Module, scaling: float, settings: LoftQConfig) -> nn.Module:
     """Fill ``a`` ``(r, in)`` and ``b`` ``(out, r)`` with LoftQ's factors for ``base``'s float weight and return the
-    bitsandbytes layer holding ``Q_T``, which replaces ``base``."""
+    bitsandbytes layer holding ``Q_T``, which replaces ``base``.
+
+    ``base`` is an ``nn.Linear`` or transformers' ``Conv1D``; the alternation runs on ``W = `` the Conv1D's
+    ``(in, out)`` weight transposed, and the bitsandbytes linear layer holding ``Q_T`` ``(out, in)`` computes
+    ``x dequant(Q_T)^T + b``, the Conv1D's function (as :func:`deltatune.quantize` and transformers'
+    ``BitsAndBytesConfig`` replace a Conv1D).
+    """
     from ...quant.bnb import keep_training_layout
 
     kind = LOFTQ_KINDS[settings.loftq_bits]
@@ -102,10 +110,13 @@ def init_loftq(a: torch.Tensor, b: torch.Tensor, base: nn.Linear, scaling: float
     def quantize(weight: torch.Tensor) -> nn.Module:
         return quantized_linear(weight, base.bias, kind, dtype)
 
-    layer, factor_a, factor_b = loftq_factors(base.weight, a.shape[0], scaling, settings.loftq_iter, quantize)
+    weight = row_major_weight(base)  # (out, in)
+    layer, factor_a, factor_b = loftq_factors(weight, a.shape[0], scaling, settings.loftq_iter, quantize)
     with torch.no_grad():
         a.copy_(factor_a)
         b.copy_(factor_b)
+    if is_transposed_linear(base):
+        layer.source_cls = type(base)  # as dt.quantize records it: dt.dequantize gives the Conv1D back
     layer.train(base.training)
     keep_training_layout(layer)  # LoftQ starts training: the layout prepare_for_kbit_training keeps (see there)
     return layer
@@ -120,9 +131,9 @@ def loftq_refusal(module: nn.Module, base: nn.Module, quantized: str | None) -> 
     if module is not base:
         return ("init_lora_weights='loftq' replaces the base layer by its quantization, and this layer already "
                 "carries adapters; give the LoftQ adapter first, on the plain model")
-    if type(base) is not nn.Linear:
+    if type(base) is not nn.Linear and not is_transposed_linear(base):
         return (f"init_lora_weights='loftq' replaces the layer by a bitsandbytes linear layer, which has no form "
-                f"for a {type(base).__name__} (transposed or custom weight); exclude it")
+                f"for a {type(base).__name__} (a subclass of nn.Linear with its own forward); exclude it")
     if base.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return (f"init_lora_weights='loftq' needs a float weight (float32, float16 or bfloat16); this one is "
                 f"{base.weight.dtype}: load the model in float, or exclude this layer")
