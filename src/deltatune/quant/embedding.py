@@ -22,7 +22,10 @@ In a state dict (and so in a whole-model ``save_pretrained``, e.g. after ``merge
 the dequantized float values (vocab, dim). transformers has no format for this storage, so the saved folder
 reloads with plain ``from_pretrained`` as a model whose embedding (and tied head) is float, computing the
 same logits; :func:`quantize_embeddings` on it gives back the same codes. Loading such a state dict into a
-:class:`QuantizedEmbedding` quantizes it again.
+:class:`QuantizedEmbedding` quantizes it again. deltatune's adapter-only saves (``save_pretrained`` of a
+``DeltaModel`` or of the model it wraps, ``get_peft_model_state_dict``, training checkpoints) read the adapter
+tensors from their owners and never dequantize ``E``; HF peft's own ``save_pretrained`` picks the adapter keys out
+of the whole ``state_dict()`` and so pays one dequantization of ``E`` per save.
 """
 
 from __future__ import annotations
