@@ -88,7 +88,8 @@ def require_backend(kind: str) -> None:
 
 
 def quantize(model: nn.Module, kind: str, compute_dtype: torch.dtype | None = None,
-             skip: Iterable[str] = (), embeddings: bool = False, blocksize: int | None = None) -> nn.Module:
+             skip: Iterable[str] = (), embeddings: bool = False, blocksize: int | None = None,
+             missing_ok: bool = False) -> nn.Module:
     """Quantise ``model``'s linear layers in place (and return it).
 
     Args:
@@ -101,6 +102,8 @@ def quantize(model: nn.Module, kind: str, compute_dtype: torch.dtype | None = No
         blocksize: nf4/fp4 only: values per block scale, one of :data:`BLOCKSIZES` (default 64, as bitsandbytes
             and transformers). Smaller blocks cost memory (double quantisation: about 0.13 more bits per value
             at 32) and follow the weights more closely, e.g. weights that were once quantized in blocks of 32.
+        missing_ok: return the model unchanged when every linear layer is skipped, instead of raising (for
+            callers that quantize the skipped layers another way, as LoftQ does).
     """
     kind, blocksize = parse_kind(kind, blocksize)
     require_backend(kind)
@@ -127,7 +130,7 @@ def quantize(model: nn.Module, kind: str, compute_dtype: torch.dtype | None = No
             layer = make_bnb_linear(module, kind, dtype, blocksize=blocksize or DEFAULT_BLOCKSIZE)
             setattr(model.get_submodule(parent) if parent else model, child, layer)
             done.append(path)
-    if not done:
+    if not done and not missing_ok:
         raise QuantizationError(f"quantize({kind!r}): the model has no nn.Linear layer to quantize (besides its head).")
     if embeddings:
         from .embedding import quantize_embeddings

@@ -106,6 +106,10 @@ def check_jobs(jobs: list[Job]) -> None:
                           "run them as separate jobs files (one per task).")
     for job in jobs:
         job.options.method_config(tasks[job.name])  # bad method options fail now
+        if job.options.method_options.get("init_lora_weights") == "loftq":
+            raise ConfigError(f"Job {job.name!r}: init_lora_weights=loftq quantizes the base to fit this one adapter, "
+                              "and the jobs of one run share one base; train it on its own (deltatune train without "
+                              "a jobs file).")
         for key, why in (("gradient_checkpointing", "the recomputation would not see the per-example routing"),
                          ("compile", "not supported for joint runs yet"),
                          ("fsdp", ("a joint run keeps a whole replica of the base on every rank and reduces the "

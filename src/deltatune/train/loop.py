@@ -43,6 +43,7 @@ from .distributed import resume as dist_checkpoints
 from .distributed.runtime import Distributed
 from .evaluate import evaluate
 from .extras import skipped_features
+from .loftq_base import load_loftq_base, wants_loftq
 from .metrics import MetricsLog
 from .optim import make_optimizer, make_scheduler
 from .options import TrainOptions
@@ -98,9 +99,13 @@ def build_run(options: TrainOptions, dist: Distributed | None = None) -> Run:
     encoder = Encoder(task, tokenizer, options.max_length, splits.labels, chat)
     seed_everything(options.seed)
     device = pick_device(options.device) if dist is None else dist.model_device(pick_device(options.device))
-    base = load_base_model(task, model_path, splits.labels, options.quantize, device, for_training=True,
-                           quantize_embeddings=options.quantize_embeddings)
-    model = get_delta_model(base, options.method_config(task)).to(device)
+    config = options.method_config(task)
+    if wants_loftq(options.method_options):  # LoftQ quantizes the float base itself (see .loftq_base)
+        base = load_loftq_base(load_base_model(task, model_path, splits.labels), config, options.method)
+    else:
+        base = load_base_model(task, model_path, splits.labels, options.quantize, device, for_training=True,
+                               quantize_embeddings=options.quantize_embeddings)
+    model = get_delta_model(base, config).to(device)
     rows = {
         "train": limit(splits.train, options.max_train_examples),
         "validation": limit(splits.validation, options.max_eval_examples),

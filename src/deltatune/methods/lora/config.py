@@ -24,26 +24,60 @@ LOFTQ_KINDS = {4: "nf4", 8: "int8"}
 @dataclass
 class LoftQConfig:
     """LoftQ's settings (HF peft's names): ``loftq_bits`` (4: NF4, 8: int8) and ``loftq_iter`` (T >= 1, the
-    number of alternating quantize / SVD steps); see :mod:`deltatune.methods.lora.loftq`."""
+    number of alternating quantize / SVD steps); see :mod:`deltatune.methods.lora.loftq`.
+
+    ``loftq_quantization`` (deltatune's, not peft's) names the bitsandbytes quantization that ``Q`` takes, in
+    ``--quantize``'s spelling: ``"nf4"``, ``"fp4"``, a 4-bit kind with its block size (``"nf4:32"``) or ``"int8"``;
+    it must agree with ``loftq_bits``. ``None`` (default): NF4 at block size 64 for 4 bits, int8 for 8.
+    """
 
     loftq_bits: int = 4
     loftq_iter: int = 1
+    loftq_quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.loftq_bits not in LOFTQ_KINDS:
             raise ConfigError(f"loftq_bits={self.loftq_bits!r} is not supported; use 4 (NF4) or 8 (int8).")
         if not isinstance(self.loftq_iter, int) or isinstance(self.loftq_iter, bool) or self.loftq_iter < 1:
             raise ConfigError(f"loftq_iter={self.loftq_iter!r} must be an integer >= 1 (the alternating steps T).")
+        if self.loftq_quantization is not None:
+            self.loftq_quantization = _loftq_quantization(self.loftq_quantization, self.loftq_bits)
+
+    def quantization(self) -> str:
+        """The quantization ``Q`` takes: ``"nf4"``, ``"fp4:32"``, ``"int8"`` ..."""
+        return self.loftq_quantization or LOFTQ_KINDS[self.loftq_bits]
 
     @classmethod
     def of(cls, value: LoftQConfig | dict[str, Any]) -> LoftQConfig:
         """``value`` (a ``LoftQConfig`` or the dict saved in ``adapter_config.json``) as a validated ``LoftQConfig``."""
         if isinstance(value, LoftQConfig):
-            return cls(value.loftq_bits, value.loftq_iter)
-        unknown = sorted(set(value) - {"loftq_bits", "loftq_iter"})
+            return cls(value.loftq_bits, value.loftq_iter, value.loftq_quantization)
+        if not isinstance(value, dict):
+            raise ConfigError(f"loftq_config must be a mapping such as {{loftq_bits: 4, loftq_iter: 1}}, got {value!r}.")
+        unknown = sorted(set(value) - {"loftq_bits", "loftq_iter", "loftq_quantization"})
         if unknown:
-            raise ConfigError(f"loftq_config has unknown keys {unknown}; it takes loftq_bits and loftq_iter.")
+            raise ConfigError(f"loftq_config has unknown keys {unknown}; it takes loftq_bits, loftq_iter and "
+                              "loftq_quantization.")
         return cls(**value)
+
+
+def _loftq_quantization(spec: str, bits: int) -> str:
+    """``spec`` checked (a bitsandbytes kind of ``bits`` bits) and written the one way (``"nf4:64"`` -> ``"nf4"``)."""
+    from ...quant.convert import parse_kind
+    from ...quant.errors import QuantizationError
+    from ...quant.spec import kind_spec
+
+    try:
+        kind, blocksize = parse_kind(spec)
+    except QuantizationError as err:
+        raise ConfigError(f"loftq_quantization={spec!r}: {err}") from None
+    if kind not in ("nf4", "fp4", "int8"):
+        raise ConfigError(f"loftq_quantization={spec!r}: LoftQ fits a bitsandbytes quantization (nf4, fp4, nf4:BLOCKSIZE, "
+                          "fp4:BLOCKSIZE or int8); torchao's int8 is not supported.")
+    if (8 if kind == "int8" else 4) != bits:
+        raise ConfigError(f"loftq_quantization={spec!r} is {8 if kind == 'int8' else 4}-bit but loftq_bits={bits}; "
+                          "make them agree (4 for nf4/fp4, 8 for int8).")
+    return kind_spec(kind, blocksize)
 
 
 @dataclass
@@ -121,7 +155,8 @@ class LoraConfig(TargetedConfig):
             if not self.loftq_config:
                 raise ConfigError("init_lora_weights='loftq' needs loftq_config, e.g. "
                                   "loftq_config=dt.LoftQConfig(loftq_bits=4, loftq_iter=1).")
-            self.loftq_config = asdict(LoftQConfig.of(self.loftq_config))
+            settings = asdict(LoftQConfig.of(self.loftq_config))  # peft's keys, and deltatune's only when set
+            self.loftq_config = {k: v for k, v in settings.items() if v is not None}
         elif self.loftq_config:
             warnings.warn("loftq_config is ignored unless init_lora_weights='loftq'.", stacklevel=3)
             self.loftq_config = {}

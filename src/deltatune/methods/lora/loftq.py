@@ -12,7 +12,8 @@ that ``Q + s B A`` is close to the float ``W`` (``s`` the LoRA scale, ``alpha / 
 so that ``s B_t A_t`` is the best rank-``r`` approximation of ``W - dequant(Q_t)`` (the singular values are
 split evenly between the factors, and divided by ``s`` so the scaled product is what fits). ``quant`` is
 bitsandbytes' NF4 (``loftq_bits=4``, with deltatune's double quantisation of the block scales, as
-:func:`deltatune.quantize` does) or LLM.int8() (``loftq_bits=8``).
+:func:`deltatune.quantize` does) or LLM.int8() (``loftq_bits=8``); ``LoftQConfig(loftq_quantization=...)`` picks
+FP4 or another block size (``"fp4"``, ``"nf4:32"``: what ``--quantize`` takes).
 
 In deltatune the targeted ``nn.Linear`` (or GPT-2's ``Conv1D``, whose ``(in, out)`` weight is fitted transposed,
 ``W = W_conv^T``) is then *replaced* by the bitsandbytes layer holding ``Q_T`` (real
@@ -47,22 +48,25 @@ from ...errors import TargetError
 from ...structure.modules import is_transposed_linear, row_major_weight
 from ...targeting import find_targets, unwrapped
 from ...weights import quantization, read_weight
-from .config import LOFTQ_KINDS, LoftQConfig, LoraConfig
+from .config import LoftQConfig, LoraConfig
 
 
-def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, kind: str, compute_dtype: torch.dtype) -> nn.Module:
+def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, kind: str, compute_dtype: torch.dtype,
+                     blocksize: int | None = None) -> nn.Module:
     """A bitsandbytes linear layer (``kind``: ``"nf4"``/``"fp4"``/``"int8"``) holding ``quant(weight)``.
 
-    ``weight``: ``(out, in)``; the layer lands on ``weight``'s device; ``bias`` is kept in float.
+    ``weight``: ``(out, in)``; the layer lands on ``weight``'s device; ``bias`` is kept in float; ``blocksize``:
+    values per 4-bit block scale (default 64).
     """
     from ...quant.bnb import make_bnb_linear
+    from ...quant.spec import DEFAULT_BLOCKSIZE
 
     out_features, in_features = weight.shape
     shell = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
     shell.weight = nn.Parameter(weight.detach().to(compute_dtype), requires_grad=False)
     if bias is not None:
         shell.bias = nn.Parameter(bias.detach(), requires_grad=False)
-    return make_bnb_linear(shell, kind, compute_dtype)
+    return make_bnb_linear(shell, kind, compute_dtype, blocksize or DEFAULT_BLOCKSIZE)
 
 
 def svd_factors(error: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,12 +107,13 @@ def init_loftq(a: torch.Tensor, b: torch.Tensor, base: nn.Module, scaling: float
     ``BitsAndBytesConfig`` replace a Conv1D).
     """
     from ...quant.bnb import keep_training_layout
+    from ...quant.convert import parse_kind
 
-    kind = LOFTQ_KINDS[settings.loftq_bits]
+    kind, blocksize = parse_kind(settings.quantization())
     dtype = base.weight.dtype
 
     def quantize(weight: torch.Tensor) -> nn.Module:
-        return quantized_linear(weight, base.bias, kind, dtype)
+        return quantized_linear(weight, base.bias, kind, dtype, blocksize)
 
     weight = row_major_weight(base)  # (out, in)
     layer, factor_a, factor_b = loftq_factors(weight, a.shape[0], scaling, settings.loftq_iter, quantize)
@@ -145,7 +150,7 @@ def check_loftq_targets(model: nn.Module, config: LoraConfig, default: str | Non
     ``"all-linear"``, where other refused layers are skipped silently) or when bitsandbytes is missing."""
     from ...quant import require_backend
 
-    require_backend(LOFTQ_KINDS[LoftQConfig.of(config.loftq_config).loftq_bits])
+    require_backend(LoftQConfig.of(config.loftq_config).quantization())
     wanted = config.target_modules if config.target_modules is not None else default
     if wanted is None:
         return  # injection raises its own error about the missing targets

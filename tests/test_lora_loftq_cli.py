@@ -1,0 +1,126 @@
+"""LoftQ from the command line: ``deltatune train --quantize KIND --method-opt init_lora_weights=loftq``.
+
+A tiny Llama folder (widths multiples of 64) trained one step at a learning rate of 1e-9, so the saved adapter is
+LoftQ's initialisation (Adam moves each value by about 1e-9). References: the alternation written out with
+bitsandbytes' own ``quantize_4bit`` / ``dequantize_4bit`` (block size 32 here) on the float weights read
+from the model folder, and plain ``quant(W)`` for the layers LoRA does not target.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _train_tiny import save_quantizable_llama, write_pairs
+
+from deltatune.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+TARGETS = ("q_proj", "v_proj")
+OTHERS = ("k_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def nf4(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
+    codes, state = bnb_functional.quantize_4bit(weight.float(), blocksize=blocksize, compress_statistics=True,
+                                                quant_type="nf4")
+    return bnb_functional.dequantize_4bit(codes, state).float()
+
+
+def reference_loftq(w: torch.Tensor, r: int, s: float, iters: int, blocksize: int):
+    """(dequant(Q_T), A_T, B_T): Q_t = quant(W - s B A); s B A = the rank-r SVD of W - dequant(Q_t)."""
+    a = b = torch.zeros(0)
+    for t in range(iters):
+        q = nf4(w - s * b @ a if t else w, blocksize)
+        u, sv, vh = torch.linalg.svd(w - q, full_matrices=False)
+        a = (sv[:r] / s).sqrt()[:, None] * vh[:r]
+        b = u[:, :r] * (sv[:r] / s).sqrt()
+    return q, a, b
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("loftq_cli")
+    return {"model": save_quantizable_llama(root / "llama"), "pairs": write_pairs(root / "pairs.jsonl", 24)}
+
+
+def train_args(files: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", str(files["model"]), "--data", str(files["pairs"]), "--max-steps", "1", "--quiet",
+            "--threads", "1", "--batch-size", "8", "--max-eval-examples", "4", "--output-dir", str(out), *extra]
+
+
+def test_loftq_run_fits_the_quantize_kind_and_reloads_for_eval(files: dict, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    from transformers import LlamaForCausalLM
+
+    from deltatune.checkpoint.state import read_fingerprint
+    from deltatune.commands.inference import load_for_inference
+
+    run = tmp_path / "run"
+    assert main(train_args(files, run, "--quantize", "nf4:32", "--lr", "1e-9", "--method-opt", "r=4",
+                           "--method-opt", "lora_alpha=8", "--method-opt", "init_lora_weights=loftq")) == 0
+    options = json.loads((run / "train_options.json").read_text())
+    assert options["method_options"]["loftq_config"] == {"loftq_bits": 4, "loftq_iter": 1, "loftq_quantization": "nf4:32"}
+    folder = run / "adapter"
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] is True and saved["loftq_config"] == {}  # plain LoRA on disk, as peft saves it
+    assert read_fingerprint(folder, saved)["quantization"] == "nf4:32"
+
+    floats = {p: m.weight.detach() for p, m in LlamaForCausalLM.from_pretrained(files["model"]).named_modules()
+              if p.endswith(TARGETS + OTHERS)}
+    model = load_for_inference(str(run)).model  # the base reloaded as recorded: nf4, block size 32
+    layers = {p: m for p, m in model.get_base_model().named_modules() if p.endswith(TARGETS + OTHERS)}
+    assert set(layers) == set(floats)
+    for path, layer in layers.items():
+        base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+        assert base.weight.blocksize == 32 and base.weight.quant_type == "nf4"
+        got_q = bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+        if path.endswith(OTHERS):  # not targeted: the plain quantization of the float weight
+            torch.testing.assert_close(got_q, nf4(floats[path], 32), atol=1e-6, rtol=0)
+            continue
+        q, a, b = reference_loftq(floats[path], 4, 2.0, 1, 32)
+        torch.testing.assert_close(got_q, q, atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.lora_A["default"].weight, a, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(layer.lora_B["default"].weight, b, atol=1e-5, rtol=1e-4)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json", "--max-examples", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ((), "needs the quantization: add --quantize nf4"),
+    (("--quantize", "torchao-int8"), "LoftQ fits a bitsandbytes quantization"),
+    (("--quantize", "nf4", "--method", "ia3"), "method 'ia3' has none. Use --method lora"),
+    (("--quantize", "nf4", "--method-opt", "loftq_config={loftq_bits: 8}"), "disagrees with --quantize nf4 (4-bit)"),
+    (("--quantize", "nf4", "--quantize-embeddings"), "--quantize-embeddings is not supported with"),
+    (("--quantize", "nf4", "--method-opt", "loftq_config={loftq_iter: 2}"), "one iteration only"),
+])
+def test_bad_loftq_combinations_fail_before_anything_is_written(files: dict, tmp_path: Path, extra: tuple,
+                                                                message: str, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "bad"
+    capsys.readouterr()
+    assert main(train_args(files, out, "--method-opt", "init_lora_weights=loftq", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_loftq_jobs_and_quantization_setting_are_checked(files: dict, tmp_path: Path) -> None:
+    import deltatune as dt
+    from deltatune.train.jobs import make_jobs
+
+    shared = {"model": str(files["model"]), "data": str(files["pairs"]), "quantize": "nf4",
+              "output_dir": str(tmp_path / "jobs")}
+    with pytest.raises(dt.ConfigError, match="jobs of one run share one base"):
+        make_jobs(shared, [{"name": "a", "method_options": {"init_lora_weights": "loftq"}}, {"name": "b"}])
+    assert not (tmp_path / "jobs").exists()
+    assert dt.LoftQConfig(loftq_quantization="nf4:64").quantization() == "nf4"  # the default block size, written plain
+    assert dt.LoftQConfig(loftq_bits=8, loftq_quantization="int8").quantization() == "int8"
+    with pytest.raises(dt.ConfigError, match="is 8-bit but loftq_bits=4"):
+        dt.LoftQConfig(loftq_quantization="int8")
+    with pytest.raises(dt.ConfigError, match="torchao's int8 is not supported"):
+        dt.LoftQConfig(loftq_bits=8, loftq_quantization="torchao-int8")
+    config = dt.LoraConfig(init_lora_weights="loftq", loftq_config=dt.LoftQConfig())
+    assert config.loftq_config == {"loftq_bits": 4, "loftq_iter": 1}  # peft's keys only, unless set
