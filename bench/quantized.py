@@ -9,7 +9,9 @@ Recipe (every configuration): LoRA r=8, alpha 16, dropout 0.05 on every linear l
 answer), the same batches in the same order, float32 compute. What differs per configuration (each row
 of the report says it): the base's quantization; gradient checkpointing (``float32``: off, as plain
 LoRA; ``float32-ckpt``: on, the fair reference for memory; the quantized rows: on, the default of
-``prepare_for_kbit_training`` and of peft's ``prepare_model_for_kbit_training``); and whether the tied
+``prepare_for_kbit_training`` and of peft's ``prepare_model_for_kbit_training``, except ``nf4-nockpt``:
+off, ``prepare_for_kbit_training(model, use_gradient_checkpointing=False)``, which shows what the
+checkpointing costs in time and saves in memory on the 4-bit base); and whether the tied
 embedding / LM head stays float32 (default) or is quantized too (``nf4-emb``: ``embeddings=True``); the nf4
 block size (``nf4-b32``: 32 values per scale, ``--quantize nf4:32``; every other row: 64); and the
 LoRA initialisation (``nf4-loftq``: LoftQ, ``init_lora_weights="loftq"`` with ``--loftq-iter`` alternations, on
@@ -50,11 +52,12 @@ import torch
 from bench.loop import epoch_batches, perplexity, train
 from bench.measure import PeakMemory, machine_info, median_after_warmup
 
-CONFIGS = ("float32", "float32-ckpt", "nf4", "nf4-b32", "nf4-loftq", "nf4-emb", "peft-nf4", "int8",
+CONFIGS = ("float32", "float32-ckpt", "nf4", "nf4-nockpt", "nf4-b32", "nf4-loftq", "nf4-emb", "peft-nf4", "int8",
            "torchao-int8")  # this order
 #: config -> (base quantization or None, gradient checkpointing, embedding / tied head quantized too)
 SETUP: dict[str, tuple[str | None, bool, bool]] = {
     "float32": (None, False, False), "float32-ckpt": (None, True, False), "nf4": ("nf4", True, False),
+    "nf4-nockpt": ("nf4", False, False),
     "nf4-b32": ("nf4:32", True, False), "nf4-loftq": ("nf4", True, False),
     "nf4-emb": ("nf4", True, True), "peft-nf4": ("nf4", True, False), "int8": ("int8", True, False),
     "torchao-int8": ("torchao-int8", True, False),
@@ -113,7 +116,8 @@ def _adapt(model: torch.nn.Module, config: str, loftq_iter: int = 1) -> torch.nn
     if config in LOFTQ:
         init = {"init_lora_weights": "loftq", "loftq_config": dt.LoftQConfig(loftq_bits=4, loftq_iter=loftq_iter)}
     if kind is not None:
-        model = dt.prepare_for_kbit_training(model)  # checkpointing on by default, as peft's
+        # checkpointing on by default, as peft's; off for the rows that say so
+        model = dt.prepare_for_kbit_training(model, use_gradient_checkpointing=None if checkpointing else False)
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if bool(getattr(model, "is_gradient_checkpointing", False)) != checkpointing:
@@ -243,6 +247,10 @@ def report(results: dict[str, dict[str, Any]], settings: dict[str, Any]) -> str:
                    f"peak training memory {_ratio(ours.get('peak_total_mb'), theirs.get('peak_total_mb'))}, test "
                    f"perplexity {_ratio(ours['test_ppl'], theirs['test_ppl'])}")
         lines += ["", summary]
+    nockpt = results.get("nf4-nockpt", {})
+    if ours.get("ok") and nockpt.get("ok"):
+        lines += ["", (f"nf4 without / with gradient checkpointing: step time {_ratio(nockpt['step_s'], ours['step_s'])}, "
+                       f"peak training memory {_ratio(nockpt.get('peak_total_mb'), ours.get('peak_total_mb'))}")]
     return "\n".join(lines) + "\n"
 
 

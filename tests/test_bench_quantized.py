@@ -46,3 +46,22 @@ def test_report_gives_ratios_to_the_float32_runs_and_deltatune_over_peft() -> No
     assert "| float32 | off | float32 | 100.0 | 1.00x | 400 | 1.00x | 2.00x |" in text
     assert "| int8 | on | float32 | failed: boom |" in text
     assert "deltatune/peft (nf4, both checkpointed): step time 0.75x, peak training memory 0.80x" in text
+
+
+def test_nf4_nockpt_row_is_uncheckpointed_and_the_report_gives_the_trade_off() -> None:
+    row = {"ok": True, "weight_mb": 30.0, "peak_total_mb": 100.0, "peak_mb": 50.0, "step_s": 1.5, "base_ppl": 12.0,
+           "test_ppl": 10.0, "merge_max": 0.0, "merge_mean": 0.0}
+    results = {"float32": row | {"weight_mb": 100.0, "peak_total_mb": 400.0, "step_s": 1.0},
+               "nf4": row, "nf4-nockpt": row | {"peak_total_mb": 300.0, "step_s": 1.2}}
+    text = report(results, {"steps": 1})
+    assert "| nf4-nockpt | off | float32 | 30.0 | 0.30x | 300 | 0.75x | - | 50 | 1.200 | 1.20x |" in text
+    assert "nf4 without / with gradient checkpointing: step time 0.80x, peak training memory 3.00x" in text
+
+
+@pytest.mark.parametrize(("config", "checkpointing"), [("nf4", True), ("nf4-nockpt", False)])
+def test_adapt_turns_checkpointing_on_or_off_as_the_row_says(config: str, checkpointing: bool) -> None:
+    from bench.quantized import _adapt
+
+    model = _adapt(quantized_llama("nf4"), config)
+    assert model.get_base_model().is_gradient_checkpointing is checkpointing
+    assert sorted({type(m).__name__ for m in model.modules() if "Linear4bit" in type(m).__name__}) == ["Linear4bit"]
