@@ -95,8 +95,13 @@ def test_bad_quantize_input_fails_before_anything_is_written(qrun: dict, tmp_pat
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "pip install 'torchao>=0.10'" in err
     assert main([*common, "--quantize", "int4", "--output-dir", str(tmp_path / "c")]) == 2
-    assert "quantize='int4' is not allowed; choose one of ['nf4', 'fp4', 'int8', 'torchao-int8']" in capsys.readouterr().err
-    assert not any((tmp_path / d).exists() for d in "abc")
+    err = capsys.readouterr().err  # one check (parse_kind): what was wrong, and every kind to choose from
+    assert err.count("error:") == 1
+    assert ("quantize: Unknown quantization 'int4'; choose one of nf4, fp4, int8, torchao-int8 (nf4 and fp4 also "
+            "as KIND:BLOCKSIZE, e.g. nf4:32)") in err
+    assert main([*common, "--quantize", "nf4:7", "--output-dir", str(tmp_path / "d")]) == 2
+    assert "quantize: Block size 7 is not supported" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in "abcd")
 
 
 def test_serve_loads_a_quantized_base_and_decodes_a_mixed_batch(qrun: dict) -> None:
