@@ -31,6 +31,7 @@ from ..train.data.files import load_file
 from ..train.data.sources import DataSpec, infer_task, limit, load_splits
 from ..train.evaluate import evaluate, generate_texts, predict_proba
 from ..train.extras import installed
+from ..train.loftq_base import apply_loftq_base
 from ..train.loop import seed_everything
 from ..train.progress import batch_bar
 from ..train.runs import RunInfo, adapter_dir, describe_adapter, folder_bytes, head_labels, resolve_base
@@ -80,6 +81,7 @@ def load_for_inference(
     encoder = Encoder(task, tokenizer, max_length or info.max_length, labels, chat)
     seed_everything(seed)
     base = load_base_model(task, base_path, labels, quantize, quantize_embeddings=quantize_embeddings)
+    apply_loftq_base(base, folder)  # a LoftQ run with loftq_iter > 1 saved its base layers with the adapter
     module: nn.Module = DeltaModel.from_pretrained(base, folder) if folder else base
     module.eval()
     info.task, info.labels = task, labels

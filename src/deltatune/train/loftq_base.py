@@ -11,14 +11,19 @@ weights, so such a run loads the base in float and quantizes it itself, as ``--q
 
 The saved fingerprint records ``Q``: with ``loftq_iter=1`` (the default) ``Q_1 = quant(W)`` is the usual
 quantized load of the model, so eval/generate/merge reload the run folder like a QLoRA run's. With more
-iterations ``Q_T`` is a new base that the run folder does not hold, so the command line refuses them.
+iterations ``Q_T`` is a new base: the adapter folder then also holds :data:`LOFTQ_BASE_FILE`, the LoftQ layers'
+``dequant(Q_T)`` (float32, ``(out, in)``, safetensors), and :func:`apply_loftq_base` writes them into the
+usual quantized load, which quantizes them to ``Q_T``'s codes again (the fingerprint check then passes).
+This is peft's advice to its LoftQ users (keep the LoftQ base with the adapter), for the targeted layers only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..config import DeltaConfig
@@ -26,6 +31,8 @@ from ..errors import ConfigError
 from ..registry import get_method
 from ..targeting import find_targets
 
+#: With ``loftq_iter > 1``: the LoftQ layers' ``dequant(Q_T)``, saved beside the adapter.
+LOFTQ_BASE_FILE = "loftq_base.safetensors"
 #: The ``--quantize`` kinds LoftQ can fit (bitsandbytes'; torchao's int8 has no LoftQ quantizer here).
 LOFTQ_KINDS = ("nf4", "fp4", "int8")
 
@@ -70,10 +77,6 @@ def complete_loftq_options(method: str, method_options: dict[str, Any], quantize
     if "loftq_quantization" in given and kind_spec(*parse_kind(str(given["loftq_quantization"]))) != spelled:
         raise ConfigError(f"loftq_config loftq_quantization={given['loftq_quantization']!r} disagrees with --quantize "
                           f"{quantize}; drop it (it follows --quantize).")
-    if given.get("loftq_iter", 1) != 1:
-        raise ConfigError(f"loftq_config loftq_iter={given['loftq_iter']!r}: the command line runs LoftQ with one "
-                          "iteration only (its base is the usual --quantize load, so the run folder reloads for "
-                          "eval/generate/merge); for more, use the Python API and keep the LoftQ base with the adapter.")
     method_options["loftq_config"] = {"loftq_iter": 1, **given, "loftq_bits": bits, "loftq_quantization": spelled}
 
 
@@ -88,3 +91,51 @@ def load_loftq_base(float_model: nn.Module, config: DeltaConfig, method: str) ->
     kind = config.loftq_config["loftq_quantization"]  # set by complete_loftq_options
     quantize(float_model, kind, skip=targets, missing_ok=True)
     return prepare_for_kbit_training(float_model, use_gradient_checkpointing=False)
+
+
+def save_loftq_base(model: nn.Module, folder: Path, method_options: dict[str, Any]) -> Path | None:
+    """With ``loftq_iter > 1``: write every LoftQ layer's ``dequant(Q_T)`` into ``folder`` (the adapter folder);
+    ``model`` is the trained ``DeltaModel``. Returns the file, or ``None`` when ``Q`` is the usual quantization."""
+    from safetensors.torch import save_file
+
+    from ..inject import iter_wrappers
+    from ..weights import quantization, read_weight
+
+    if not wants_loftq(method_options) or method_options["loftq_config"].get("loftq_iter", 1) == 1:
+        return None
+    tensors = {f"{path}.weight": read_weight(wrapper.get_base_layer()).detach().float().cpu().contiguous()
+               for path, wrapper in iter_wrappers(model.get_base_model())
+               if quantization(wrapper.get_base_layer()) is not None}  # (out, in) each
+    file = Path(folder) / LOFTQ_BASE_FILE
+    save_file(tensors, str(file), metadata={"format": "pt", "content": "LoftQ base layers, dequant(Q_T)"})
+    return file
+
+
+@torch.no_grad()
+def apply_loftq_base(base: nn.Module, folder: Path | None) -> int:
+    """Write the LoftQ layers saved in ``folder`` (if any) into ``base``, loaded quantized as the adapter's base
+    was; returns how many layers were written. Every tensor is checked before the first one is written."""
+    from safetensors import safe_open
+
+    from ..structure.modules import linear_dims
+    from ..weights import quantization, write_weight
+
+    file = Path(folder) / LOFTQ_BASE_FILE if folder is not None else None
+    if file is None or not file.is_file():
+        return 0
+    modules = dict(base.named_modules())
+    with safe_open(str(file), framework="pt", device="cpu") as handle:
+        tensors = {name.removesuffix(".weight"): handle.get_tensor(name) for name in handle.keys()}
+    for path, weight in tensors.items():
+        module = modules.get(path)
+        if module is None or quantization(module) is None:
+            raise ConfigError(f"{file} holds LoftQ's quantized base layer {path}, which this base model "
+                              f"{'lacks' if module is None else 'holds in float'}: load the base quantized as the "
+                              "adapter was trained (deltatune does so unless --quantize says otherwise).")
+        dims = linear_dims(module)
+        if dims is None or tuple(weight.shape) != (dims[1], dims[0]):
+            raise ConfigError(f"{file}: {path} is {tuple(weight.shape)}, the model's layer is {dims}; is it the "
+                              "same model?")
+    for path, weight in tensors.items():
+        write_weight(modules[path], weight.to(next(modules[path].parameters()).device))
+    return len(tensors)

@@ -43,7 +43,7 @@ from .distributed import resume as dist_checkpoints
 from .distributed.runtime import Distributed
 from .evaluate import evaluate
 from .extras import skipped_features
-from .loftq_base import load_loftq_base, wants_loftq
+from .loftq_base import load_loftq_base, save_loftq_base, wants_loftq
 from .metrics import MetricsLog
 from .optim import make_optimizer, make_scheduler
 from .options import TrainOptions
@@ -336,6 +336,7 @@ def finish(
     }
     if not dist.is_main:
         return summary
+    save_loftq_base(run.model, adapter, options.method_options)  # loftq_iter > 1: the new base layers (see there)
     RunInfo(run.task, options.model, run.splits.labels, options.prompt_format, options.max_length,
             {k: getattr(options, k) for k in DataSpec.__dataclass_fields__}).save(adapter)
     summary["adapter_bytes"] = folder_bytes(adapter)
