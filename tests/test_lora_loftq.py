@@ -304,3 +304,21 @@ def test_loftq_on_an_already_quantized_base_from_its_safetensors(tmp_path) -> No
         dt.replace_lora_weights_loftq(ours, tmp_path)
     with pytest.raises(dt.ConfigError, match="wraps a quantized linear layer"):
         dt.replace_lora_weights_loftq(dt.get_delta_model(tiny_llama(), dt.LoraConfig(**lora)), tmp_path / "float")
+
+
+def test_loftq_quantization_setting_picks_fp4_and_the_block_size() -> None:
+    """``LoftQConfig(loftq_quantization="fp4:32")``: Q is bitsandbytes FP4 in blocks of 32, and Q + s B A fits W
+    better than FP4 alone (the alternation does not depend on the code book)."""
+    weights = float_weights(tiny_llama())
+    config = dt.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="loftq",
+                           loftq_config=dt.LoftQConfig(loftq_bits=4, loftq_iter=2, loftq_quantization="fp4:32"))
+    delta = dt.get_delta_model(tiny_llama(), config)
+    bases = [m.get_base_layer() for m in layers(delta).values()]
+    assert all(b.weight.quant_type == "fp4" and b.weight.blocksize == 32 for b in bases)
+
+    def fp4_roundtrip(w: torch.Tensor) -> torch.Tensor:
+        codes, state = bnb_functional.quantize_4bit(w, blocksize=32, compress_statistics=True, quant_type="fp4")
+        return bnb_functional.dequantize_4bit(codes, state).float()
+
+    plain = sum(float((w - fp4_roundtrip(w)).norm() ** 2) for w in weights.values()) ** 0.5
+    assert loftq_error(delta, weights) < 0.95 * plain

@@ -144,3 +144,30 @@ def test_loftq_jobs_and_quantization_setting_are_checked(files: dict, tmp_path: 
         dt.LoftQConfig(loftq_bits=8, loftq_quantization="torchao-int8")
     config = dt.LoraConfig(init_lora_weights="loftq", loftq_config=dt.LoftQConfig())
     assert config.loftq_config == {"loftq_bits": 4, "loftq_iter": 1}  # peft's keys only, unless set
+
+
+def test_loftq_gpt2_run_through_the_cli_reloads_its_conv1d_base(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """GPT-2's Conv1D layers: LoftQ (int8 here) on c_attn, plain int8 on the others; the run folder reloads
+    through transformers' BitsAndBytesConfig, which quantizes each Conv1D transposed as LoftQ did."""
+    import transformers as tf
+    from _train_tiny import make_tokenizer
+
+    from deltatune.commands.inference import load_for_inference
+    from deltatune.quant import quantization
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=len(make_tokenizer()), n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                        bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    tf.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    make_tokenizer().save_pretrained(tmp_path / "gpt2")
+    files = {"model": tmp_path / "gpt2", "pairs": write_pairs(tmp_path / "pairs.jsonl", 16)}
+    run = tmp_path / "run"
+    assert main(train_args(files, run, "--quantize", "int8", "--method-opt", "init_lora_weights=loftq",
+                           "--method-opt", "target_modules=[c_attn]", "--method-opt", "r=4")) == 0
+    model = load_for_inference(str(run)).model
+    attn = model.get_base_model().transformer.h[0].attn
+    assert quantization(attn.c_attn.get_base_layer()) == "int8" and quantization(attn.c_proj) == "int8"
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json", "--max-examples", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] > 1
