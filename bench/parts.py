@@ -83,8 +83,8 @@ def phases(s: Suite, part: str) -> list[Phase]:
         return [Phase(part, memory + timing, alone=True, note="cost"),
                 Phase(part, _accuracy_jobs(ms, pairs), alone=False, note="accuracy")]
     if part == "recipe":
-        return [Phase(part, recipe.test_jobs(s.recipe_tasks, s.recipe_full_tasks, s.recipe_seeds, s.recipe_protocol),
-                      alone=False)]
+        return [Phase(part, recipe.test_jobs(s.recipe_tasks, s.recipe_full_tasks, s.recipe_seeds, s.recipe_protocol,
+                                             s.recipe_same_schedule_tasks), alone=False)]
     if part == "lowdata_all":
         grid = lowdata_all.grid_jobs(s.lowall_tasks, s.lowall_sizes, s.lowall_grid, s.lowall_protocol)
         later = [j | {"seeds": [seed]} for seed in s.lowall_seeds if seed != 0 for j in grid

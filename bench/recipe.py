@@ -23,7 +23,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +60,12 @@ def job(task: str, seed: int, method: str, lr: float, options: dict[str, Any] | 
     return out | ({"method_options": options} if options else {})
 
 
-def shipped_recipe() -> tuple[dict[str, Any], float]:
-    """The fields of ``deltatune.LoraConfig.recommended`` and its learning rate (what ``deltatune train`` uses)."""
+def shipped_recipe() -> tuple[dict[str, Any], float, int]:
+    """The fields of ``deltatune.LoraConfig.recommended``, its learning rate and its epochs (what ``deltatune
+    train`` uses)."""
     import deltatune as dt
 
-    return dict(dt.LoraConfig.RECOMMENDED_OPTIONS), dt.LoraConfig.RECOMMENDED_LR
+    return dict(dt.LoraConfig.RECOMMENDED_OPTIONS), dt.LoraConfig.RECOMMENDED_LR, dt.LoraConfig.RECOMMENDED_EPOCHS
 
 
 def protocol_with(epochs: int = PROTOCOL["epochs"], warmup: float | None = None) -> dict[str, Any]:
@@ -100,12 +101,20 @@ def _std(xs: list[float]) -> float:
 Key = tuple[str, float]  # (configuration label, learning rate)
 
 
-def test_jobs(tasks: list[str], full_tasks: list[str], seeds: list[int],
-              protocol: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """``test``'s jobs: the shipped recipe on ``tasks``, full fine-tuning on ``full_tasks``, seed-major."""
-    options, lr = shipped_recipe()
-    out = [job(task, seed, "lora", lr, options, protocol) for seed in seeds for task in tasks]
-    return out + [job(task, seed, "full", METHODS["full"].lr, None, protocol) for seed in seeds for task in full_tasks]
+def test_jobs(tasks: list[str], full_tasks: list[str], seeds: list[int], protocol: dict[str, Any] | None = None,
+              same_schedule_full_tasks: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """``test``'s jobs, seed-major: the shipped recipe on ``tasks``, full fine-tuning on ``full_tasks`` and, on
+    ``same_schedule_full_tasks``, full fine-tuning at the recipe's epochs (the same-schedule reference).
+
+    ``protocol`` (default: round one's) is full fine-tuning's; the recipe trains for its own epochs unless a
+    ``protocol`` is given (the ``quick`` suite's tiny one).
+    """
+    options, lr, epochs = shipped_recipe()
+    own = protocol or protocol_with(epochs)
+    out = [job(task, seed, "lora", lr, options, own) for seed in seeds for task in tasks]
+    out += [job(task, seed, "full", METHODS["full"].lr, None, protocol) for seed in seeds for task in full_tasks]
+    return out + [job(task, seed, "full", METHODS["full"].lr, None, own) for seed in seeds
+                  for task in same_schedule_full_tasks if own != (protocol or PROTOCOL)]
 
 
 def finished(cache: Path | None = None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -221,7 +230,7 @@ def write_report(folder: Path | None = None, stem: str = "recipe", full_json: Pa
     done = finished(folder / f".{stem}.jobs.jsonl")
     acc = accuracies(done)
     search, best = search_table(acc, SEARCH_TASKS)
-    options, lr = shipped_recipe()
+    options, lr, epochs = shipped_recipe()
     md = ["# LoRA default recipe (`python -m bench.recipe`)", "",
           ("Bundled MiniLM, round one's accuracy protocol: first 2,000 training rows (BBC 1,701), 2 epochs, batch 16, "
           "bf16 autocast, AdamW (no weight decay), 6 % warm-up then linear decay, gradient clipping at 1; "
@@ -230,7 +239,7 @@ def write_report(folder: Path | None = None, stem: str = "recipe", full_json: Pa
           "## Search (validation splits; seed 0, then more seeds for the leading candidates)", "", *search, "",
           (f"Best mean validation accuracy: **{best['label']}, lr {best['lr']:g}** ({best['mean']:.2f})." if best else
            "No candidate has finished on every search task yet."),
-          f"Shipped as `LoraConfig.recommended` / `deltatune train`'s default: {options}, lr {lr:g}.", "",
+          f"Shipped as `LoraConfig.recommended` / `deltatune train`'s default: {options}, lr {lr:g}, {epochs} epochs.", "",
           "## Test splits", "",
           ("Gap = configuration − full fine-tuning (lr 1e-4) over the same seeds; full fine-tuning from this run "
           "where it ran here, else from round one's `full` suite (same protocol, `bench/results/full.json`). "
@@ -272,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("test", help="the shipped recipe (and full fine-tuning where asked) on the test splits")
     t.add_argument("--tasks", nargs="+", default=["trec", "rt", "bbc", "sms"])
     t.add_argument("--full-tasks", nargs="*", default=["sms"], help="tasks on which full fine-tuning runs too")
+    t.add_argument("--same-schedule-full-tasks", nargs="*", default=[],
+                   help="tasks on which full fine-tuning also runs at the recipe's epochs")
     t.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     sub.add_parser("report", help="rewrite recipe.md / recipe.json from the finished jobs")
     args = parser.parse_args(argv)
@@ -286,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             jobs += [job(task, seed, "full", METHODS["full"].lr, None, protocol_with(epochs, warmup))
                      for epochs in args.epochs for warmup in args.warmups for seed in args.seeds for task in args.tasks]
     else:
-        jobs = test_jobs(args.tasks, args.full_tasks, args.seeds)
+        jobs = test_jobs(args.tasks, args.full_tasks, args.seeds, same_schedule_full_tasks=args.same_schedule_full_tasks)
     cache = part_cache(CACHE, RESULTS / "recipe.json", resume=True)  # a fresh checkout resumes from the committed file
     run_jobs(jobs, lambda todo: run_many(todo, workers=1, threads=1, cache=cache), write_report)
     return 0

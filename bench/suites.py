@@ -34,6 +34,8 @@ FULL_CUTS = [
      "its cost jobs stay"),
     ("combination (adapter arithmetic on SmolLM2, one ~10-minute job): runs in `extended` only, since the "
      "re-measured recipe jobs put `full` at 90.9 estimated minutes with it"),
+    ("recipe: full fine-tuning at the recipe's 3 epochs (the same-schedule reference, 4 tasks x 3 seeds) runs in "
+     "`extended`; `full` compares the recipe with full fine-tuning's own defaults (2 epochs), the issue's target"),
 ]
 
 
@@ -64,7 +66,8 @@ class Suite:
         outputs_prefix: prefix of the round-two parts' files (``""``: ``recipe.md``, ``lowdata.md``, ...: the
             published ones; ``quick_``: ``quick_recipe.md``, ...).
         recipe_*: :mod:`bench.recipe`'s ``test`` (the shipped recipe on these tasks and seeds, full fine-tuning on
-            ``recipe_full_tasks``); ``recipe_protocol`` overrides its training protocol (``None``: round one's).
+            ``recipe_full_tasks``); ``recipe_protocol`` overrides its training protocol (``None``: round one's);
+            ``recipe_same_schedule_tasks``: full fine-tuning also at the recipe's epochs on these tasks.
         lowall_*: :mod:`bench.lowdata_all` (tasks, sizes, seeds, grid points per method, protocol override).
         frontier_*: :mod:`bench.forgetting_frontier` (LoRA ranks; steps and evaluation sets, ``None``: its COMMON).
         methods_suite / methods_seeds: the suite whose cost and accuracy jobs are the ``methods`` part (issue 16's
@@ -114,6 +117,7 @@ class Suite:
     recipe_full_tasks: list[str] = field(default_factory=lambda: ["sms"])
     recipe_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     recipe_protocol: dict[str, object] | None = None
+    recipe_same_schedule_tasks: list[str] = field(default_factory=list)
     lowall_tasks: list[str] = field(default_factory=lambda: ["trec", "rt", "bbc"])
     lowall_sizes: list[int] = field(default_factory=lambda: [50, 200, 1000])
     lowall_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -152,7 +156,7 @@ SUITES: dict[str, Suite] = {
     # ``full``, so it shares full's results and resume cache: ``--suite extended --resume`` after ``full`` runs
     # only the cut jobs).
     "extended": Suite(name="full", tasks=["trec", "rt", "bbc"], seeds=[0, 1, 2], n_train=2000, epochs=2,
-                      parts=list(EXTENDED_PARTS)),
+                      parts=list(EXTENDED_PARTS), recipe_same_schedule_tasks=["trec", "rt", "bbc", "sms"]),
     "methods-quick": Suite(
         name="methods-quick", tasks=["trec"], seeds=[0], n_train=400, epochs=1, methods=["full", "lora", *NEW_METHODS],
         peft_methods=list(NEW_PEFT_SHARED), memory_steps=6, timing_warmup=2, timing_rounds=3, timing_per_round=2,

@@ -143,3 +143,19 @@ def test_methods_borrow_full_fine_tuning_per_seed_from_the_full_suite(tmp_path: 
     borrowed = out["accuracy"][1:]
     assert [(r["job"]["seeds"], r["runs"]) for r in borrowed] == [([0], [{"seed": 0, "accuracy": 0.9}])]
     assert borrowed[0]["reused_from"].startswith("suite full") and out["accuracy"][0] is own
+
+
+def test_recipe_part_trains_the_recipe_for_its_own_epochs_and_extended_adds_same_schedule_full_tuning() -> None:
+    """``full``: LoRA at the recipe's epochs, full fine-tuning at its own defaults (round one's protocol);
+    ``extended`` adds full fine-tuning at the recipe's epochs on every recipe task."""
+    _, _, epochs = recipe.shipped_recipe()
+    full_jobs = phases(SUITES["full"], "recipe")[0].jobs
+    extended_jobs = phases(SUITES["extended"], "recipe")[0].jobs
+    lora = [j for j in full_jobs if j["method"] == "lora"]
+    assert lora and all(j["epochs"] == epochs for j in lora)
+    assert {(j["task"], j["epochs"]) for j in full_jobs if j["method"] == "full"} == {("sms", recipe.PROTOCOL["epochs"])}
+    extra = [j for j in extended_jobs if j not in full_jobs]
+    same = {(j["task"], j["seeds"][0]) for j in extra if j["method"] == "full" and j["epochs"] == epochs}
+    assert len(extra) == len(same) == 12 and {t for t, _ in same} == {"trec", "rt", "bbc", "sms"}
+    quick = phases(SUITES["quick"], "recipe")[0].jobs  # the quick suite's tiny protocol wins over the recipe's epochs
+    assert all(j["epochs"] == SUITES["quick"].recipe_protocol["epochs"] for j in quick)

@@ -29,12 +29,13 @@ def test_demo_trains_minilm_and_compares_with_baselines(tmp_path: Path, capsys: 
     assert "trainable parameters:" in printed and "adapter size:" in printed
     summary = json.loads((out / "summary.json").read_text())
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert config["r"] == 16 and config["lora_alpha"] == 32  # the default recipe (LoraConfig.recommended)
+    assert config["r"] == 32 and config["lora_alpha"] == 64  # the default recipe (LoraConfig.recommended)
     assert config["modules_to_save"] == ["classifier"]
-    # LoRA r=16 on every linear layer: per layer q, k, v, attention output (384 -> 384), intermediate
+    # LoRA r=32 on every linear layer: per layer q, k, v, attention output (384 -> 384), intermediate
     # (384 -> 1536), output (1536 -> 384); the pooler (384 -> 384); plus the 6-class head.
-    per_layer = 4 * 16 * (384 + 384) + 2 * 16 * (384 + 1536)
-    assert summary["trainable_params"] == 6 * per_layer + 16 * (384 + 384) + (384 * 6 + 6)
+    r = 32
+    per_layer = 4 * r * (384 + 384) + 2 * r * (384 + 1536)
+    assert summary["trainable_params"] == 6 * per_layer + r * (384 + 384) + (384 * 6 + 6)
     assert f"{summary['final']['test']['accuracy']:8.3f}" in printed
     for name in ("report.md", "loss.png", "metric.png"):
         assert (out / name).is_file()

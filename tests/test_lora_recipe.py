@@ -14,13 +14,13 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.cli import main
-from deltatune.train.options import DEFAULT_LR, TrainOptions, build_options
+from deltatune.train.options import DEFAULT_EPOCHS, DEFAULT_LR, TrainOptions, build_options
 
 
 def test_recommended_fields_and_task_type_from_the_model(make_model: Any) -> None:
     config = dt.LoraConfig.recommended(make_model("bert_seq_cls"))
     assert config.target_modules == "all-linear"
-    assert config.r == 16 and config.lora_alpha == 2 * config.r and config.lora_dropout == 0.1
+    assert config.r == 32 and config.lora_alpha == 2 * config.r and config.lora_dropout == 0.1
     assert config.task_type == "SEQ_CLS"
     assert dt.LoraConfig.recommended(make_model("llama_lm")).task_type == "CAUSAL_LM"
     assert dt.LoraConfig.recommended().task_type is None
@@ -39,7 +39,7 @@ def test_plain_lora_config_keeps_peft_defaults() -> None:
 def test_recommended_wraps_every_linear_layer_but_the_head(make_model: Any) -> None:
     base = make_model("bert_seq_cls")
     linears = {n: m for n, m in base.named_modules() if isinstance(m, nn.Linear) and not n.startswith("classifier")}
-    expected = sum(16 * (m.in_features + m.out_features) for m in linears.values())  # A (r, in) + B (out, r)
+    expected = sum(32 * (m.in_features + m.out_features) for m in linears.values())  # A (r, in) + B (out, r)
     expected += sum(p.numel() for p in base.classifier.parameters())  # SEQ_CLS trains the head
     model = dt.get_delta_model(base, dt.LoraConfig.recommended(base))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -61,16 +61,17 @@ def _options_from_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> TrainOptio
 def test_cli_applies_the_recipe_only_when_given_no_method_options(monkeypatch: pytest.MonkeyPatch) -> None:
     recipe, rate = dt.LoraConfig.RECOMMENDED_OPTIONS, dt.LoraConfig.RECOMMENDED_LR
     plain = _options_from_cli(monkeypatch)
-    assert plain.method_options == recipe and plain.lr == rate
+    assert plain.method_options == recipe and plain.lr == rate and plain.epochs == dt.LoraConfig.RECOMMENDED_EPOCHS
     config = plain.method_config("seq_cls")
-    assert (config.r, config.lora_alpha, config.target_modules) == (16, 32, "all-linear")
-    own_lr = _options_from_cli(monkeypatch, "--lr", "5e-4")
-    assert own_lr.method_options == recipe and own_lr.lr == 5e-4
+    assert (config.r, config.lora_alpha, config.target_modules) == (32, 64, "all-linear")
+    own_lr = _options_from_cli(monkeypatch, "--lr", "3e-4")
+    assert own_lr.method_options == recipe and own_lr.lr == 3e-4 and own_lr.epochs == dt.LoraConfig.RECOMMENDED_EPOCHS
+    assert _options_from_cli(monkeypatch, "--epochs", "1").epochs == 1
     own_opts = _options_from_cli(monkeypatch, "--method-opt", "r=4")
-    assert own_opts.method_options == {"r": 4} and own_opts.lr == DEFAULT_LR
+    assert own_opts.method_options == {"r": 4} and own_opts.lr == DEFAULT_LR and own_opts.epochs == DEFAULT_EPOCHS
     assert own_opts.method_config("seq_cls").lora_alpha == dt.LoraConfig().lora_alpha  # peft default, no recipe
     other = _options_from_cli(monkeypatch, "--method", "ia3")
-    assert other.method_options == {} and other.lr == DEFAULT_LR
+    assert other.method_options == {} and other.lr == DEFAULT_LR and other.epochs == DEFAULT_EPOCHS
 
 
 def test_yaml_method_options_count_as_the_users_choice() -> None:
@@ -84,5 +85,5 @@ def test_demo_uses_the_recipe() -> None:
 
     options = demo_options()
     assert options.method == "lora" and options.method_options == dt.LoraConfig.RECOMMENDED_OPTIONS
-    assert options.lr == dt.LoraConfig.RECOMMENDED_LR
+    assert options.lr == dt.LoraConfig.RECOMMENDED_LR and options.epochs == dt.LoraConfig.RECOMMENDED_EPOCHS
     assert demo_options(epochs=1).epochs == 1

@@ -35,7 +35,8 @@ def _train(args: argparse.Namespace) -> int:
             recipe = getattr(spec.config_cls, "RECOMMENDED_OPTIONS", None)
             if recipe is not None:  # what 'deltatune train' uses when given no --method-opt (and no --lr)
                 opts = " ".join(f"{k}={v}" for k, v in recipe.items())
-                print(f"{'':<23} default recipe: {opts}, lr={getattr(spec.config_cls, 'RECOMMENDED_LR', None)}")
+                lr, epochs = (getattr(spec.config_cls, f"RECOMMENDED_{n}", None) for n in ("LR", "EPOCHS"))
+                print(f"{'':<23} default recipe: {opts}, lr={lr}" + (f", epochs={epochs}" if epochs else ""))
         return 0
     cli = {k: v for k, v in vars(args).items() if k not in ("command", "config", "method_opt", "list_methods")}
     cli["method_options"] = dict(parse_method_opt(text) for text in args.method_opt)

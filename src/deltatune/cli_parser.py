@@ -242,13 +242,13 @@ def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="fine-tune MiniLM with LoRA on TREC and compare with baselines (a few minutes)",
                        formatter_class=fmt, epilog=EPILOG,
                        description="Fine-tunes the bundled MiniLM with the default LoRA recipe (every linear "
-                       "layer, r=16; see 'deltatune train --list-methods') plus the classifier head on 2,000 TREC "
-                       "questions for 2 epochs, then prints test accuracy next to the "
+                       "layer, its rank, rate and epochs: see 'deltatune train --list-methods') plus the classifier head on "
+                       "2,000 TREC questions, then prints test accuracy next to the "
                        "majority-class baseline and the untrained model. No arguments needed.")
     p.add_argument("--output-dir", default="runs/demo", help="where the adapter, plots and report go")
     p.add_argument("--max-train-examples", type=int, help="training questions (default: 2000)")
     p.add_argument("--max-eval-examples", type=int, help="use only the first N validation/test questions")
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (quick smoke runs)")
-    p.add_argument("--epochs", type=int, help="epochs (default: 2)")
+    p.add_argument("--epochs", type=int, help="epochs (default: the recipe's)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores not busy with other work)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

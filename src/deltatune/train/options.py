@@ -22,6 +22,7 @@ from .extras import require_yaml
 from .fields import option
 
 DEFAULT_LR = 2e-3  # methods without a measured recipe, or with options the user chose
+DEFAULT_EPOCHS = 2  # the same
 TASKS = ("seq_cls", "instruct", "causal_lm", "seq2seq")
 SCHEDULES = ("linear", "cosine", "constant")
 PROMPT_FORMATS = ("auto", "chat", "plain")
@@ -55,7 +56,9 @@ class TrainOptions(DataSpec):
     max_eval_examples: int | None = option(None, "use only the first N validation/test rows")
     prompt_format: str = option("auto",
         "instruct prompts: auto (chat template if the tokenizer has one) | chat | plain")
-    epochs: int = option(2, "passes over the training rows")
+    epochs: int | None = option(None,
+        "passes over the training rows (default: the method's recommended epochs when its recommended options "
+        f"are used (LoRA: see 'deltatune train --list-methods'), else {DEFAULT_EPOCHS})")
     max_steps: int | None = option(None, "stop after N optimizer steps (overrides --epochs)")
     batch_size: int = option(16, "rows per forward pass (per rank under torchrun)")
     grad_accum: int = option(1, "forward passes per optimizer step")
@@ -104,23 +107,27 @@ class TrainOptions(DataSpec):
         self.validate()
 
     def _apply_recipe(self) -> None:
-        """Fill in the method's measured recipe (``RECOMMENDED_OPTIONS`` / ``RECOMMENDED_LR`` of its config
-        class, e.g. :meth:`deltatune.LoraConfig.recommended`) where the user chose nothing.
+        """Fill in the method's measured recipe (``RECOMMENDED_OPTIONS`` / ``RECOMMENDED_LR`` /
+        ``RECOMMENDED_EPOCHS`` of its config class, e.g. :meth:`deltatune.LoraConfig.recommended`) where the
+        user chose nothing.
 
-        No method options given -> the recipe's options; then no ``lr`` given -> the recipe's rate. A rate
-        is only measured together with its options: with options of the user's own, the default rate is
-        :data:`DEFAULT_LR`. Methods without a recipe keep their config's defaults and :data:`DEFAULT_LR`.
+        No method options given -> the recipe's options; then no ``lr`` (``epochs``) given -> the recipe's
+        rate (epochs). A rate and a schedule are only measured together with their options: with options of
+        the user's own, the defaults are :data:`DEFAULT_LR` and :data:`DEFAULT_EPOCHS`. Methods without a
+        recipe keep their config's defaults, :data:`DEFAULT_LR` and :data:`DEFAULT_EPOCHS`.
         """
         names = [m.name for m in all_methods()]
-        if self.method not in names:
-            return  # validate() names the registered methods
-        cls = get_method(self.method).config_cls
-        recipe, recipe_lr = getattr(cls, "RECOMMENDED_OPTIONS", None), getattr(cls, "RECOMMENDED_LR", None)
+        cls = get_method(self.method).config_cls if self.method in names else None  # else validate() names them
+        recipe = getattr(cls, "RECOMMENDED_OPTIONS", None)
         use_recipe = recipe is not None and self.method_options == {}
         if use_recipe:
             self.method_options = dict(recipe)
+        recipe_lr, recipe_epochs = (getattr(cls, f"RECOMMENDED_{n}", None) if use_recipe else None
+                                    for n in ("LR", "EPOCHS"))
         if self.lr is None:
-            self.lr = recipe_lr if use_recipe and recipe_lr is not None else DEFAULT_LR
+            self.lr = recipe_lr if recipe_lr is not None else DEFAULT_LR
+        if self.epochs is None:
+            self.epochs = recipe_epochs if recipe_epochs is not None else DEFAULT_EPOCHS
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad option and what is allowed."""

@@ -10,7 +10,7 @@ from torch import nn
 
 from ...config import TargetedConfig
 from ...errors import ConfigError
-from .recipe import RECOMMENDED_LR, RECOMMENDED_OPTIONS, task_type_of
+from .recipe import RECOMMENDED_EPOCHS, RECOMMENDED_LR, RECOMMENDED_OPTIONS, task_type_of
 
 INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "loftq")
 #: Initialisations that change the base weight (PiSSA/OLoRA: the residual; LoftQ: its quantization) to fit
@@ -118,6 +118,8 @@ class LoraConfig(TargetedConfig):
     PEFT_TYPE: ClassVar[str] = "LORA"
     #: Peak learning rate of :meth:`recommended`'s recipe (``deltatune train`` uses it by default).
     RECOMMENDED_LR: ClassVar[float] = RECOMMENDED_LR
+    #: Epochs of :meth:`recommended`'s recipe (``deltatune train``'s default with the recipe's options).
+    RECOMMENDED_EPOCHS: ClassVar[int] = RECOMMENDED_EPOCHS
     #: The fields :meth:`recommended` sets (``deltatune train`` uses them when given no method options).
     RECOMMENDED_OPTIONS: ClassVar[dict[str, Any]] = RECOMMENDED_OPTIONS
     METADATA_FIELDS: ClassVar[frozenset[str]] = TargetedConfig.METADATA_FIELDS | {"megatron_core", "qalora_group_size"}
@@ -165,8 +167,9 @@ class LoraConfig(TargetedConfig):
     def recommended(cls, model: nn.Module | None = None, **overrides: Any) -> LoraConfig:
         """deltatune's measured recipe (see :mod:`deltatune.methods.lora.recipe`), not peft's defaults.
 
-        LoRA on every linear layer (``"all-linear"``: the output head excluded), ``r=16``,
-        ``lora_alpha=32``, ``lora_dropout=0.1``; train it at :attr:`RECOMMENDED_LR`. ``task_type`` comes
+        LoRA on every linear layer (``"all-linear"``: the output head excluded), ``r=32``,
+        ``lora_alpha=64``, ``lora_dropout=0.1``; train it at :attr:`RECOMMENDED_LR` for
+        :attr:`RECOMMENDED_EPOCHS` epochs. ``task_type`` comes
         from ``model``'s class (``...ForSequenceClassification`` -> ``"SEQ_CLS"``) unless given;
         ``overrides`` replace any field::
 
