@@ -232,7 +232,7 @@ def write_report(folder: Path | None = None, stem: str = "recipe", full_json: Pa
     search, best = search_table(acc, SEARCH_TASKS)
     options, lr, epochs = shipped_recipe()
     md = ["# LoRA default recipe (`python -m bench.recipe`)", "",
-          ("Bundled MiniLM, round one's accuracy protocol: first 2,000 training rows (BBC 1,701), 2 epochs, batch 16, "
+          ("Bundled MiniLM, round one's accuracy protocol: first 2,000 training rows (BBC 1,701), 2 epochs (3 where a row says so), batch 16, "
           "bf16 autocast, AdamW (no weight decay), 6 % warm-up then linear decay, gradient clipping at 1; "
           "LoRA dropout 0.1, alpha = 2r, classifier head trained. One process at a time, 1 thread. Every "
           "trained model is scored on the validation and the test split; the pick reads only validation."), "",

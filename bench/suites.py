@@ -21,6 +21,8 @@ NEW_PEFT_SHARED = ["lntuning", "loha", "lokr", "vera", "oft", "adalora"]
 ROUND_ONE = ["cost", "accuracy", "lowdata", "forgetting", "inference"]
 ROUND_TWO = ["recipe", "lowdata_all", "forgetting_frontier", "methods", "combination"]
 ALL_PARTS = ROUND_ONE + ROUND_TWO
+#: Methods whose accuracy jobs ``full`` leaves to ``extended`` (their cost jobs stay; see FULL_CUTS).
+FULL_ACCURACY_CUTS = ("head", "lora", "ptuning")
 #: What ``full`` leaves out to fit 90 minutes (``extended`` runs it); printed by ``--plan`` (bench/README.md).
 FULL_CUTS = [
     ("lowdata and forgetting (round one's TREC-only low data at one rate; 40 ChatterBot steps of forgetting) are "
@@ -30,8 +32,10 @@ FULL_CUTS = [
      "part runs in `extended` only"),
     ("lowdata_all: seed 0 only (the two-rate grid on every task and size, 54 jobs); seeds 1 and 2 at the "
      "picked rates (54 jobs) run in `extended`"),
-    ("accuracy: head-only fine-tuning's accuracy jobs (3 tasks x 3 seeds) run in `extended`; "
-     "its cost jobs stay"),
+    ("accuracy: the accuracy jobs (3 tasks x 3 seeds; peft twins on TREC) of head-only fine-tuning, of round one's "
+     "fixed LoRA (r=8 on query/value: superseded by the recipe part, which measures the shipped LoRA recipe on the "
+     "same tasks and seeds) and of P-tuning run in `extended`; their cost jobs stay. Cut when the recipe's "
+     "3-epoch r=32 jobs put `full` at 94.2 estimated minutes"),
     ("combination (adapter arithmetic on SmolLM2, one ~10-minute job): runs in `extended` only, since the "
      "re-measured recipe jobs put `full` at 90.9 estimated minutes with it"),
     ("recipe: full fine-tuning at the recipe's 3 epochs (the same-schedule reference, 4 tasks x 3 seeds) runs in "
@@ -151,7 +155,7 @@ SUITES: dict[str, Suite] = {
     ),
     "full": Suite(name="full", tasks=["trec", "rt", "bbc"], seeds=[0, 1, 2], n_train=2000, epochs=2,
                   parts=list(FULL_PARTS), lowall_seeds=[0],
-                  accuracy_methods=[m for m in ALL_METHODS if m != "head"]),
+                  accuracy_methods=[m for m in ALL_METHODS if m not in FULL_ACCURACY_CUTS]),
     # ``full`` with nothing cut: the same jobs plus those FULL_CUTS names, written to the same files (its name is
     # ``full``, so it shares full's results and resume cache: ``--suite extended --resume`` after ``full`` runs
     # only the cut jobs).

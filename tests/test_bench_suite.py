@@ -19,7 +19,7 @@ from bench import lowdata_all, plan, recipe
 from bench.cache import part_cache
 from bench.parts import SuiteRun, phases
 from bench.run import borrow_full
-from bench.suites import FULL_CUTS, SUITES
+from bench.suites import ALL_METHODS, FULL_ACCURACY_CUTS, FULL_CUTS, SUITES
 
 
 def _classify(task: str, method: str, seeds: list[int], n_train: int) -> dict[str, Any]:
@@ -68,6 +68,8 @@ def test_full_suite_is_estimated_within_90_minutes_and_names_its_cuts() -> None:
     assert all(any(c.startswith(part) for c in FULL_CUTS) for part in ("methods", "combination"))
     assert full.lowall_seeds == [0] and extended.lowall_seeds == [0, 1, 2]
     assert {"recipe", "lowdata_all", "forgetting_frontier", "accuracy", "cost"} <= set(full.parts)
+    assert set(full.accuracy_methods or ()) | set(FULL_ACCURACY_CUTS) == set(ALL_METHODS)  # cut, not lost
+    assert extended.accuracy_methods is None and any(c.startswith("accuracy") for c in FULL_CUTS)
 
 
 def _fake_run_one(calls: list[dict], state: dict[str, int]) -> Any:
