@@ -237,11 +237,14 @@ def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool
     what makes QLoRA's training memory small (activations are recomputed in the backward pass, about a
     third more compute). ``use_gradient_checkpointing``: ``None`` (default) turns it on when the model
     supports it (transformers models), ``True`` requires it, ``False`` leaves it off. bitsandbytes
-    4-bit weights are kept in the layout its training path reads (:func:`.bnb.keep_training_layout`).
+    4-bit weights are kept in the layout its training path reads (:func:`.bnb.keep_training_layout`), and
+    their layers dequantize once fewer per step under checkpointing, with the same numbers
+    (:mod:`.bnb_training`).
     """
-    from .bnb import keep_training_layout
+    from .bnb import _class_names, keep_training_layout
 
     keep_training_layout(model)
+    four_bit = any("Linear4bit" in _class_names(module) for module in model.modules())
     for param in model.parameters():
         param.requires_grad_(False)
     for module in model.modules():
@@ -259,4 +262,8 @@ def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
         enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})
+    if four_bit:
+        from .bnb_training import use_training_matmul
+
+        use_training_matmul(model)
     return model
