@@ -108,6 +108,16 @@ def test_loftq_run_fits_the_quantize_kind_and_reloads_for_eval(files: dict, tmp_
     capsys.readouterr()
     assert main(["eval", str(run), "--json", "--max-examples", "4"]) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+    assert main(["merge", str(run), str(tmp_path / "merged"), "--dtype", "float32"]) == 0
+    merged = tf.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    assert type(merged.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    import deltatune as dt
+
+    unmerged = model.eval()
+    dt.dequantize(unmerged.get_base_model())
+    ids = torch.randint(4, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, unmerged(input_ids=ids).logits, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -148,7 +158,9 @@ def test_loftq_jobs_and_quantization_setting_are_checked(files: dict, tmp_path: 
 
 def test_loftq_gpt2_run_through_the_cli_reloads_its_conv1d_base(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """GPT-2's Conv1D layers: LoftQ (int8 here) on c_attn, plain int8 on the others; the run folder reloads
-    through transformers' BitsAndBytesConfig, which quantizes each Conv1D transposed as LoftQ did."""
+    through transformers' BitsAndBytesConfig, which quantizes each Conv1D transposed as LoftQ did, and
+    ``merge --dtype float32`` writes Conv1D layers again: transformers reloads it and computes what the
+    dequantized, unmerged adapter model computes."""
     import transformers as tf
     from _train_tiny import make_tokenizer
 
@@ -157,7 +169,8 @@ def test_loftq_gpt2_run_through_the_cli_reloads_its_conv1d_base(tmp_path: Path, 
 
     torch.manual_seed(0)
     cfg = tf.GPT2Config(vocab_size=len(make_tokenizer()), n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                        bos_token_id=2, eos_token_id=3, pad_token_id=0)
+                        bos_token_id=2, eos_token_id=3, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0)
     tf.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
     make_tokenizer().save_pretrained(tmp_path / "gpt2")
     files = {"model": tmp_path / "gpt2", "pairs": write_pairs(tmp_path / "pairs.jsonl", 16)}

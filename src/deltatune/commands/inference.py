@@ -24,6 +24,7 @@ from ..fingerprint import FINGERPRINT_KEY
 from ..merge_check import MergeReport, default_probe
 from ..model import DeltaModel
 from ..quant import dequantize
+from ..quant.convert import restore_source_layers
 from ..quant.embedding import quantized_embedding_paths
 from ..quant.load import check_quantize_options, recorded_quantization
 from ..train.data.builtin import DataError
@@ -181,6 +182,7 @@ def run_merge(adapter: str, output: str, model: str | None = None, dtype: str | 
         dequantize(loaded.model.get_base_model(), torch.float32)  # merge in float32, then write in ``dtype``
     probe = default_probe(loaded.model.get_base_model())
     merged = loaded.model.merge_and_unload(probe=probe) if probe is not None else loaded.model.merge_and_unload()
+    restore_source_layers(merged)  # GPT-2: dequantized Conv1D layers merged as nn.Linear become Conv1D again
     if dtype is not None:
         merged = merged.to(MERGE_DTYPES[dtype])
     float_embeddings = quantized_embedding_paths(merged)

@@ -178,37 +178,50 @@ def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modul
 
     A layer quantized from transformers' ``Conv1D`` (GPT-2; it records ``source_cls``, as transformers' own
     loading does) becomes a ``Conv1D`` again, weight ``(in, out)``, so the model saves in its own format;
-    inside an adapter wrapper, which was built for the quantized ``(out, in)`` layer, it stays an ``nn.Linear``."""
+    inside an adapter wrapper, which was built for the quantized ``(out, in)`` layer, it stays an ``nn.Linear``
+    that remembers ``source_cls``, and :func:`restore_source_layers` turns it back once unwrapped (merged)."""
     from .embedding import dequantize_embeddings
 
     dequantize_embeddings(model, dtype)
     for path, module in list(model.named_modules()):
         if not path or quantization(module) is None:
             continue
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        wrapped = getattr(parent, "_delta_base_child", None) == child
-        setattr(parent, child, _float_layer(module, dtype, keep_linear=wrapped))
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device="meta", dtype=dtype)
+        linear.weight = nn.Parameter(read_weight(module).to(dtype), requires_grad=False)  # (out, in)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+        if getattr(module, "source_cls", None) is not None:
+            linear.source_cls = module.source_cls
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    restore_source_layers(model)
     _forget_quantization(model)
     return model
 
 
-def _float_layer(module: nn.Module, dtype: torch.dtype, keep_linear: bool) -> nn.Module:
-    """A float copy of the quantized linear ``module``: an ``nn.Linear``, or the ``Conv1D`` it was made from."""
-    weight = read_weight(module).to(dtype)  # (out, in)
-    source = getattr(module, "source_cls", None)
-    if not keep_linear and module.bias is not None and isinstance(source, type) and source.__name__ == "Conv1D":
+def restore_source_layers(model: nn.Module) -> list[str]:
+    """Turn every float ``nn.Linear`` made from a transformers ``Conv1D`` (``source_cls``) back into a ``Conv1D``
+    holding the transposed weight ``(in, out)`` (the same function ``x W + b``), except inside adapter wrappers;
+    returns the paths changed. Without it a dequantized or merged GPT-2 saves ``(out, in)`` weights under names
+    transformers reads as ``(in, out)``."""
+    changed = []
+    for path, module in list(model.named_modules()):
+        source = getattr(module, "source_cls", None)
+        if (not path or type(module) is not nn.Linear or module.bias is None or not isinstance(source, type)
+                or source.__name__ != "Conv1D"):
+            continue
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        if getattr(parent, "_delta_base_child", None) == child:
+            continue  # the wrapper was built for the (out, in) layer
         with torch.device("meta"):
             conv = source(module.out_features, module.in_features)  # Conv1D(nf=out, nx=in): weight (in, out)
-        conv.weight = nn.Parameter(weight.T.contiguous(), requires_grad=False)
-        conv.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
-        return conv
-    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                       device="meta", dtype=dtype)
-    linear.weight = nn.Parameter(weight, requires_grad=False)
-    if module.bias is not None:
-        linear.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
-    return linear
+        conv.weight = nn.Parameter(module.weight.detach().T.contiguous(), requires_grad=module.weight.requires_grad)
+        conv.bias = nn.Parameter(module.bias.detach(), requires_grad=module.bias.requires_grad)
+        setattr(parent, child, conv)
+        changed.append(path)
+    return changed
 
 
 def _forget_quantization(model: nn.Module) -> None:
