@@ -101,7 +101,8 @@ def build_run(options: TrainOptions, dist: Distributed | None = None) -> Run:
     device = pick_device(options.device) if dist is None else dist.model_device(pick_device(options.device))
     config = options.method_config(task)
     if wants_loftq(options.method_options):  # LoftQ quantizes the float base itself (see .loftq_base)
-        base = load_loftq_base(load_base_model(task, model_path, splits.labels), config, options.method)
+        float_base = load_base_model(task, model_path, splits.labels).to(device)  # bitsandbytes quantizes on it
+        base = load_loftq_base(float_base, config, options.method)
     else:
         base = load_base_model(task, model_path, splits.labels, options.quantize, device, for_training=True,
                                quantize_embeddings=options.quantize_embeddings)
