@@ -108,16 +108,6 @@ def test_loftq_run_fits_the_quantize_kind_and_reloads_for_eval(files: dict, tmp_
     capsys.readouterr()
     assert main(["eval", str(run), "--json", "--max-examples", "4"]) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] > 1
-    assert main(["merge", str(run), str(tmp_path / "merged"), "--dtype", "float32"]) == 0
-    merged = tf.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
-    assert type(merged.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
-    import deltatune as dt
-
-    unmerged = model.eval()
-    dt.dequantize(unmerged.get_base_model())
-    ids = torch.randint(4, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, unmerged(input_ids=ids).logits, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -184,3 +174,13 @@ def test_loftq_gpt2_run_through_the_cli_reloads_its_conv1d_base(tmp_path: Path, 
     capsys.readouterr()
     assert main(["eval", str(run), "--json", "--max-examples", "4"]) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+    assert main(["merge", str(run), str(tmp_path / "merged"), "--dtype", "float32"]) == 0
+    merged = tf.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    assert type(merged.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    import deltatune as dt
+
+    unmerged = model.eval()
+    dt.dequantize(unmerged.get_base_model())
+    ids = torch.randint(4, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, unmerged(input_ids=ids).logits, atol=1e-4, rtol=0)
