@@ -184,3 +184,19 @@ def test_loftq_gpt2_run_through_the_cli_reloads_its_conv1d_base(tmp_path: Path, 
     ids = torch.randint(4, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, unmerged(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def test_loftq_run_model_trains_with_the_4bit_training_forward(files: dict, tmp_path: Path) -> None:
+    """The run's model: LoftQ's layers and the plainly quantized ones alike use prepare_for_kbit_training's
+    CPU training forward (quant.bnb_training), and only LoRA's factors train."""
+    from deltatune.quant.bnb_training import TrainingLinear4bit
+    from deltatune.train.loop import build_run
+    from deltatune.train.options import build_options
+
+    options = build_options({}, {"model": str(files["model"]), "data": str(files["pairs"]), "quantize": "nf4",
+                                 "output_dir": str(tmp_path / "run"),
+                                 "method_options": {"init_lora_weights": "loftq", "r": 4}})
+    model = build_run(options).model
+    four_bit = [m for m in model.modules() if "Linear4bit" in {c.__name__ for c in type(m).__mro__}]
+    assert len(four_bit) == 14 and all(type(m) is TrainingLinear4bit for m in four_bit)
+    assert {n.split(".")[-3] for n, p in model.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}

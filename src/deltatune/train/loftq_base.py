@@ -93,6 +93,17 @@ def load_loftq_base(float_model: nn.Module, config: DeltaConfig, method: str) ->
     return prepare_for_kbit_training(float_model, use_gradient_checkpointing=False)
 
 
+def finish_loftq_model(model: nn.Module) -> None:
+    """After LoRA's injection: LoftQ's new 4-bit layers get the CPU training forward that
+    :func:`deltatune.prepare_for_kbit_training` gave the others (:mod:`deltatune.quant.bnb_training`; same numbers)."""
+    from ..weights import quantization
+
+    if any((quantization(m) or "").startswith(("nf4", "fp4")) for m in model.modules()):
+        from ..quant.bnb_training import use_training_matmul
+
+        use_training_matmul(model.get_base_model())
+
+
 def save_loftq_base(model: nn.Module, folder: Path, method_options: dict[str, Any]) -> Path | None:
     """With ``loftq_iter > 1``: write every LoftQ layer's ``dequant(Q_T)`` into ``folder`` (the adapter folder);
     ``model`` is the trained ``DeltaModel``. Returns the file, or ``None`` when ``Q`` is the usual quantization."""

@@ -43,7 +43,7 @@ from .distributed import resume as dist_checkpoints
 from .distributed.runtime import Distributed
 from .evaluate import evaluate
 from .extras import skipped_features
-from .loftq_base import load_loftq_base, save_loftq_base, wants_loftq
+from .loftq_base import finish_loftq_model, load_loftq_base, save_loftq_base, wants_loftq
 from .metrics import MetricsLog
 from .optim import make_optimizer, make_scheduler
 from .options import TrainOptions
@@ -107,6 +107,8 @@ def build_run(options: TrainOptions, dist: Distributed | None = None) -> Run:
         base = load_base_model(task, model_path, splits.labels, options.quantize, device, for_training=True,
                                quantize_embeddings=options.quantize_embeddings)
     model = get_delta_model(base, config).to(device)
+    if wants_loftq(options.method_options):
+        finish_loftq_model(model)
     rows = {
         "train": limit(splits.train, options.max_train_examples),
         "validation": limit(splits.validation, options.max_eval_examples),
