@@ -61,6 +61,9 @@ BLOCKS: list[Block] = [
     Block("quantized", "quantized.md", None),
     Block("quantized-settings", "quantized_settings.md", None),
     Block("quantized-loftq2", "quantized_loftq2.md", None),
+    Block("quantized-nockpt", "quantized_nockpt.md", None),
+    Block("quantized-long", "quantized_long.md", None),
+    Block("quantized-recheck", "quantized_recheck.md", None),
 ]
 
 HEADING = re.compile(r"^(#+)\s+(.*)$")
