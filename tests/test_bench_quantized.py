@@ -64,4 +64,7 @@ def test_adapt_turns_checkpointing_on_or_off_as_the_row_says(config: str, checkp
 
     model = _adapt(quantized_llama("nf4"), config)
     assert model.get_base_model().is_gradient_checkpointing is checkpointing
-    assert sorted({type(m).__name__ for m in model.modules() if "Linear4bit" in type(m).__name__}) == ["Linear4bit"]
+    import bitsandbytes as bnb
+
+    four_bit = [m for m in model.modules() if "Linear4bit" in type(m).__name__]
+    assert four_bit and all(isinstance(m, bnb.nn.Linear4bit) for m in four_bit)  # the training subclass counts
