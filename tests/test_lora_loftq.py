@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from _loftq_reference import quantize_roundtrip, reference_loftq
 from _quant_models import dequantized_by_backend, inputs, quantized_llama, tiny_llama
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -35,23 +36,6 @@ def float_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {p: m.weight.detach().clone() for p, m in model.named_modules() if p.endswith(LINEARS)}
 
 
-def nf4_roundtrip(weight: torch.Tensor, double_quant: bool = True) -> torch.Tensor:
-    codes, state = bnb_functional.quantize_4bit(weight.float(), blocksize=64, compress_statistics=double_quant,
-                                                quant_type="nf4")
-    return bnb_functional.dequantize_4bit(codes, state).float()
-
-
-def reference_loftq(w: torch.Tensor, r: int, s: float, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dequant(Q_T), A_T, B_T): Q_t = quant(W - s B A); s B A = the rank-r SVD of W - dequant(Q_t)."""
-    a = b = torch.zeros(0)
-    for t in range(iters):
-        q = nf4_roundtrip(w - s * b @ a if t else w)
-        u, sv, vh = torch.linalg.svd(w - q, full_matrices=False)
-        a = (sv[:r] / s).sqrt()[:, None] * vh[:r]
-        b = u[:, :r] * (sv[:r] / s).sqrt()
-    return q, a, b
-
-
 def layers(delta: dt.DeltaModel) -> dict[str, nn.Module]:
     return {p: m for p, m in delta.get_base_model().named_modules() if p.endswith(LINEARS)}
 
@@ -68,7 +52,7 @@ def loftq_error(delta: dt.DeltaModel, weights: dict[str, torch.Tensor]) -> float
 
 def test_loftq_follows_the_alternation_and_its_error_falls_with_iterations() -> None:
     weights = float_weights(tiny_llama())
-    plain = sum(float((w - nf4_roundtrip(w)).norm() ** 2) for w in weights.values()) ** 0.5  # QLoRA's start
+    plain = sum(float((w - quantize_roundtrip(w)[1]).norm() ** 2) for w in weights.values()) ** 0.5  # QLoRA's start
     errors = []
     for iters in (1, 2, 4):
         delta = dt.get_delta_model(tiny_llama(), loftq_config(iters=iters))
@@ -76,7 +60,7 @@ def test_loftq_follows_the_alternation_and_its_error_falls_with_iterations() -> 
             base = layer.get_base_layer()
             assert "Linear4bit" in {c.__name__ for c in type(base).__mro__}  # real 4-bit storage: training is QLoRA
             assert base.weight.quant_type == "nf4" and base.weight.compress_statistics
-            q, a, b = reference_loftq(weights[path], 4, layer.scaling["default"], iters)
+            _, q, a, b = reference_loftq(weights[path], 4, layer.scaling["default"], iters)
             torch.testing.assert_close(dequantized_by_backend(base), q, atol=1e-6, rtol=0)
             torch.testing.assert_close(layer.lora_A["default"].weight, a, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(layer.lora_B["default"].weight, b, atol=1e-5, rtol=1e-4)
@@ -316,9 +300,5 @@ def test_loftq_quantization_setting_picks_fp4_and_the_block_size() -> None:
     bases = [m.get_base_layer() for m in layers(delta).values()]
     assert all(b.weight.quant_type == "fp4" and b.weight.blocksize == 32 for b in bases)
 
-    def fp4_roundtrip(w: torch.Tensor) -> torch.Tensor:
-        codes, state = bnb_functional.quantize_4bit(w, blocksize=32, compress_statistics=True, quant_type="fp4")
-        return bnb_functional.dequantize_4bit(codes, state).float()
-
-    plain = sum(float((w - fp4_roundtrip(w)).norm() ** 2) for w in weights.values()) ** 0.5
+    plain = sum(float((w - quantize_roundtrip(w, 32, "fp4")[1]).norm() ** 2) for w in weights.values()) ** 0.5
     assert loftq_error(delta, weights) < 0.95 * plain

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _loftq_reference import quantize_roundtrip, reference_loftq
 from _train_tiny import save_quantizable_llama, write_pairs
 
 from deltatune.cli import main
@@ -21,28 +22,6 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 TARGETS = ("q_proj", "v_proj")
 OTHERS = ("k_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def nf4_codes(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(4-bit codes, dequantized weight) of bitsandbytes' NF4 with double quantisation."""
-    codes, state = bnb_functional.quantize_4bit(weight.float(), blocksize=blocksize, compress_statistics=True,
-                                                quant_type="nf4")
-    return codes, bnb_functional.dequantize_4bit(codes, state).float()
-
-
-def nf4(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
-    return nf4_codes(weight, blocksize)[1]
-
-
-def reference_loftq(w: torch.Tensor, r: int, s: float, iters: int, blocksize: int):
-    """(codes of Q_T, dequant(Q_T), A_T, B_T): Q_t = quant(W - s B A); s B A = the rank-r SVD of W - dequant(Q_t)."""
-    a = b = torch.zeros(0)
-    for t in range(iters):
-        codes, q = nf4_codes(w - s * b @ a if t else w, blocksize)
-        u, sv, vh = torch.linalg.svd(w - q, full_matrices=False)
-        a = (sv[:r] / s).sqrt()[:, None] * vh[:r]
-        b = u[:, :r] * (sv[:r] / s).sqrt()
-    return codes, q, a, b
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +75,7 @@ def test_loftq_run_fits_the_quantize_kind_and_reloads_for_eval(files: dict, tmp_
             codes, state = _codes_and_state(base.weight)
         got_q = bnb_functional.dequantize_4bit(codes, state).float()
         if path.endswith(OTHERS):  # not targeted: the plain quantization of the float weight
-            torch.testing.assert_close(got_q, nf4(floats[path], blocksize), atol=1e-6, rtol=0)
+            torch.testing.assert_close(got_q, quantize_roundtrip(floats[path], blocksize)[1], atol=1e-6, rtol=0)
             continue
         want_codes, q, a, b = reference_loftq(floats[path], 4, 2.0, iters, blocksize)
         assert torch.equal(codes, want_codes)

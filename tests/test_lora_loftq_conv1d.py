@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from _loftq_reference import reference_loftq
 from torch import nn
 
 import deltatune as dt
@@ -41,23 +42,6 @@ def loftq_config(r: int = 4, alpha: float = 8, iters: int = 1) -> dt.LoraConfig:
                          loftq_config=dt.LoftQConfig(loftq_bits=4, loftq_iter=iters))
 
 
-def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
-    codes, state = bnb_functional.quantize_4bit(weight.float(), blocksize=64, compress_statistics=True,
-                                                quant_type="nf4")
-    return bnb_functional.dequantize_4bit(codes, state).float()
-
-
-def reference_loftq(w: torch.Tensor, r: int, s: float, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dequant(Q_T), A_T, B_T) for ``w`` (out, in): Q_t = quant(W - s B A); s B A = rank-r SVD of W - dequant(Q_t)."""
-    a = b = torch.zeros(0)
-    for t in range(iters):
-        q = nf4_roundtrip(w - s * b @ a if t else w)
-        u, sv, vh = torch.linalg.svd(w - q, full_matrices=False)
-        a = (sv[:r] / s).sqrt()[:, None] * vh[:r]
-        b = u[:, :r] * (sv[:r] / s).sqrt()
-    return q, a, b
-
-
 def wrapped(delta: dt.DeltaModel) -> dict[str, nn.Module]:
     return {p: m for p, m in delta.get_base_model().named_modules() if p.endswith(CONV1DS) and hasattr(m, "lora_A")}
 
@@ -77,7 +61,7 @@ def test_loftq_on_conv1d_follows_the_alternation_on_the_transposed_weight() -> N
         assert "Linear4bit" in {c.__name__ for c in type(base).__mro__} and not layer.fan_in_fan_out
         assert (base.in_features, base.out_features) == tuple(conv.weight.shape)  # Conv1D: (in, out)
         s = layer.scaling["default"]
-        q, a, b = reference_loftq(conv.weight.detach().T, 4, s, 2)  # (out, in)
+        _, q, a, b = reference_loftq(conv.weight.detach().T, 4, s, 2)  # (out, in)
         assert not getattr(base.weight.quant_state, "packing_format_for_cpu", False)
         torch.testing.assert_close(bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state), q,
                                    atol=1e-6, rtol=0)
