@@ -152,8 +152,6 @@ def copy_float_tensors_off_the_file(model: nn.Module) -> int:
     once these tensors were copied and the mapping freed. The copy keeps each ``Parameter`` object (ties,
     optimizer references) and costs one tensor's size at a time.
     """
-    from ..weights import quantization
-
     copied = 0
     for module in model.modules():
         if quantization(module) is not None:
@@ -254,10 +252,10 @@ def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool
     their layers dequantize once fewer per step under checkpointing, with the same numbers
     (:mod:`.bnb_training`).
     """
-    from .bnb import _class_names, keep_training_layout
+    from .bnb import Bnb4bitAccess, keep_training_layout
 
     keep_training_layout(model)
-    four_bit = any("Linear4bit" in _class_names(module) for module in model.modules())
+    four_bit = any(Bnb4bitAccess().owns(module) for module in model.modules())
     for param in model.parameters():
         param.requires_grad_(False)
     for module in model.modules():

@@ -95,13 +95,11 @@ def load_loftq_base(float_model: nn.Module, config: DeltaConfig, method: str) ->
 
 def finish_loftq_model(model: nn.Module) -> None:
     """After LoRA's injection: LoftQ's new 4-bit layers get the CPU training forward that
-    :func:`deltatune.prepare_for_kbit_training` gave the others (:mod:`deltatune.quant.bnb_training`; same numbers)."""
-    from ..weights import quantization
+    :func:`deltatune.prepare_for_kbit_training` gave the others (:mod:`deltatune.quant.bnb_training`; same numbers;
+    an int8 LoftQ model has none to change, and LoftQ needs bitsandbytes installed either way)."""
+    from ..quant.bnb_training import use_training_matmul
 
-    if any((quantization(m) or "").startswith(("nf4", "fp4")) for m in model.modules()):
-        from ..quant.bnb_training import use_training_matmul
-
-        use_training_matmul(model.get_base_model())
+    use_training_matmul(model.get_base_model())
 
 
 def save_loftq_base(model: nn.Module, folder: Path, method_options: dict[str, Any]) -> Path | None:
@@ -136,7 +134,8 @@ def apply_loftq_base(base: nn.Module, folder: Path | None) -> int:
         return 0
     modules = dict(base.named_modules())
     with safe_open(str(file), framework="pt", device="cpu") as handle:
-        tensors = {name.removesuffix(".weight"): handle.get_tensor(name) for name in handle.keys()}
+        names = handle.keys()  # a safetensors handle, not a dict
+        tensors = {name.removesuffix(".weight"): handle.get_tensor(name) for name in names}
     for path, weight in tensors.items():
         module = modules.get(path)
         if module is None or quantization(module) is None:
