@@ -144,8 +144,9 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--quantize", type=_quantization, metavar="{nf4,fp4,int8,torchao-int8}[:BLOCKSIZE]",
-                   help="load the base model quantized (adapters must have been trained on the same quantization); "
-                   "nf4/fp4 take a block size, e.g. nf4:32 (default 64)")
+                   help="load the base model quantized (adapters must have been trained on the same quantization; "
+                   "default: as the --adapter folders' bases were trained); nf4/fp4 take a block size, e.g. nf4:32 "
+                   "(default 64)")
     p.add_argument("--quantize-embeddings", action="store_true",
                    help="with --quantize: the token embedding (and the LM head tied to it) quantized too")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="log level")

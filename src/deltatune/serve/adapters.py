@@ -29,9 +29,10 @@ from pathlib import Path
 from torch import nn
 
 from ..config import read_config_file
-from ..errors import DeltaError
+from ..errors import BaseModelMismatchError, DeltaError
 from ..mixed_batch import leading_mask
 from ..model import DeltaModel
+from .base_choice import base_hint
 from .batch_cache import BatchCache
 from .errors import ApiError
 from .mixed_forward import BASE, prefill_rows, step_rows
@@ -66,10 +67,12 @@ def inside_dir(root: Path, relative: str) -> Path:
 class AdapterRegistry:
     """The served model (the base, wrapped in a :class:`DeltaModel` once an adapter is loaded) and its adapters."""
 
-    def __init__(self, base: nn.Module, base_name: str, adapters_dir: Path | None = None) -> None:
+    def __init__(self, base: nn.Module, base_name: str, adapters_dir: Path | None = None,
+                 base_from: str | None = None) -> None:
         self.model: nn.Module = base
         self.base_name = base_name
         self.adapters_dir = adapters_dir
+        self.base_from = base_from  # the adapter whose LoftQ base the base holds (see .base_choice), if any
         self.lock = threading.RLock()
         self.names: list[str] = []  # served: requests may name them
         self.draining: list[str] = []  # unload asked while busy: no new requests, unloaded once idle
@@ -128,7 +131,8 @@ class AdapterRegistry:
                 else:
                     self.model = DeltaModel.from_pretrained(self.model, folder, adapter_name=name)
             except DeltaError as exc:
-                raise ApiError(400, f"Cannot load adapter {name!r}: {exc}", param="path") from exc
+                hint = base_hint(folder, self.base_from) if isinstance(exc, BaseModelMismatchError) else ""
+                raise ApiError(400, f"Cannot load adapter {name!r}: {exc}{hint}", param="path") from exc
             self.model.eval()
             self._check_servable(name)
             self.names.append(name)

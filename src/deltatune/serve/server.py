@@ -18,8 +18,9 @@ import torch
 
 from ..bundled import resolve_model_path
 from ..errors import ConfigError
-from .adapters import AdapterRegistry
+from .adapters import AdapterRegistry, adapter_folder
 from .app import Limits, Server, create_app
+from .base_choice import apply_adapter_base, served_quantization
 from .engine import Engine
 from .errors import ApiError
 
@@ -50,6 +51,9 @@ def build_server(args: argparse.Namespace) -> Server:
     for name, folder in adapters:
         if not folder.exists():
             raise ConfigError(f"--adapter {name}={folder}: no such folder.")
+    quantize, quantize_embeddings = served_quantization(
+        getattr(args, "quantize", None), getattr(args, "quantize_embeddings", False),
+        [(name, adapter_folder(folder)) for name, folder in adapters])
     adapters_dir = Path(args.adapters_dir) if args.adapters_dir else None
     if adapters_dir is not None and not adapters_dir.is_dir():
         raise ConfigError(f"--adapters-dir {adapters_dir} is not a directory.")
@@ -63,15 +67,15 @@ def build_server(args: argparse.Namespace) -> Server:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if getattr(args, "quantize", None):
+    if quantize:
         from ..quant.load import from_pretrained_quantized
 
-        model = from_pretrained_quantized(AutoModelForCausalLM, path, args.quantize,
-                                          embeddings=getattr(args, "quantize_embeddings", False)).eval()
+        model = from_pretrained_quantized(AutoModelForCausalLM, path, quantize, embeddings=quantize_embeddings).eval()
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    base_from = apply_adapter_base(model, [(name, adapter_folder(folder)) for name, folder in adapters])
     base_name = getattr(args, "served_model_name", None) or Path(str(args.model).rstrip("/")).name or str(args.model)
-    registry = AdapterRegistry(model, base_name, adapters_dir)
+    registry = AdapterRegistry(model, base_name, adapters_dir, base_from=base_from)
     for name, folder in adapters:
         try:
             registry.load(name, folder)
