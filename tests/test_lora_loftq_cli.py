@@ -94,7 +94,6 @@ def test_loftq_run_fits_the_quantize_kind_and_reloads_for_eval(files: dict, tmp_
     (("--quantize", "torchao-int8"), "LoftQ fits a bitsandbytes quantization"),
     (("--quantize", "nf4", "--method", "ia3"), "method 'ia3' has none. Use --method lora"),
     (("--quantize", "nf4", "--method-opt", "loftq_config={loftq_bits: 8}"), "disagrees with --quantize nf4 (4-bit)"),
-    (("--quantize", "nf4", "--quantize-embeddings"), "--quantize-embeddings is not supported with"),
 ])
 def test_bad_loftq_combinations_fail_before_anything_is_written(files: dict, tmp_path: Path, extra: tuple,
                                                                 message: str, capsys: pytest.CaptureFixture) -> None:
@@ -104,6 +103,41 @@ def test_bad_loftq_combinations_fail_before_anything_is_written(files: dict, tmp
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and message in err, err
     assert not out.exists()
+
+
+def test_loftq_with_the_embedding_quantized_too(tmp_path: Path) -> None:
+    """``--quantize-embeddings`` with LoftQ (T=2, on a Llama whose LM head is tied to its embedding): the
+    embedding is stored in nf4 like any --quantize-embeddings run, LoftQ's layers hold the reference ``Q_2``
+    codes, and the run reloads for eval (its fingerprint, which hashes the embedding's codes, matches)."""
+    from transformers import LlamaForCausalLM
+
+    from deltatune.checkpoint.state import read_fingerprint
+    from deltatune.commands.inference import load_for_inference
+    from deltatune.quant.embedding import QuantizedEmbedding, TiedQuantizedHead
+
+    model_dir = save_quantizable_llama(tmp_path / "tied", tied=True)
+    run, pairs = tmp_path / "run", write_pairs(tmp_path / "pairs.jsonl", 16)
+    files = {"model": model_dir, "pairs": pairs}
+    assert main(train_args(files, run, "--quantize", "nf4", "--quantize-embeddings", "--lr", "1e-9",
+                           "--method-opt", "r=4", "--method-opt", "lora_alpha=8", "--method-opt",
+                           "init_lora_weights=loftq", "--method-opt", "loftq_config={loftq_iter: 2}")) == 0
+    folder = run / "adapter"
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    assert read_fingerprint(folder, saved)["quantization"] == "embedding-nf4+nf4"
+    model = load_for_inference(str(run)).model
+    base = model.get_base_model()
+    assert isinstance(base.model.embed_tokens, QuantizedEmbedding) and isinstance(base.lm_head, TiedQuantizedHead)
+    weight = LlamaForCausalLM.from_pretrained(model_dir).model.layers[1].self_attn.q_proj.weight.detach()
+    layer = base.model.layers[1].self_attn.q_proj
+    codes, state = layer.get_base_layer().weight.data, layer.get_base_layer().weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):  # an inference load may have repacked them
+        from deltatune.quant.bnb import _codes_and_state
+
+        codes, state = _codes_and_state(layer.get_base_layer().weight)
+    want_codes, _, a, b = reference_loftq(weight, 4, 2.0, 2, 64)
+    assert torch.equal(codes, want_codes)
+    torch.testing.assert_close(layer.lora_A["default"].weight, a, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(layer.lora_B["default"].weight, b, atol=1e-5, rtol=1e-4)
 
 
 def test_loftq_jobs_and_quantization_setting_are_checked(files: dict, tmp_path: Path) -> None:

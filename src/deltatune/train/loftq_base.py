@@ -5,7 +5,8 @@ LoftQ (Li et al., arXiv 2310.08659) picks the quantized base ``Q`` and LoRA's ``
 weights, so such a run loads the base in float and quantizes it itself, as ``--quantize`` names it:
 
 1. every linear layer LoRA does not target is quantized plainly, ``quant(W)`` (:func:`deltatune.quantize`,
-   heads kept in float), so the whole base is in ``KIND`` as with any ``--quantize`` run;
+   heads kept in float; with ``--quantize-embeddings`` the token embedding too), so the whole base is in
+   ``KIND`` as with any ``--quantize`` run;
 2. the targeted layers become LoftQ's ``Q_T`` while LoRA is added (``loftq_config`` gets the kind and block
    size of ``--quantize``: ``nf4``, ``fp4``, ``nf4:32``, ``int8``; ``loftq_bits`` follows them).
 
@@ -28,13 +29,12 @@ from torch import nn
 
 from ..config import DeltaConfig
 from ..errors import ConfigError
+from ..methods.lora.config import LOFTQ_KINDS
 from ..registry import get_method
 from ..targeting import find_targets
 
 #: With ``loftq_iter > 1``: the LoftQ layers' ``dequant(Q_T)``, saved beside the adapter.
 LOFTQ_BASE_FILE = "loftq_base.safetensors"
-#: The ``--quantize`` kinds LoftQ can fit (bitsandbytes'; torchao's int8 has no LoftQ quantizer here).
-LOFTQ_KINDS = ("nf4", "fp4", "int8")
 
 
 def wants_loftq(method_options: Any) -> bool:
@@ -42,8 +42,7 @@ def wants_loftq(method_options: Any) -> bool:
     return isinstance(method_options, dict) and method_options.get("init_lora_weights") == "loftq"
 
 
-def complete_loftq_options(method: str, method_options: dict[str, Any], quantize: str | None,
-                           quantize_embeddings: bool, fsdp: bool = False) -> None:
+def complete_loftq_options(method: str, method_options: dict[str, Any], quantize: str | None) -> None:
     """Refuse what LoftQ cannot do from the command line, and fill ``method_options["loftq_config"]`` with the
     quantization of ``--quantize`` (in place); runs with the other option checks, before anything loads."""
     from ..quant.convert import parse_kind
@@ -64,9 +63,6 @@ def complete_loftq_options(method: str, method_options: dict[str, Any], quantize
         raise ConfigError(f"--quantize {quantize} cannot be used with init_lora_weights=loftq: LoftQ fits a bitsandbytes "
                           f"quantization ({', '.join(LOFTQ_KINDS)}; nf4/fp4 also KIND:BLOCKSIZE). Use one of those, or "
                           "drop init_lora_weights=loftq.")
-    if quantize_embeddings:
-        raise ConfigError("--quantize-embeddings is not supported with init_lora_weights=loftq; drop it (the embedding "
-                          "stays in float, as in any --quantize run without it).")
     given = method_options.get("loftq_config") or {}
     if not isinstance(given, dict):
         raise ConfigError(f"loftq_config must be a mapping such as {{loftq_iter: 2}}, got {given!r}.")
@@ -80,16 +76,17 @@ def complete_loftq_options(method: str, method_options: dict[str, Any], quantize
     method_options["loftq_config"] = {"loftq_iter": 1, **given, "loftq_bits": bits, "loftq_quantization": spelled}
 
 
-def load_loftq_base(float_model: nn.Module, config: DeltaConfig, method: str) -> nn.Module:
-    """Quantize ``float_model``'s linear layers that ``config`` does not target (step 1 above) and ready it for
-    k-bit training; LoRA's injection then turns the targets into LoftQ's ``Q_T`` (step 2)."""
+def load_loftq_base(float_model: nn.Module, config: DeltaConfig, method: str, embeddings: bool = False) -> nn.Module:
+    """Quantize ``float_model``'s linear layers that ``config`` does not target (step 1 above; ``embeddings``:
+    the token embedding and a head tied to it too, as ``--quantize-embeddings`` says) and ready it for k-bit
+    training; LoRA's injection then turns the targets into LoftQ's ``Q_T`` (step 2)."""
     from ..inject import resolve_targets
     from ..quant import prepare_for_kbit_training, quantize
 
     spec = get_method(method)
     targets = {t.path for t in find_targets(float_model, config, resolve_targets(float_model, spec, config))}
     kind = config.loftq_config["loftq_quantization"]  # set by complete_loftq_options
-    quantize(float_model, kind, skip=targets, missing_ok=True)
+    quantize(float_model, kind, skip=targets, embeddings=embeddings, missing_ok=True)
     return prepare_for_kbit_training(float_model, use_gradient_checkpointing=False)
 
 

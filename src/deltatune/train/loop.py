@@ -102,7 +102,7 @@ def build_run(options: TrainOptions, dist: Distributed | None = None) -> Run:
     config = options.method_config(task)
     if wants_loftq(options.method_options):  # LoftQ quantizes the float base itself (see .loftq_base)
         float_base = load_base_model(task, model_path, splits.labels).to(device)  # bitsandbytes quantizes on it
-        base = load_loftq_base(float_base, config, options.method)
+        base = load_loftq_base(float_base, config, options.method, options.quantize_embeddings)
     else:
         base = load_base_model(task, model_path, splits.labels, options.quantize, device, for_training=True,
                                quantize_embeddings=options.quantize_embeddings)

@@ -159,7 +159,7 @@ class TrainOptions(DataSpec):
             raise ConfigError(f"method_options must be a mapping of option -> value, got {self.method_options!r}.")
         from .loftq_base import complete_loftq_options  # init_lora_weights=loftq: checked, and given --quantize's kind
 
-        complete_loftq_options(self.method, self.method_options, self.quantize, self.quantize_embeddings)
+        complete_loftq_options(self.method, self.method_options, self.quantize)
 
     def _validate_quantize(self) -> None:
         """Refuse what cannot run with ``quantize`` before anything is loaded or written."""

@@ -17,8 +17,10 @@ INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "loftq")
 #: ``A``/``B``: a saved adapter of theirs fits that new base only.
 REWRITES_BASE = ("pissa", "olora", "loftq")
 BIAS_CHOICES = ("none", "all", "lora_only")
-#: LoftQ's bits -> the bitsandbytes quantization it fits (HF peft's choice: NF4 for 4 bits, LLM.int8() for 8).
-LOFTQ_KINDS = {4: "nf4", 8: "int8"}
+#: LoftQ's bits -> the bitsandbytes quantization it fits by default (HF peft's: NF4 for 4 bits, LLM.int8() for 8).
+LOFTQ_DEFAULT_KINDS = {4: "nf4", 8: "int8"}
+#: Every quantization kind LoftQ can fit (bitsandbytes'; torchao's int8 has no LoftQ quantizer here).
+LOFTQ_KINDS = ("nf4", "fp4", "int8")
 
 
 @dataclass
@@ -36,7 +38,7 @@ class LoftQConfig:
     loftq_quantization: str | None = None
 
     def __post_init__(self) -> None:
-        if self.loftq_bits not in LOFTQ_KINDS:
+        if self.loftq_bits not in LOFTQ_DEFAULT_KINDS:
             raise ConfigError(f"loftq_bits={self.loftq_bits!r} is not supported; use 4 (NF4) or 8 (int8).")
         if not isinstance(self.loftq_iter, int) or isinstance(self.loftq_iter, bool) or self.loftq_iter < 1:
             raise ConfigError(f"loftq_iter={self.loftq_iter!r} must be an integer >= 1 (the alternating steps T).")
@@ -45,7 +47,7 @@ class LoftQConfig:
 
     def quantization(self) -> str:
         """The quantization ``Q`` takes: ``"nf4"``, ``"fp4:32"``, ``"int8"`` ..."""
-        return self.loftq_quantization or LOFTQ_KINDS[self.loftq_bits]
+        return self.loftq_quantization or LOFTQ_DEFAULT_KINDS[self.loftq_bits]
 
     @classmethod
     def of(cls, value: LoftQConfig | dict[str, Any]) -> LoftQConfig:
@@ -71,7 +73,7 @@ def _loftq_quantization(spec: str, bits: int) -> str:
         kind, blocksize = parse_kind(spec)
     except QuantizationError as err:
         raise ConfigError(f"loftq_quantization={spec!r}: {err}") from None
-    if kind not in ("nf4", "fp4", "int8"):
+    if kind not in LOFTQ_KINDS:
         raise ConfigError(f"loftq_quantization={spec!r}: LoftQ fits a bitsandbytes quantization (nf4, fp4, nf4:BLOCKSIZE, "
                           "fp4:BLOCKSIZE or int8); torchao's int8 is not supported.")
     if (8 if kind == "int8" else 4) != bits:
