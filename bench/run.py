@@ -158,16 +158,38 @@ def run_suite(s: Suite, parts: list[str], log: Any = _log, *, cache: JobCache | 
 
 PART_KEYS = {"accuracy": ["accuracy"], "cost": ["memory", "timing"], "lowdata": ["lowdata"],
              "forgetting": ["forgetting"], "inference": ["inference"]}
+#: Result lists whose configurations a narrower run leaves in place (see :func:`_carried`).
+CARRIED_KEYS = ("accuracy",)
+
+
+def _job_identity(result: dict[str, Any]) -> str:
+    """A job's settings without its seeds: the same configuration, whichever seeds ran."""
+    return json.dumps({k: v for k, v in result.get("job", {}).items() if k != "seeds"}, sort_keys=True, default=str)
+
+
+def _carried(old: dict[str, Any] | None, new: dict[str, Any], key: str, part: str) -> list[dict[str, Any]]:
+    """``old``'s ``key`` results for configurations ``new`` did not run (a suite that cuts them, such as ``full``
+    cutting the accuracy jobs ``extended`` runs): kept, marked ``reused_from`` with when they were measured, so a
+    narrower run does not erase a wider one's rows."""
+    if not old:
+        return []
+    ran = {_job_identity(r) for r in new.get(key) or []}
+    where = f"kept from an earlier run ({old.get('measured', {}).get(part) or old.get('started')}), not run by `{new['suite']}`"
+    return [r if r.get("reused_from") else r | {"reused_from": where}
+            for r in old.get(key) or [] if _job_identity(r) not in ran]
 
 
 def _merge(old: dict[str, Any] | None, new: dict[str, Any], parts: list[str]) -> dict[str, Any]:
-    """``old`` with the results of ``parts`` replaced by ``new``'s; each part keeps when it was measured."""
+    """``old`` with the results of ``parts`` replaced by ``new``'s; each part keeps when it was measured, and the
+    accuracy part also keeps the configurations ``new`` did not run (:func:`_carried`)."""
     merged = dict(old or {})
     when = dict(merged.get("measured", {}))
     seconds = dict(merged.get("part_seconds", {}))
     for part in parts:
         for key in PART_KEYS[part]:
             merged[key] = new.get(key)
+            if key in CARRIED_KEYS:
+                merged[key] = (new.get(key) or []) + _carried(old, new, key, part)
         when[part] = f"{new['started']} ({new['machine']['commit']})"
         seconds[part] = new["part_seconds"][part]
     for key in ("suite", "settings", "skipped", "machine", "command", "started", "parts"):

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 from bench import lowdata_all, plan, recipe
 from bench.cache import part_cache
 from bench.parts import SuiteRun, phases
-from bench.run import borrow_full
+from bench.run import _merge, borrow_full
 from bench.suites import ALL_METHODS, FULL_ACCURACY_CUTS, FULL_CUTS, SUITES
 
 
@@ -69,6 +69,7 @@ def test_full_suite_is_estimated_within_90_minutes_and_names_its_cuts() -> None:
     assert full.lowall_seeds == [0] and extended.lowall_seeds == [0, 1, 2]
     assert {"recipe", "lowdata_all", "forgetting_frontier", "accuracy", "cost"} <= set(full.parts)
     assert set(full.accuracy_methods or ()) | set(FULL_ACCURACY_CUTS) == set(ALL_METHODS)  # cut, not lost
+    assert full.accuracy_methods == ["full"]  # the reference the recipe part is measured against
     assert extended.accuracy_methods is None and any(c.startswith("accuracy") for c in FULL_CUTS)
 
 
@@ -145,6 +146,25 @@ def test_methods_borrow_full_fine_tuning_per_seed_from_the_full_suite(tmp_path: 
     borrowed = out["accuracy"][1:]
     assert [(r["job"]["seeds"], r["runs"]) for r in borrowed] == [([0], [{"seed": 0, "accuracy": 0.9}])]
     assert borrowed[0]["reused_from"].startswith("suite full") and out["accuracy"][0] is own
+
+
+def test_a_narrower_run_keeps_the_accuracy_rows_it_cut_and_replaces_the_ones_it_ran() -> None:
+    """``full`` cuts accuracy jobs that ``extended`` runs: after a ``full`` run the accuracy part holds its own
+    results plus the earlier run's rows for the cut configurations (marked), never an old row it re-ran."""
+    def result(method: str, seeds: list[int], acc: float) -> dict[str, Any]:
+        return {"ok": True, "job": _classify("trec", method, seeds, 2000), "runs": [{"seed": 0, "accuracy": acc}]}
+
+    old = {"suite": "extended", "started": "then", "measured": {"accuracy": "then (abc)"}, "part_seconds": {},
+           "accuracy": [result("full", [0, 1, 2], 0.90), result("head", [0, 1, 2], 0.70)], "memory": [{"old": 1}]}
+    new = {"suite": "full", "started": "now", "machine": {"commit": "def"}, "part_seconds": {"accuracy": 60.0},
+           "accuracy": [result("full", [0, 1], 0.91)], "memory": [{"new": 1}]}
+    merged = _merge(old, new, ["accuracy"])
+    assert [(r["job"]["method"], r["runs"][0]["accuracy"]) for r in merged["accuracy"]] == [("full", 0.91),
+                                                                                              ("head", 0.70)]
+    assert "reused_from" not in merged["accuracy"][0]
+    assert merged["accuracy"][1]["reused_from"] == "kept from an earlier run (then (abc)), not run by `full`"
+    assert merged["memory"] == [{"old": 1}]  # a part not named keeps its results untouched
+    assert _merge(None, new, ["accuracy"])["accuracy"] == new["accuracy"]
 
 
 def test_recipe_part_trains_the_recipe_for_its_own_epochs_and_extended_adds_same_schedule_full_tuning() -> None:
