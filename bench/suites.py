@@ -36,9 +36,10 @@ FULL_CUTS = [
     ("accuracy: round one's method comparison (3 tasks x 3 seeds, peft twins on TREC) runs in `extended`; `full` "
      "keeps full fine-tuning, the reference of the recipe part (which measures the shipped LoRA recipe on the same "
      "tasks and seeds), and the cost jobs of every method. The earlier run's rows stay in full.json, marked "
-     "(bench/run.py `_carried`). Cut when a whole run on this machine (an AMD EPYC, 2 cores; planned at 79 minutes) "
-     "was stopped after 70 minutes on course for about 118: its round-one jobs took 1.5x and its low-data jobs "
-     "2.1x the planned times (head-only, round one's r=8 LoRA and P-tuning had been cut before)"),
+     "(bench/run.py `_carried`). Cut when the whole suite, run in one go on this machine (an AMD EPYC, 2 cores; "
+     "results/full_run_2026-12-02.md), took 118.1 minutes against a plan of 79: its round-one jobs took 1.5x and "
+     "its low-data jobs 2.1x the planned times. The same run's job times put `full` without these jobs at 78.4 "
+     "minutes (head-only, round one's r=8 LoRA and P-tuning had been cut before)"),
     ("combination (adapter arithmetic on SmolLM2, one ~10-minute job): runs in `extended` only, since the "
      "re-measured recipe jobs put `full` at 90.9 estimated minutes with it"),
     ("recipe: full fine-tuning at the recipe's 3 epochs (the same-schedule reference, 4 tasks x 3 seeds) runs in "
