@@ -20,6 +20,10 @@ def job_key(job: dict[str, Any]) -> str:
     return json.dumps(job, sort_keys=True, default=str)
 
 
+#: A result a fresh run kept from the committed results file, not run by it (see :func:`part_cache`).
+KEPT = "kept_from"
+
+
 class JobCache:
     """Append-only record of successful job results at ``path`` (JSON lines: ``{"key", "result"}``)."""
 
@@ -39,8 +43,10 @@ class JobCache:
             path.write_text("")
 
     def get(self, job: dict[str, Any]) -> dict[str, Any] | None:
-        """The saved result of ``job``, or ``None`` if it has not finished successfully."""
-        return self._done.get(job_key(job))
+        """The saved result of ``job``, or ``None`` if it has not finished successfully in this run (a result kept
+        from the committed file by a fresh run, see :func:`part_cache`, does not count: the job runs again)."""
+        found = self._done.get(job_key(job))
+        return None if found is None or found.get(KEPT) else found
 
     def put(self, job: dict[str, Any], result: dict[str, Any]) -> None:
         """Record ``result`` of ``job`` if it succeeded (flushed at once: a kill loses nothing finished)."""
@@ -63,7 +69,8 @@ def finished_jobs(path: Path) -> list[tuple[dict[str, Any], dict[str, Any]]]:
             entries.append(json.loads(line))
         except json.JSONDecodeError:  # a line cut short by a kill
             continue
-    return [(json.loads(e["key"]), e["result"]) for e in entries]
+    latest = {e["key"]: e["result"] for e in entries}  # a later entry of a job supersedes an earlier one
+    return [(json.loads(key), result) for key, result in latest.items()]
 
 
 def results_in(saved: Any, *, ok_only: bool = True) -> list[dict[str, Any]]:
@@ -87,9 +94,16 @@ def part_cache(path: Path, committed: Path | None, *, resume: bool,
                read: Callable[[Path], list[dict[str, Any]]] | None = None) -> JobCache:
     """A part's job cache. With ``resume``, a missing cache file is first seeded from the part's committed
     results file (a fresh checkout resumes from what was published): ``read(committed)`` gives its results,
-    each with its ``"job"`` (default: :func:`results_in` of the JSON). Without ``resume`` the cache starts empty."""
-    if resume and not path.exists() and committed is not None and committed.exists():
-        done = read(committed) if read else results_in(json.loads(committed.read_text()))
+    each with its ``"job"`` (default: :func:`results_in` of the JSON). Without ``resume`` every job runs again,
+    but the committed results stay in the cache marked :data:`KEPT` (a run that leaves jobs out, such as
+    ``full`` leaving the recipe search to ``bench.recipe search``, then rewrites the part's report with those
+    results still in it); a job this run finishes supersedes its kept result."""
+    seeded = committed is not None and committed.exists() and (not resume or not path.exists())
+    done = (read(committed) if read else results_in(json.loads(committed.read_text()))) if seeded else []
+    if not resume:
+        stamp = f"{committed.name if committed else ''}, before this run"
+        done = [r if r.get(KEPT) else r | {KEPT: stamp} for r in done]
+    if seeded:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps({"key": job_key(r["job"]), "result": r}, default=str) + "\n" for r in done))
-    return JobCache(path, resume=resume)
+    return JobCache(path, resume=resume or seeded)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import lowdata_all, plan, recipe
-from bench.cache import part_cache
+from bench.cache import KEPT, finished_jobs, job_key, part_cache
 from bench.parts import SuiteRun, phases
 from bench.run import _merge, borrow_full
 from bench.suites import ALL_METHODS, FULL_ACCURACY_CUTS, FULL_CUTS, SUITES
@@ -128,7 +128,13 @@ def test_part_cache_seeds_from_the_committed_results_only_when_resuming(tmp_path
     cache = part_cache(tmp_path / ".recipe.jobs.jsonl", committed, resume=True)
     assert saved and all(cache.get(e["job"]) is not None for e in saved)
     fresh = part_cache(tmp_path / ".recipe.jobs.jsonl", committed, resume=False)
-    assert fresh.get(saved[0]["job"]) is None and (tmp_path / ".recipe.jobs.jsonl").read_text() == ""
+    assert all(fresh.get(e["job"]) is None for e in saved)  # a fresh run runs every job of its own again
+    kept = finished_jobs(tmp_path / ".recipe.jobs.jsonl")  # ... and its report still holds the ones it leaves out
+    assert len(kept) == len(saved) and all(r[KEPT] == "recipe.json, before this run" for _, r in kept)
+    fresh.put(saved[0]["job"], saved[0]["result"] | {"accuracy_marker": 1})
+    latest = dict((job_key(j), r) for j, r in finished_jobs(tmp_path / ".recipe.jobs.jsonl"))
+    assert len(latest) == len(saved) and latest[job_key(saved[0]["job"])].get("accuracy_marker") == 1
+    assert fresh.get(saved[0]["job"])["accuracy_marker"] == 1
     jobs = recipe.test_jobs(["trec", "rt", "bbc", "sms"], ["sms"], [0, 1, 2])
     assert len(jobs) == 15 and all(cache.get(j) is not None for j in jobs)  # the shipped recipe's test is all there
 
