@@ -156,3 +156,38 @@ def test_training_loads_the_quantized_base_so_evaluations_between_steps_leave_gr
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
     assert torch.equal(grads(True), grads(False))
+
+
+def test_training_with_gradient_checkpointing_flags_the_layers_so_backward_dequantizes_nothing(
+        qrun: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--quantize nf4 --gradient-checkpointing``: the training loop turns checkpointing on after the base was
+    readied, and flags the new checkpointed layers (quant.bnb_training), so one step dequantizes each 4-bit
+    weight twice, in forward and recompute, where unflagged layers would dequantize it a third time in backward."""
+    pytest.importorskip("bitsandbytes")
+    from deltatune.quant import bnb_training
+    from deltatune.train.distributed.runtime import Distributed
+    from deltatune.train.loop import _setup_speed_options, build_run
+    from deltatune.train.options import build_options
+
+    options = build_options({}, {"model": str(qrun["model"]), "data": str(qrun["pairs"]), "quantize": "nf4",
+                                 "gradient_checkpointing": True, "output_dir": str(tmp_path / "run"),
+                                 "method_options": {"r": 4, "target_modules": "all-linear"}})
+    run = build_run(options)
+    module = _setup_speed_options(run, Distributed())
+    layers = run.model.get_base_model().model.layers
+    assert all(isinstance(layer.__dict__.get("_gradient_checkpointing_func"), bnb_training._FlaggedCheckpoint)
+               for layer in layers)
+    calls = [0]
+    original = bnb_training.dequantize
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(bnb_training, "dequantize", counted)
+    ids = torch.randint(4, VOCAB, (2, 7), generator=torch.Generator().manual_seed(2))
+    module.train()
+    loss = module(input_ids=ids, labels=ids).loss
+    in_forward = calls[0]
+    loss.backward()
+    assert in_forward > 0 and calls[0] == 2 * in_forward

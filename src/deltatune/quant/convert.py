@@ -252,10 +252,10 @@ def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool
     their layers dequantize once fewer per step under checkpointing, with the same numbers
     (:mod:`.bnb_training`).
     """
-    from .bnb import Bnb4bitAccess, keep_training_layout
+    from .bnb import keep_training_layout
 
     keep_training_layout(model)
-    four_bit = any(Bnb4bitAccess().owns(module) for module in model.modules())
+    four_bit = _has_4bit_layers(model)
     for param in model.parameters():
         param.requires_grad_(False)
     for module in model.modules():
@@ -278,3 +278,22 @@ def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool
 
         use_training_matmul(model)
     return model
+
+
+def _has_4bit_layers(model: nn.Module) -> bool:
+    from .bnb import Bnb4bitAccess
+
+    return any(Bnb4bitAccess().owns(module) for module in model.modules())
+
+
+def flag_checkpointing(model: nn.Module) -> int:
+    """Call after turning gradient checkpointing on for a model that :func:`prepare_for_kbit_training` readied
+    without it: its 4-bit layers keep their dequantized weight for backward only inside layers whose
+    checkpointing function carries :mod:`.bnb_training`'s flag, and the functions just made do not (same
+    numbers either way; without the flag each weight is dequantized a third time in backward). Returns how many
+    layers were flagged (0 for a model without bitsandbytes 4-bit layers)."""
+    if not _has_4bit_layers(model):
+        return 0
+    from .bnb_training import flag_checkpointed_layers
+
+    return flag_checkpointed_layers(model)

@@ -35,6 +35,7 @@ from ..bundled import resolve_model_path
 from ..errors import ConfigError
 from ..integrations.model_card import add_training_results
 from ..model import DeltaModel, get_delta_model
+from ..quant.convert import flag_checkpointing
 from ..step_hooks import step_hooks
 from . import resume as checkpoints
 from .cpu import torch_threads
@@ -131,6 +132,7 @@ def _setup_speed_options(run: Run, dist: Distributed) -> nn.Module:
             enable(activation_checkpointing_kwargs=kwargs)
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        flag_checkpointing(base)  # a quantized base's 4-bit layers: one dequantization fewer (quant.bnb_training)
     module = dist.wrap(run.model)
     if options.compile:
         return torch.compile(module, backend=options.compile_backend, dynamic=True)
