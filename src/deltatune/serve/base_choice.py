@@ -55,8 +55,7 @@ def apply_adapter_base(base: nn.Module, adapters: list[tuple[str, Path]]) -> str
 
 def base_hint(folder: Path, base_from: str | None) -> str:
     """The reason an adapter's base fingerprint may differ from the server's, when the adapter's folder says it."""
-    carries = (Path(folder) / LOFTQ_BASE_FILE).is_file()
-    if carries:
+    if (Path(folder) / LOFTQ_BASE_FILE).is_file():
         return (" It carries its own LoftQ base layers (LoftQ with loftq_iter > 1), and the adapters of one server "
                 "share one base: serve it from a server started with it as --adapter (its base then becomes the "
                 "server's), or merge it (deltatune merge --dtype float32) and serve the merged model.")

@@ -51,9 +51,9 @@ def build_server(args: argparse.Namespace) -> Server:
     for name, folder in adapters:
         if not folder.exists():
             raise ConfigError(f"--adapter {name}={folder}: no such folder.")
+    folders = [(name, adapter_folder(folder)) for name, folder in adapters]  # run folders -> their adapter/
     quantize, quantize_embeddings = served_quantization(
-        getattr(args, "quantize", None), getattr(args, "quantize_embeddings", False),
-        [(name, adapter_folder(folder)) for name, folder in adapters])
+        getattr(args, "quantize", None), getattr(args, "quantize_embeddings", False), folders)
     adapters_dir = Path(args.adapters_dir) if args.adapters_dir else None
     if adapters_dir is not None and not adapters_dir.is_dir():
         raise ConfigError(f"--adapters-dir {adapters_dir} is not a directory.")
@@ -73,7 +73,7 @@ def build_server(args: argparse.Namespace) -> Server:
         model = from_pretrained_quantized(AutoModelForCausalLM, path, quantize, embeddings=quantize_embeddings).eval()
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    base_from = apply_adapter_base(model, [(name, adapter_folder(folder)) for name, folder in adapters])
+    base_from = apply_adapter_base(model, folders)
     base_name = getattr(args, "served_model_name", None) or Path(str(args.model).rstrip("/")).name or str(args.model)
     registry = AdapterRegistry(model, base_name, adapters_dir, base_from=base_from)
     for name, folder in adapters:
