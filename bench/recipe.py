@@ -199,8 +199,8 @@ def test_table(acc: dict[Key, Any], full1: dict[str, dict[int, float]]) -> list[
     """Test accuracy (mean ± sample std over the seeds run) and the gap to full fine-tuning (same seeds): to
     full fine-tuning under round one's protocol (2 epochs), and to full fine-tuning at the row's own schedule
     where that ran (a 3-epoch LoRA beside a 3-epoch full fine-tuning)."""
-    lines = ["| task | configuration | lr | seeds | test acc % | full FT, same seeds | gap (pt) "
-             "| full FT, same schedule | gap, same schedule (pt) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| task | configuration | lr | seeds | test acc % | full FT, same seeds | gap (pt) "
+              "| full FT, same schedule | gap, same schedule (pt) |"), "|---|---|---|---|---|---|---|---|---|"]
     tasks = sorted({t for by_task in acc.values() for t in by_task}, key=lambda t: list(TASK_NAMES).index(t))
     for task in tasks:
         full_here = acc.get(("full fine-tuning", METHODS["full"].lr), {}).get(task, {}).get("test", {})

@@ -132,7 +132,7 @@ def test_part_cache_seeds_from_the_committed_results_only_when_resuming(tmp_path
     kept = finished_jobs(tmp_path / ".recipe.jobs.jsonl")  # ... and its report still holds the ones it leaves out
     assert len(kept) == len(saved) and all(r[KEPT] == "recipe.json, before this run" for _, r in kept)
     fresh.put(saved[0]["job"], saved[0]["result"] | {"accuracy_marker": 1})
-    latest = dict((job_key(j), r) for j, r in finished_jobs(tmp_path / ".recipe.jobs.jsonl"))
+    latest = {job_key(j): r for j, r in finished_jobs(tmp_path / ".recipe.jobs.jsonl")}
     assert len(latest) == len(saved) and latest[job_key(saved[0]["job"])].get("accuracy_marker") == 1
     assert fresh.get(saved[0]["job"])["accuracy_marker"] == 1
     jobs = recipe.test_jobs(["trec", "rt", "bbc", "sms"], ["sms"], [0, 1, 2])

@@ -42,16 +42,15 @@ class ScaleLayer(DeltaLayer):
         return result * (1 + self.scale_g[name])
 
 
-def make_scale(module: nn.Module, config: ScaleConfig, name: str, path: str) -> ScaleLayer:
-    layer = ScaleLayer(module)
-    layer.add(name, config, path)
-    return layer
+def scale_can_wrap(module: nn.Module, config: ScaleConfig, path: str) -> str | None:
+    return None if hasattr(module, "weight") else f"{type(module).__name__} has no weight to size the scale"
 
 
 @pytest.fixture
 def scale_method() -> Iterator[registry.MethodSpec]:
+    """The toy method as a method with one layer class registers it: ``layer_cls``, no ``make_layer``."""
     spec = registry.MethodSpec(name="testscale", peft_type="TESTSCALE", config_cls=ScaleConfig, kind="layer",
-                               make_layer=make_scale)
+                               layer_cls=ScaleLayer, can_wrap=scale_can_wrap)
     registry.register(spec)
     yield spec
     for table, key in ((registry._BY_NAME, "testscale"), (registry._BY_PEFT_TYPE, "TESTSCALE"),
@@ -104,3 +103,23 @@ def test_registry_lookup_and_unknown_names(scale_method) -> None:
     assert dt.get_method(dt.LoraConfig()).name == "lora"
     with pytest.raises(dt.ConfigError, match="Unknown method.*'nope'.*lora"):
         dt.get_method("nope")
+
+
+def test_spec_wrap_builds_layer_cls_and_asks_can_wrap_first(scale_method) -> None:
+    """``MethodSpec.wrap`` builds ``layer_cls.wrapping`` for a module ``can_wrap`` accepts and ``None`` otherwise."""
+    linear = nn.Linear(3, 2)
+    layer = scale_method.wrap(linear, ScaleConfig(init_value=0.25), "a", "fc")
+    assert isinstance(layer, ScaleLayer) and layer.get_base_layer() is linear
+    assert torch.equal(layer.scale_g["a"].detach(), torch.full((2,), 0.25))
+    assert scale_method.wrap(nn.ReLU(), ScaleConfig(), "a", "act") is None
+
+
+def test_layer_method_needs_exactly_one_way_to_build_its_layer() -> None:
+    def build(module: nn.Module, config: ScaleConfig, name: str, path: str) -> ScaleLayer:
+        return ScaleLayer.wrapping(module, name, config, path)
+
+    common = {"name": "testscale2", "peft_type": "TESTSCALE2", "config_cls": ScaleConfig, "kind": "layer"}
+    for ways in ({}, {"make_layer": build, "layer_cls": ScaleLayer}):
+        with pytest.raises(ValueError, match="exactly one of make_layer and layer_cls"):
+            registry.register(registry.MethodSpec(**common, **ways))
+    assert "testscale2" not in registry._BY_NAME

@@ -1,7 +1,7 @@
 """Put layer-method wrappers into a model and take them out again.
 
 ``inject_layers`` is the whole story for layer methods: for each target module,
-``setattr(parent, child_name, spec.make_layer(module, config, name, path))``. A module already
+``setattr(parent, child_name, spec.wrap(module, config, name, path))``. A module already
 wrapped by the same method gains another adapter instead of a second wrapper.
 """
 
@@ -99,7 +99,7 @@ def inject_layers(model: nn.Module, spec: MethodSpec, config: TargetedConfig, na
         if isinstance(module, DeltaLayer) and module.method_name == spec.name:
             module.add(name, config, target.path)
         else:
-            layer = spec.make_layer(module, config, name, target.path)
+            layer = spec.wrap(module, config, name, target.path)
             if layer is None:
                 unsupported.append(f"{target.path} ({type(unwrapped(module)).__name__})")
                 continue

@@ -84,8 +84,9 @@ class DeltaLayer(nn.Module):
     # -- to implement -------------------------------------------------------------------------
     @classmethod
     def wrapping(cls, base_layer: nn.Module, name: str, config: Any, path: str = "") -> Self:
-        """``base_layer`` wrapped by this layer class with adapter ``name`` added: how every method's
-        ``make_<method>_layer`` builds its layer once it has decided the module can be wrapped."""
+        """``base_layer`` wrapped by this layer class with adapter ``name`` added: how the core
+        (:meth:`~deltatune.registry.MethodSpec.wrap`) or a method's ``make_layer`` builds a layer once
+        ``can_wrap`` has accepted the module."""
         layer = cls(base_layer)
         layer.add(name, config, path)
         return layer

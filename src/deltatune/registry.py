@@ -31,7 +31,10 @@ class MethodSpec:
         kind: ``"layer"`` methods wrap modules; ``"input"`` methods add vectors the model reads.
         make_layer: ``kind == "layer"``: ``make_layer(module, config, adapter_name, module_path)``
             returns a new :class:`~deltatune.layer.DeltaLayer` wrapping ``module`` or ``None`` when
-            the method cannot wrap that module type.
+            the method cannot wrap that module type. Needed only when the wrapper class depends on the
+            module (LoRA's linear, embedding and convolution layers); otherwise give ``layer_cls``.
+        layer_cls: ``kind == "layer"``: the one :class:`~deltatune.layer.DeltaLayer` class that wraps every
+            module ``can_wrap`` accepts; :meth:`wrap` builds it with ``layer_cls.wrapping``.
         make_input: ``kind == "input"``: ``make_input(model, config, adapter_name)`` returns an
             :class:`~deltatune.input_delta.InputDelta` for ``model``.
         default_targets: ``default_targets(model, config)`` returns target names for an
@@ -67,6 +70,7 @@ class MethodSpec:
     config_cls: type[DeltaConfig]
     kind: Literal["layer", "input"]
     make_layer: Callable[[nn.Module, DeltaConfig, str, str], DeltaLayer | None] | None = None
+    layer_cls: type[DeltaLayer] | None = None
     make_input: Callable[..., nn.Module] | None = None
     default_targets: Callable[[nn.Module, DeltaConfig], list[str] | None] | None = None
     mergeable: bool = False
@@ -80,6 +84,15 @@ class MethodSpec:
     make_parameter_layer: Callable[[nn.Module, DeltaConfig, str, str, list[str]], DeltaLayer] | None = None
     finish_injection: Callable[[nn.Module, DeltaConfig, str], None] | None = None
 
+    def wrap(self, module: nn.Module, config: DeltaConfig, adapter_name: str, module_path: str) -> DeltaLayer | None:
+        """A new layer of this method wrapping ``module`` with adapter ``adapter_name``, or ``None`` when the
+        method cannot wrap that module type (the core asks ``can_wrap`` first; see :attr:`make_layer`)."""
+        if self.make_layer is not None:
+            return self.make_layer(module, config, adapter_name, module_path)
+        if self.can_wrap is not None and self.can_wrap(module, config, module_path) is not None:
+            return None
+        return self.layer_cls.wrapping(module, adapter_name, config, module_path)
+
 
 _BY_NAME: dict[str, MethodSpec] = {}
 _BY_PEFT_TYPE: dict[str, MethodSpec] = {}
@@ -88,8 +101,8 @@ _BY_CONFIG: dict[type, MethodSpec] = {}
 
 def register(spec: MethodSpec) -> MethodSpec:
     """Add ``spec`` to the registry (idempotent for the same spec)."""
-    if spec.kind == "layer" and spec.make_layer is None:
-        raise ValueError(f"layer method {spec.name!r} needs make_layer")
+    if spec.kind == "layer" and (spec.make_layer is None) == (spec.layer_cls is None):
+        raise ValueError(f"layer method {spec.name!r} needs exactly one of make_layer and layer_cls")
     if spec.kind == "input" and spec.make_input is None:
         raise ValueError(f"input method {spec.name!r} needs make_input")
     _BY_NAME[spec.name] = spec

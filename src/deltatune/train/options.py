@@ -157,7 +157,8 @@ class TrainOptions(DataSpec):
         self._validate_quantize()
         if not isinstance(self.method_options, dict):
             raise ConfigError(f"method_options must be a mapping of option -> value, got {self.method_options!r}.")
-        from .loftq_base import complete_loftq_options  # init_lora_weights=loftq: checked, and given --quantize's kind
+        # init_lora_weights=loftq: checked, and given --quantize's kind
+        from .loftq_base import complete_loftq_options
 
         complete_loftq_options(self.method, self.method_options, self.quantize)
 

@@ -18,7 +18,7 @@ from ...model_interface import role_regex
 from ...registry import MethodSpec, register
 from .allocator import RankBudget, make_rank_budget
 from .config import AdaLoraConfig
-from .layer import AdaLoraLinear, can_wrap, make_adalora_layer
+from .layer import AdaLoraLinear, can_wrap
 
 
 def default_targets(model: nn.Module, config: AdaLoraConfig) -> str | None:
@@ -32,7 +32,7 @@ SPEC = register(
         peft_type=AdaLoraConfig.PEFT_TYPE,
         config_cls=AdaLoraConfig,
         kind="layer",
-        make_layer=make_adalora_layer,
+        layer_cls=AdaLoraLinear,
         default_targets=default_targets,
         mergeable=True,
         can_wrap=can_wrap,

@@ -111,11 +111,4 @@ def can_wrap(module: nn.Module, config: AdaLoraConfig, path: str) -> str | None:
     return None if is_linear_like(base) else f"{type(base).__name__} is not supported (AdaLoRA wraps nn.Linear and Conv1D)"
 
 
-def make_adalora_layer(module: nn.Module, config: AdaLoraConfig, name: str, path: str) -> AdaLoraLinear | None:
-    """Wrap a linear ``module`` with AdaLoRA, or ``None`` for other module types."""
-    if can_wrap(module, config, path) is not None:
-        return None
-    return AdaLoraLinear.wrapping(module, name, config, path)
-
-
-__all__ = ["AdaLoraLinear", "can_wrap", "make_adalora_layer"]
+__all__ = ["AdaLoraLinear", "can_wrap"]

@@ -23,7 +23,7 @@ from ...errors import TargetError
 from ...registry import MethodSpec, register
 from ...targeting import unwrapped_modules
 from .config import BitFitConfig
-from .layer import BitFitLayer, can_wrap, has_trainable_bias_slot, make_bitfit_layer
+from .layer import BitFitLayer, can_wrap, has_trainable_bias_slot
 
 
 def default_targets(model: nn.Module, config: BitFitConfig) -> str:
@@ -47,11 +47,11 @@ SPEC = register(
         peft_type=BitFitConfig.PEFT_TYPE,
         config_cls=BitFitConfig,
         kind="layer",
-        make_layer=make_bitfit_layer,
+        layer_cls=BitFitLayer,
         default_targets=default_targets,
         mergeable=True,
         can_wrap=can_wrap,
     )
 )
 
-__all__ = ["SPEC", "BitFitConfig", "BitFitLayer", "make_bitfit_layer"]
+__all__ = ["SPEC", "BitFitConfig", "BitFitLayer"]

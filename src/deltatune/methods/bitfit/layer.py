@@ -90,11 +90,4 @@ def can_wrap(module: nn.Module, config: BitFitConfig, path: str) -> str | None:
             "BitFit trains the biases of those")
 
 
-def make_bitfit_layer(module: nn.Module, config: BitFitConfig, name: str, path: str) -> BitFitLayer | None:
-    """Wrap ``module`` with a BitFit layer, or ``None`` when it has no bias BitFit can train."""
-    if can_wrap(module, config, path) is not None:
-        return None
-    return BitFitLayer.wrapping(module, name, config, path)
-
-
-__all__ = ["BitFitLayer", "can_wrap", "has_trainable_bias_slot", "make_bitfit_layer"]
+__all__ = ["BitFitLayer", "can_wrap", "has_trainable_bias_slot"]

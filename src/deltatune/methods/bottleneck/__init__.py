@@ -29,7 +29,7 @@ from ...model_interface import missing_role_reason, model_type, paths_regex, rol
 from ...registry import MethodSpec, register
 from .config import BottleneckConfig
 from .inline import connect_inputs, inline_sites
-from .layer import BottleneckLayer, can_wrap, make_bottleneck_layer
+from .layer import BottleneckLayer, can_wrap
 
 #: Roles of :mod:`deltatune.model_interface` each variant wraps by default.
 VARIANT_ROLES: dict[str, list[str]] = {"houlsby": ["o", "ffn_out"], "pfeiffer": ["ffn_out"], "parallel": ["ffn_block"]}
@@ -72,7 +72,7 @@ SPEC = register(
         peft_type=BottleneckConfig.PEFT_TYPE,
         config_cls=BottleneckConfig,
         kind="layer",
-        make_layer=make_bottleneck_layer,
+        layer_cls=BottleneckLayer,
         default_targets=default_targets,
         mergeable=False,
         prepare_config=prepare_config,
@@ -81,4 +81,4 @@ SPEC = register(
     )
 )
 
-__all__ = ["SPEC", "VARIANT_ROLES", "BottleneckConfig", "BottleneckLayer", "make_bottleneck_layer"]
+__all__ = ["SPEC", "VARIANT_ROLES", "BottleneckConfig", "BottleneckLayer"]

@@ -228,11 +228,4 @@ def can_wrap(module: nn.Module, config: BottleneckConfig, path: str) -> str | No
     return None
 
 
-def make_bottleneck_layer(module: nn.Module, config: BottleneckConfig, name: str, path: str) -> BottleneckLayer | None:
-    """Wrap ``module`` with a bottleneck layer, or ``None`` when it cannot be wrapped (see :func:`can_wrap`)."""
-    if can_wrap(module, config, path) is not None:
-        return None
-    return BottleneckLayer.wrapping(module, name, config, path)
-
-
-__all__ = ["ACTIVATIONS", "BottleneckLayer", "adapter_dims", "base_linears", "can_wrap", "make_bottleneck_layer"]
+__all__ = ["ACTIVATIONS", "BottleneckLayer", "adapter_dims", "base_linears", "can_wrap"]

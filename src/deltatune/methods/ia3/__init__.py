@@ -23,7 +23,7 @@ from ...model_interface import fused_qkv_rows, role_paths, role_regex
 from ...registry import MethodSpec, register
 from .combine import combine_ia3
 from .config import IA3Config
-from .layer import IA3Layer, can_wrap, is_feedforward, make_ia3_layer
+from .layer import IA3Layer, can_wrap, is_feedforward
 
 #: Roles of :mod:`deltatune.model_interface` wrapped by default, and the ones treated as feed-forward.
 DEFAULT_ROLES = ["k", "v", "down"]
@@ -56,7 +56,7 @@ SPEC = register(
         peft_type=IA3Config.PEFT_TYPE,
         config_cls=IA3Config,
         kind="layer",
-        make_layer=make_ia3_layer,
+        layer_cls=IA3Layer,
         default_targets=default_targets,
         mergeable=True,
         prepare_config=prepare_config,
@@ -65,4 +65,4 @@ SPEC = register(
     )
 )
 
-__all__ = ["SPEC", "IA3Config", "IA3Layer", "is_feedforward", "make_ia3_layer"]
+__all__ = ["SPEC", "IA3Config", "IA3Layer", "is_feedforward"]

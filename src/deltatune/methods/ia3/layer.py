@@ -227,11 +227,4 @@ def can_wrap(module: nn.Module, config: IA3Config, path: str) -> str | None:
             "nn.Linear, Conv1D or ungrouped nn.Conv1d/2d/3d")
 
 
-def make_ia3_layer(module: nn.Module, config: IA3Config, name: str, path: str) -> IA3Layer | None:
-    """Wrap ``module`` with an (IA)^3 layer, or ``None`` when (IA)^3 cannot wrap its type."""
-    if can_wrap(module, config, path) is not None:
-        return None
-    return IA3Layer.wrapping(module, name, config, path)
-
-
-__all__ = ["IA3Layer", "can_wrap", "is_feedforward", "make_ia3_layer"]
+__all__ = ["IA3Layer", "can_wrap", "is_feedforward"]

@@ -19,7 +19,7 @@ from ...model_interface import is_norm_layer
 from ...registry import MethodSpec, register
 from ...targeting import unwrapped_modules
 from .config import LNTuningConfig
-from .layer import LNTuningLayer, can_wrap, make_ln_tuning_layer
+from .layer import LNTuningLayer, can_wrap
 
 
 def default_targets(model: nn.Module, config: LNTuningConfig) -> str:
@@ -48,7 +48,7 @@ SPEC = register(
         peft_type=LNTuningConfig.PEFT_TYPE,
         config_cls=LNTuningConfig,
         kind="layer",
-        make_layer=make_ln_tuning_layer,
+        layer_cls=LNTuningLayer,
         default_targets=default_targets,
         mergeable=True,
         can_wrap=can_wrap,
@@ -56,4 +56,4 @@ SPEC = register(
     )
 )
 
-__all__ = ["SPEC", "LNTuningConfig", "LNTuningLayer", "make_ln_tuning_layer"]
+__all__ = ["SPEC", "LNTuningConfig", "LNTuningLayer"]

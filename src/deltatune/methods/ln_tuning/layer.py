@@ -120,11 +120,4 @@ def can_wrap(module: nn.Module, config: LNTuningConfig, path: str) -> str | None
             "trains the scale and shift of those")
 
 
-def make_ln_tuning_layer(module: nn.Module, config: LNTuningConfig, name: str, path: str) -> LNTuningLayer | None:
-    """Wrap ``module`` with a LayerNorm-tuning layer, or ``None`` when it is not a normalisation layer."""
-    if can_wrap(module, config, path) is not None:
-        return None
-    return LNTuningLayer.wrapping(module, name, config, path)
-
-
-__all__ = ["LNTuningLayer", "can_wrap", "make_ln_tuning_layer"]
+__all__ = ["LNTuningLayer", "can_wrap"]

@@ -15,7 +15,7 @@ from torch import nn
 from ...model_interface import role_regex
 from ...registry import MethodSpec, register
 from .config import LoHaConfig
-from .layer import LoHaLinear, can_wrap, make_loha_layer
+from .layer import LoHaLinear, can_wrap
 
 
 def default_targets(model: nn.Module, config: LoHaConfig) -> str | None:
@@ -29,7 +29,7 @@ SPEC = register(
         peft_type=LoHaConfig.PEFT_TYPE,
         config_cls=LoHaConfig,
         kind="layer",
-        make_layer=make_loha_layer,
+        layer_cls=LoHaLinear,
         default_targets=default_targets,
         mergeable=True,
         can_wrap=can_wrap,

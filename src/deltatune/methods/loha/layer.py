@@ -116,11 +116,4 @@ class LoHaLinear(WeightDeltaLayer):
 can_wrap = can_wrap_linear_or_conv("LoHa")
 
 
-def make_loha_layer(module: nn.Module, config: LoHaConfig, name: str, path: str) -> LoHaLinear | None:
-    """Wrap a linear or convolution ``module`` with LoHa, or ``None`` for other module types."""
-    if can_wrap(module, config, path) is not None:
-        return None
-    return LoHaLinear.wrapping(module, name, config, path)
-
-
-__all__ = ["LoHaLinear", "can_wrap", "make_loha_layer"]
+__all__ = ["LoHaLinear", "can_wrap"]

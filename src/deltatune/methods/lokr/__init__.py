@@ -15,7 +15,7 @@ from torch import nn
 from ...model_interface import role_regex
 from ...registry import MethodSpec, register
 from .config import LoKrConfig
-from .layer import LoKrLinear, can_wrap, factorization, make_lokr_layer
+from .layer import LoKrLinear, can_wrap, factorization
 
 
 def default_targets(model: nn.Module, config: LoKrConfig) -> str | None:
@@ -29,7 +29,7 @@ SPEC = register(
         peft_type=LoKrConfig.PEFT_TYPE,
         config_cls=LoKrConfig,
         kind="layer",
-        make_layer=make_lokr_layer,
+        layer_cls=LoKrLinear,
         default_targets=default_targets,
         mergeable=True,
         can_wrap=can_wrap,

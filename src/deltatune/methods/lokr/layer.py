@@ -125,11 +125,4 @@ class LoKrLinear(WeightDeltaLayer):
 can_wrap = can_wrap_linear_or_conv("LoKr")
 
 
-def make_lokr_layer(module: nn.Module, config: LoKrConfig, name: str, path: str) -> LoKrLinear | None:
-    """Wrap a linear or convolution ``module`` with LoKr, or ``None`` for other module types."""
-    if can_wrap(module, config, path) is not None:
-        return None
-    return LoKrLinear.wrapping(module, name, config, path)
-
-
-__all__ = ["LoKrLinear", "can_wrap", "factorization", "make_lokr_layer"]
+__all__ = ["LoKrLinear", "can_wrap", "factorization"]

@@ -21,7 +21,7 @@ from ...model_interface import linear_dims, role_regex
 from ...registry import MethodSpec, register
 from ...targeting import find_targets, unwrapped
 from .config import VeraConfig
-from .layer import VeraLinear, can_wrap, make_projections, make_vera_layer
+from .layer import VeraLinear, can_wrap, make_projections
 
 
 def default_targets(model: nn.Module, config: VeraConfig) -> str | None:
@@ -66,7 +66,7 @@ SPEC = register(
         peft_type=VeraConfig.PEFT_TYPE,
         config_cls=VeraConfig,
         kind="layer",
-        make_layer=make_vera_layer,
+        layer_cls=VeraLinear,
         default_targets=default_targets,
         mergeable=True,
         can_wrap=can_wrap,

@@ -133,11 +133,4 @@ def can_wrap(module: nn.Module, config: VeraConfig, path: str) -> str | None:
     return None if is_linear_like(base) else f"{type(base).__name__} is not supported (VeRA wraps nn.Linear and Conv1D)"
 
 
-def make_vera_layer(module: nn.Module, config: VeraConfig, name: str, path: str) -> VeraLinear | None:
-    """Wrap a linear ``module`` with VeRA, or ``None`` for other module types."""
-    if can_wrap(module, config, path) is not None:
-        return None
-    return VeraLinear.wrapping(module, name, config, path)
-
-
-__all__ = ["VeraLinear", "can_wrap", "make_projections", "make_vera_layer"]
+__all__ = ["VeraLinear", "can_wrap", "make_projections"]
