@@ -20,15 +20,18 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def accuracy(raw: dict[str, Any], part: str = "accuracy") -> dict[tuple[str, str, str, int], dict[str, Any]]:
-    """``{(method, lib, task, n_train): {"accs": [...], "seeds", "mean", "std", "trainable", "base_params"}}`` (percent).
+    """``{(method, lib, task, n_train): {"accs": [...], "seeds", "mean", "std", "trainable", "base_params",
+    "kept_from"}}`` (percent; ``kept_from``: the ``reused_from`` marks of the pooled jobs, "" for this suite's own).
 
     Runs of one configuration split over several jobs (one per seed) are pooled.
     """
     pooled: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
+    kept: dict[tuple[str, str, str, int], set[str]] = {}
     for res in _ok(raw.get(part)):
         job = res["job"]
-        pooled.setdefault((job["method"], job["lib"], job["task"], res["n_train"]), []).extend(
-            r for r in res["runs"] if "accuracy" in r)
+        key = (job["method"], job["lib"], job["task"], res["n_train"])
+        pooled.setdefault(key, []).extend(r for r in res["runs"] if "accuracy" in r)
+        kept.setdefault(key, set()).add(res.get("reused_from") or "")
     table: dict[tuple[str, str, str, int], dict[str, Any]] = {}
     for key, runs in pooled.items():
         if not runs:
@@ -40,6 +43,7 @@ def accuracy(raw: dict[str, Any], part: str = "accuracy") -> dict[tuple[str, str
             "accs": accs, "seeds": [r["seed"] for r in runs], "mean": mean, "std": std,
             "trainable": runs[0]["trainable"], "base_params": runs[0]["base_params"], "steps": runs[0]["steps"],
             "epochs": runs[0]["epochs"],
+            "kept_from": sorted(kept[key]),  # each run's ``reused_from`` ("" = run by this suite)
         }
     return table
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,9 @@ def accuracy_section(raw: dict[str, Any], acc: dict, s: dict[str, Any]) -> list[
              f"{s['epochs']} epochs, batch {s['batch_size']}, seeds {s['seeds']}; test accuracy in %, "
              "mean ± sample std over seeds; gap = method − full fine-tuning over the same seeds (points)."), ""]
     header = ["method", "trainable", "% of model"] + [f"{TASK_NAMES[t]} {c}" for t in tasks for c in ("acc", "gap")]
+    marked = any(any(v.get("kept_from", [""])) for v in acc.values())
+    if marked:  # rows a narrower run kept from an earlier one (bench/run.py ``_carried``): say which run, per row
+        header.append("measured")
     rows = []
     for m in _methods_in(acc, "deltatune"):
         some = next(v for k, v in acc.items() if k[0] == m and k[1] == "deltatune")
@@ -61,8 +65,20 @@ def accuracy_section(raw: dict[str, Any], acc: dict, s: dict[str, Any]) -> list[
             gap = f"{cell['mean'] - _mean_at(full, cell['seeds']):+.2f}" if full and m != "full" else "—"
             short = f" (seeds {cell['seeds']})" if len(cell["seeds"]) < len(s["seeds"]) else ""
             row += [f"{cell['mean']:.2f} ± {cell['std']:.2f}{short}", gap]
+        if marked:
+            marks = {mark for k, v in acc.items() if k[:2] == (m, "deltatune") for mark in v.get("kept_from", [""])}
+            row.append("; ".join(_when_measured(mark) for mark in sorted(marks)))
         rows.append(row)
     return lines + _table(header, rows) + [""]
+
+
+def _when_measured(reused_from: str) -> str:
+    """A row's "measured" cell: ``this run``, or the date and commit a kept result's ``reused_from`` names."""
+    if not reused_from:
+        return "this run"
+    date = re.search(r"\d{4}-\d\d-\d\d", reused_from)
+    commit = re.search(r"\b[0-9a-f]{7,40}\b", reused_from)
+    return "earlier run" + (f", {date.group()}" if date else "") + (f" ({commit.group()})" if commit else "")
 
 
 def cost_section(cost: dict, s: dict[str, Any]) -> list[str]:

@@ -111,7 +111,21 @@ def test_report_renders_targets_from_raw_results(tmp_path: Path) -> None:
     assert "| lora: deltatune/peft peak memory <= 1.0 (TREC) | 0.857x | met |" in md
     assert (tmp_path / "unit_cost.png").stat().st_size > 1000
     assert aggregate.accuracy(raw)[("lora", "peft", "trec", 500)]["mean"] == pytest.approx(88.0)
+    assert "measured" not in md.split("## 1. Accuracy")[1].split("## 2.")[0]  # every row is this run's
     json.dumps(raw)
+
+
+def test_accuracy_table_names_the_run_each_kept_row_comes_from(tmp_path: Path) -> None:
+    """A narrower run keeps rows it did not run (bench/run.py ``_carried``); the accuracy table says, per row,
+    whether this run measured it or which earlier run (date, commit) did."""
+    from bench.report import accuracy_section
+
+    raw = _raw_results()
+    raw["accuracy"][1]["reused_from"] = "kept from an earlier run (2026-11-28 10:31:13 (6a91620)), not run by `full`"
+    table = [line for line in accuracy_section(raw, aggregate.accuracy(raw), raw["settings"]) if line.startswith("|")]
+    assert table[0].endswith("| measured |")
+    assert table[2].startswith("| Full fine-tuning |") and table[2].endswith("| this run |")
+    assert table[3].startswith("| LoRA") and table[3].endswith("| earlier run, 2026-11-28 (6a91620) |")
 
 
 def test_job_cache_resumes_only_finished_successful_jobs(tmp_path: Path) -> None:
