@@ -20,6 +20,9 @@ def job_key(job: dict[str, Any]) -> str:
     return json.dumps(job, sort_keys=True, default=str)
 
 
+#: How the ``reused_from`` mark of a result a narrower run kept in ``full.json`` starts (bench/run.py ``_carried``):
+#: the only record of that job, unlike the copies other marks name (``borrow_full``), so its time still counts.
+KEPT_ROW = "kept from an earlier run"
 #: A result a fresh run kept from the committed results file, not run by it (see :func:`part_cache`).
 KEPT = "kept_from"
 
@@ -73,6 +76,21 @@ def finished_jobs(path: Path) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     return [(json.loads(key), result) for key, result in latest.items()]
 
 
+def absorb_results(path: Path, saved: Path, read: Callable[[Path], list[dict[str, Any]]] | None = None) -> None:
+    """Rewrite the cache file at ``path`` (created if missing) as its own results plus those held by the
+    results file ``saved``, so a report rendered from the cache (``--report-only``) holds every saved result.
+    A job in both keeps the saved result; a job only the cache holds stays. Without this, a cache older than
+    the results file (a developer's box after a pull) rewrote the file from the older cache and dropped what
+    the cache lacked."""
+    if not saved.exists():
+        return
+    results = read(saved) if read else results_in(json.loads(saved.read_text()))
+    merged = {job_key(job): result for job, result in finished_jobs(path)}
+    merged.update((job_key(r["job"]), r) for r in results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"key": key, "result": r}, default=str) + "\n" for key, r in merged.items()))
+
+
 def results_in(saved: Any, *, ok_only: bool = True) -> list[dict[str, Any]]:
     """The successful (``ok_only=False``: all) job results held by a committed results JSON.
 
@@ -103,6 +121,8 @@ def part_cache(path: Path, committed: Path | None, *, resume: bool,
     if not resume:
         stamp = f"{committed.name if committed else ''}, before this run"
         done = [r if r.get(KEPT) else r | {KEPT: stamp} for r in done]
+    else:  # a published result counts when resuming, even one its own run had kept from an earlier one
+        done = [{k: v for k, v in r.items() if k != KEPT} for r in done]
     if seeded:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps({"key": job_key(r["job"]), "result": r}, default=str) + "\n" for r in done))

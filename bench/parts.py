@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import combination, forgetting_frontier, lowdata_all, recipe
-from bench.cache import JobCache, part_cache
+from bench.cache import JobCache, absorb_results, part_cache
 from bench.run import (
     _accuracy_jobs,
     _configs,
@@ -214,7 +214,8 @@ class SuiteRun:
             self.log("parts that failed: " + "; ".join(f"{k}: {v}" for k, v in self.errors.items()))
 
     def reports(self, parts: list[str]) -> None:
-        """Rewrite each part's report from its saved results (caches, seeded from the committed files if missing)."""
+        """Rewrite each part's report from its saved results file (round two's parts render from their caches,
+        so the file's results are first appended to the cache: :func:`bench.cache.absorb_results`)."""
         from bench.report import write_report
 
         s = self.s
@@ -231,7 +232,7 @@ class SuiteRun:
                             ("forgetting_frontier", lambda stem: forgetting_frontier.write_report(self.out, stem))):
             if part in parts:
                 stem = self.stem(part)
-                self.cache(stem, self.out / f"{stem}.json", resume=True)
+                absorb_results(self.out / f".{stem}.jobs.jsonl", self.out / f"{stem}.json")
                 write(stem)
 
 

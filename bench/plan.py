@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.cache import results_in
+from bench.cache import KEPT_ROW, results_in
 from bench.loop import epochs_for
 from bench.parts import ALONE, phases
 from bench.runner import REPO
@@ -80,7 +80,8 @@ class Record:
 
 
 def records(folder: Path = RESULTS) -> list[Record]:
-    """Every committed job with a recorded time (borrowed or reused copies of another run's job left out)."""
+    """Every committed job with a recorded time (copies of another file's job, such as the full fine-tuning runs
+    ``methods.json`` borrows, left out; rows a narrower run kept in ``full.json`` count: they are the only record)."""
     from bench.parts import _combination_results
 
     out = []
@@ -91,7 +92,8 @@ def records(folder: Path = RESULTS) -> list[Record]:
         found = _combination_results(path) if name == "combination.json" else results_in(json.loads(path.read_text()), ok_only=False)
         for res in found:  # a job that failed took its time too (peft's prefix tuning fails in seconds)
             seconds = res.get("process_seconds") or res.get("wall_seconds") or 0.0
-            if res.get("reused_from") or seconds < 1 or units(res["job"]) <= 0:
+            copy = res.get("reused_from") and not str(res["reused_from"]).startswith(KEPT_ROW)
+            if copy or seconds < 1 or units(res["job"]) <= 0:
                 continue
             out.append(Record(res["job"], float(seconds), name))
     return out

@@ -162,10 +162,11 @@ def lowdata_section(raw: dict[str, Any], acc: dict, s: dict[str, Any]) -> list[s
 def header_section(raw: dict[str, Any]) -> list[str]:
     m = raw["machine"]
     lines = [f"# deltatune benchmarks: suite `{raw['suite']}`", "",
-             (f"Command: `{raw.get('command', 'python -m bench --suite ' + raw['suite'])}` — started {raw['started']}, "
-             f"took {raw.get('wall_seconds', 0) / 60:.1f} min"
-             + (" (" + ", ".join(f"{k} {v / 60:.1f}" for k, v in raw["part_seconds"].items()) + ")"
-                if raw.get("part_seconds") else "") + "."), "",
+             (f"Command: `{raw.get('command', 'python -m bench --suite ' + raw['suite'])}` — started {raw['started']}."
+             + (" Minutes per part (each part's own span, not a total: parts of one run overlap, and a part kept "
+                "from an earlier run keeps its time; see Measured): "
+                + ", ".join(f"{k} {v / 60:.1f}" for k, v in raw["part_seconds"].items()) + "."
+                if raw.get("part_seconds") else "")), "",
              (f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m['memory_gb']} GB; {m['platform']}. torch threads: {raw['settings'].get('cost_threads', 2)} (cost jobs). "
              f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, "
              f"deltatune {m['deltatune']} (commit {m['commit']})."), ""]

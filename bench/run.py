@@ -20,7 +20,7 @@ from typing import Any
 if __package__ in (None, ""):  # ``python bench/run.py``: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.cache import JobCache
+from bench.cache import KEPT_ROW, JobCache
 from bench.measure import machine_info
 from bench.methods import METHODS, available
 from bench.runner import REPO, run_many
@@ -174,7 +174,7 @@ def _carried(old: dict[str, Any] | None, new: dict[str, Any], key: str, part: st
     if not old:
         return []
     ran = {_job_identity(r) for r in new.get(key) or []}
-    where = f"kept from an earlier run ({old.get('measured', {}).get(part) or old.get('started')}), not run by `{new['suite']}`"
+    where = f"{KEPT_ROW} ({old.get('measured', {}).get(part) or old.get('started')}), not run by `{new['suite']}`"
     return [r if r.get("reused_from") else r | {"reused_from": where}
             for r in old.get(key) or [] if _job_identity(r) not in ran]
 

@@ -39,7 +39,8 @@ FULL_CUTS = [
      "(bench/run.py `_carried`). Cut when the whole suite, run in one go on this machine (an AMD EPYC, 2 cores; "
      "results/full_run_2026-12-02.md), took 118.1 minutes against a plan of 79: its round-one jobs took 1.5x and "
      "its low-data jobs 2.1x the planned times. The same run's job times put `full` without these jobs at 78.4 "
-     "minutes (head-only, round one's r=8 LoRA and P-tuning had been cut before)"),
+     "minutes (head-only, round one's r=8 LoRA and P-tuning had been cut before); run whole at commit f95a21e, the cut "
+     "suite took 77.8 minutes (results/full_run_2026-12-02_cut.md)"),
     ("combination (adapter arithmetic on SmolLM2, one ~10-minute job): runs in `extended` only, since the "
      "re-measured recipe jobs put `full` at 90.9 estimated minutes with it"),
     ("recipe: full fine-tuning at the recipe's 3 epochs (the same-schedule reference, 4 tasks x 3 seeds) runs in "

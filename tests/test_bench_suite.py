@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import lowdata_all, plan, recipe
-from bench.cache import KEPT, finished_jobs, job_key, part_cache
+from bench.cache import KEPT, absorb_results, finished_jobs, job_key, part_cache
 from bench.parts import SuiteRun, phases
 from bench.run import _merge, borrow_full
 from bench.suites import ALL_METHODS, FULL_ACCURACY_CUTS, FULL_CUTS, SUITES
@@ -56,6 +56,21 @@ def test_plan_estimate_is_min_of_unit_scaled_records_over_load_and_sums_per_part
     assert rows["recipe"].shared_seconds == pytest.approx(shared) and rows["recipe"].alone_seconds == 0
     assert rows["recipe"].minutes == pytest.approx(shared / 2 / 60)  # shared jobs: their sum over 2 workers
     assert rows["inference"].minutes == pytest.approx(rows["inference"].alone_seconds / 60)  # alone: the sum
+
+
+def test_plan_counts_rows_a_narrower_run_kept_but_not_borrowed_copies(tmp_path: Path) -> None:
+    """A row ``full`` kept from an earlier run is the only record of its job's time; the full fine-tuning rows
+    the methods suite borrows are copies of ``full.json``'s and are left out."""
+    def result(method: str, seconds: float, mark: str | None) -> dict[str, Any]:
+        res = {"ok": True, "job": _classify("trec", method, [0], 100), "process_seconds": seconds}
+        return res | {"reused_from": mark} if mark else res
+
+    (tmp_path / "full.json").write_text(json.dumps({"accuracy": [
+        result("full", 100.0, None), result("ia3", 50.0, "kept from an earlier run (then (abc)), not run by `full`")]}))
+    (tmp_path / "methods.json").write_text(json.dumps({"accuracy": [
+        result("full", 999.0, "suite full, started then, commit abc (full.json)")]}))
+    got = sorted((r.job["method"], r.seconds, r.source) for r in plan.records(tmp_path))
+    assert got == [("full", 100.0, "full.json"), ("ia3", 50.0, "full.json")]
 
 
 def test_full_suite_is_estimated_within_90_minutes_and_names_its_cuts() -> None:
@@ -131,12 +146,41 @@ def test_part_cache_seeds_from_the_committed_results_only_when_resuming(tmp_path
     assert all(fresh.get(e["job"]) is None for e in saved)  # a fresh run runs every job of its own again
     kept = finished_jobs(tmp_path / ".recipe.jobs.jsonl")  # ... and its report still holds the ones it leaves out
     assert len(kept) == len(saved) and all(r[KEPT] == "recipe.json, before this run" for _, r in kept)
-    fresh.put(saved[0]["job"], saved[0]["result"] | {"accuracy_marker": 1})
+    ran = {k: v for k, v in saved[0]["result"].items() if k != KEPT}  # as this run's worker returns it
+    fresh.put(saved[0]["job"], ran | {"accuracy_marker": 1})
     latest = {job_key(j): r for j, r in finished_jobs(tmp_path / ".recipe.jobs.jsonl")}
     assert len(latest) == len(saved) and latest[job_key(saved[0]["job"])].get("accuracy_marker") == 1
     assert fresh.get(saved[0]["job"])["accuracy_marker"] == 1
     jobs = recipe.test_jobs(["trec", "rt", "bbc", "sms"], ["sms"], [0, 1, 2])
     assert len(jobs) == 15 and all(cache.get(j) is not None for j in jobs)  # the shipped recipe's test is all there
+
+
+def test_report_only_renders_every_saved_result_even_from_an_older_cache(tmp_path: Path) -> None:
+    """``--report-only`` renders round two's parts from their caches: the results file is merged in first, so
+    a cache older than the file (one job's older result, another job missing) loses nothing, and a job only the
+    cache holds stays."""
+    a, b, c = (_classify("trec", m, [0], 50) for m in ("full", "lora", "ia3"))
+    cache = tmp_path / ".lowdata.jobs.jsonl"
+    cache.write_text("".join(json.dumps({"key": job_key(j), "result": {"ok": True, "accuracy": acc}}) + "\n"
+                             for j, acc in ((a, 0.1), (c, 0.3))))
+    saved = tmp_path / "lowdata.json"
+    saved.write_text(json.dumps([{"job": a, "result": {"ok": True, "accuracy": 0.5}},
+                                 {"job": b, "result": {"ok": True, "accuracy": 0.6}}]))
+    absorb_results(cache, saved)
+    got = {job_key(j): r["accuracy"] for j, r in finished_jobs(cache)}
+    assert got == {job_key(a): 0.5, job_key(b): 0.6, job_key(c): 0.3}
+    absorb_results(cache, saved)  # again: the cache does not grow
+    assert len(cache.read_text().splitlines()) == 3
+
+
+def test_resume_counts_published_results_a_fresh_run_had_kept(tmp_path: Path) -> None:
+    """A results file written by a fresh run marks the results it kept (not run by it); resuming from that file
+    reuses them like any published result, while a fresh run still runs them again."""
+    job = _classify("trec", "lora", [0], 50)
+    saved = tmp_path / "lowdata.json"
+    saved.write_text(json.dumps([{"job": job, "result": {"ok": True, "accuracy": 0.5, KEPT: "lowdata.json, before"}}]))
+    assert part_cache(tmp_path / ".a.jobs.jsonl", saved, resume=True).get(job)["accuracy"] == 0.5
+    assert part_cache(tmp_path / ".b.jobs.jsonl", saved, resume=False).get(job) is None
 
 
 def test_methods_borrow_full_fine_tuning_per_seed_from_the_full_suite(tmp_path: Path) -> None:
