@@ -21,7 +21,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def accuracy(raw: dict[str, Any], part: str = "accuracy") -> dict[tuple[str, str, str, int], dict[str, Any]]:
     """``{(method, lib, task, n_train): {"accs": [...], "seeds", "mean", "std", "trainable", "base_params",
-    "kept_from"}}`` (percent; ``kept_from``: the ``reused_from`` marks of the pooled jobs, "" for this suite's own).
+    "reused_from"}}`` (percent; ``reused_from``: the sorted marks of the pooled jobs, "" for this suite's own).
 
     Runs of one configuration split over several jobs (one per seed) are pooled.
     """
@@ -43,7 +43,7 @@ def accuracy(raw: dict[str, Any], part: str = "accuracy") -> dict[tuple[str, str
             "accs": accs, "seeds": [r["seed"] for r in runs], "mean": mean, "std": std,
             "trainable": runs[0]["trainable"], "base_params": runs[0]["base_params"], "steps": runs[0]["steps"],
             "epochs": runs[0]["epochs"],
-            "kept_from": sorted(kept[key]),  # each run's ``reused_from`` ("" = run by this suite)
+            "reused_from": sorted(kept[key]),  # each pooled job's mark ("" = run by this suite)
         }
     return table
 

@@ -215,7 +215,7 @@ class SuiteRun:
 
     def reports(self, parts: list[str]) -> None:
         """Rewrite each part's report from its saved results file (round two's parts render from their caches,
-        so the file's results are first appended to the cache: :func:`bench.cache.absorb_results`)."""
+        so the file's results are first merged into the cache: :func:`bench.cache.absorb_results`)."""
         from bench.report import write_report
 
         s = self.s

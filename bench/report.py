@@ -49,7 +49,7 @@ def accuracy_section(raw: dict[str, Any], acc: dict, s: dict[str, Any]) -> list[
              f"{s['epochs']} epochs, batch {s['batch_size']}, seeds {s['seeds']}; test accuracy in %, "
              "mean ± sample std over seeds; gap = method − full fine-tuning over the same seeds (points)."), ""]
     header = ["method", "trainable", "% of model"] + [f"{TASK_NAMES[t]} {c}" for t in tasks for c in ("acc", "gap")]
-    marked = any(any(v.get("kept_from", [""])) for v in acc.values())
+    marked = any(any(v.get("reused_from", [""])) for v in acc.values())
     if marked:  # rows a narrower run kept from an earlier one (bench/run.py ``_carried``): say which run, per row
         header.append("measured")
     rows = []
@@ -66,7 +66,7 @@ def accuracy_section(raw: dict[str, Any], acc: dict, s: dict[str, Any]) -> list[
             short = f" (seeds {cell['seeds']})" if len(cell["seeds"]) < len(s["seeds"]) else ""
             row += [f"{cell['mean']:.2f} ± {cell['std']:.2f}{short}", gap]
         if marked:
-            marks = {mark for k, v in acc.items() if k[:2] == (m, "deltatune") for mark in v.get("kept_from", [""])}
+            marks = {mark for k, v in acc.items() if k[:2] == (m, "deltatune") for mark in v.get("reused_from", [""])}
             row.append("; ".join(_when_measured(mark) for mark in sorted(marks)))
         rows.append(row)
     return lines + _table(header, rows) + [""]
