@@ -97,3 +97,19 @@ def requantized_by_backend(kind: str, weight: torch.Tensor) -> torch.Tensor:
         linear.weight.copy_(weight)
     quantize_(linear, Int8WeightOnlyConfig())
     return linear.weight.dequantize().float()
+
+
+def count_dequantizations(monkeypatch) -> list[int]:
+    """Count calls of :func:`deltatune.quant.bnb_training.dequantize` from now on: ``calls[0]`` (a 4-bit weight
+    dequantized once per call)."""
+    from deltatune.quant import bnb_training
+
+    calls = [0]
+    original = bnb_training.dequantize
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(bnb_training, "dequantize", counted)
+    return calls

@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _quant_models import inputs, quantized_llama
+from _quant_models import count_dequantizations, inputs, quantized_llama
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -68,20 +68,6 @@ def test_loss_and_gradients_equal_bitsandbytes_matmul(kind: str, checkpointing: 
         assert torch.equal(grad, ref_grads[name]), name
 
 
-def _count_dequantizations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    from deltatune.quant import bnb_training
-
-    calls = [0]
-    original = bnb_training.dequantize
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(bnb_training, "dequantize", counted)
-    return calls
-
-
 @pytest.mark.parametrize(("checkpointing", "layers"), [(True, 14), (False, 11)])
 def test_each_weight_is_dequantized_twice_per_step(monkeypatch: pytest.MonkeyPatch, checkpointing: bool,
                                                    layers: int) -> None:
@@ -89,7 +75,7 @@ def test_each_weight_is_dequantized_twice_per_step(monkeypatch: pytest.MonkeyPat
     Without checkpointing the embedding output needs no gradient, so layer 0's q/k/v take bitsandbytes'
     no-gradient path (one dequantization, not counted here): 11 of the 14 layers run this module's matmul."""
     model = _model("nf4", checkpointing)
-    calls = _count_dequantizations(monkeypatch)
+    calls = count_dequantizations(monkeypatch)
     _loss_and_grads(model)
     assert calls[0] == 2 * layers
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _quant_models import count_dequantizations
 from _train_tiny import VOCAB, save_quantizable_llama, write_pairs
 
 from deltatune.cli import main
@@ -177,14 +178,7 @@ def test_training_with_gradient_checkpointing_flags_the_layers_so_backward_dequa
     layers = run.model.get_base_model().model.layers
     assert all(isinstance(layer.__dict__.get("_gradient_checkpointing_func"), bnb_training._FlaggedCheckpoint)
                for layer in layers)
-    calls = [0]
-    original = bnb_training.dequantize
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(bnb_training, "dequantize", counted)
+    calls = count_dequantizations(monkeypatch)
     ids = torch.randint(4, VOCAB, (2, 7), generator=torch.Generator().manual_seed(2))
     module.train()
     loss = module(input_ids=ids, labels=ids).loss
